@@ -1,0 +1,3 @@
+from genserve.cli import main
+
+main()

@@ -1,0 +1,122 @@
+"""Python clients for product code: ``Client`` (blocking) and ``AsyncClient``.
+
+    from genserve.client import Client
+    with Client("127.0.0.1:50051") as c:
+        resp = c.generate("a red fox in snow", task="image", output_format="png")
+        open("fox.png", "wb").write(resp.media.data)
+
+Errors surface as ``grpc.RpcError`` with the server's status code and message.
+"""
+from __future__ import annotations
+
+from typing import AsyncIterator, Iterator
+
+import grpc
+import numpy as np
+
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+
+TASKS = {"image": pb.TASK_TEXT_TO_IMAGE, "video": pb.TASK_TEXT_TO_VIDEO, "": pb.TASK_UNSPECIFIED}
+FORMATS = {"": pb.OUTPUT_FORMAT_UNSPECIFIED, "png": pb.OUTPUT_FORMAT_PNG, "jpeg": pb.OUTPUT_FORMAT_JPEG,
+           "webp": pb.OUTPUT_FORMAT_WEBP, "mp4": pb.OUTPUT_FORMAT_MP4, "gif": pb.OUTPUT_FORMAT_GIF,
+           "raw": pb.OUTPUT_FORMAT_RAW}
+_OPTIONS = [("grpc.max_receive_message_length", 512 << 20)]
+
+
+def build_request(prompt: str, *, task: str = "image", model: str = "", negative_prompt: str = "",
+                  width: int | None = None, height: int | None = None, num_frames: int | None = None,
+                  fps: int | None = None, steps: int | None = None, guidance_scale: float | None = None,
+                  seed: int | None = None, slo_ms: int = 0, output_format: str = "",
+                  request_id: str = "") -> pb.GenerateRequest:
+    """A GenerateRequest; ``None`` leaves a field unset (the server's default)."""
+    req = pb.GenerateRequest(request_id=request_id, model=model, task=TASKS[task], prompt=prompt,
+                             negative_prompt=negative_prompt, slo_ms=slo_ms,
+                             output_format=FORMATS[output_format.lower()])
+    optional = {"width": width, "height": height, "num_frames": num_frames, "fps": fps,
+                "num_inference_steps": steps, "guidance_scale": guidance_scale, "seed": seed}
+    for name, value in optional.items():
+        if value is not None:
+            setattr(req, name, value)
+    return req
+
+
+def raw_frames(media: pb.Media) -> np.ndarray:
+    """RAW media as a uint8 array of shape (frames, height, width, 3)."""
+    return np.frombuffer(media.data, np.uint8).reshape(media.num_frames, media.height, media.width, 3)
+
+
+def _metadata(token: str | None):
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+class Client:
+    """Blocking client. ``target`` is HOST:PORT; pass ``credentials`` for TLS."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, credentials: grpc.ChannelCredentials | None = None,
+                 token: str | None = None):
+        self.channel = (grpc.secure_channel(target, credentials, _OPTIONS) if credentials
+                        else grpc.insecure_channel(target, _OPTIONS))
+        self.stub = pb_grpc.GenServeStub(self.channel)
+        self.metadata = _metadata(token)
+
+    def generate(self, prompt: str, *, timeout_s: float | None = None, **fields) -> pb.GenerateResponse:
+        return self.stub.Generate(build_request(prompt, **fields), timeout=timeout_s, metadata=self.metadata)
+
+    def stream(self, prompt: str, *, timeout_s: float | None = None, **fields) -> Iterator[pb.GenerateEvent]:
+        """Events as they happen; the last is COMPLETED, FAILED or CANCELLED."""
+        return self.stub.GenerateStream(build_request(prompt, **fields), timeout=timeout_s,
+                                        metadata=self.metadata)
+
+    def cancel(self, request_id: str) -> bool:
+        return self.stub.Cancel(pb.CancelRequest(request_id=request_id), metadata=self.metadata).cancelled
+
+    def models(self) -> list[pb.ModelInfo]:
+        return list(self.stub.ListModels(pb.ListModelsRequest(), metadata=self.metadata).models)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client with the same methods as ``Client``."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, credentials: grpc.ChannelCredentials | None = None,
+                 token: str | None = None):
+        self.channel = (grpc.aio.secure_channel(target, credentials, _OPTIONS) if credentials
+                        else grpc.aio.insecure_channel(target, _OPTIONS))
+        self.stub = pb_grpc.GenServeStub(self.channel)
+        self.metadata = _metadata(token)
+
+    async def generate(self, prompt: str, *, timeout_s: float | None = None, **fields) -> pb.GenerateResponse:
+        return await self.stub.Generate(build_request(prompt, **fields), timeout=timeout_s,
+                                        metadata=self.metadata)
+
+    async def stream(self, prompt: str, *, timeout_s: float | None = None,
+                     **fields) -> AsyncIterator[pb.GenerateEvent]:
+        call = self.stub.GenerateStream(build_request(prompt, **fields), timeout=timeout_s,
+                                        metadata=self.metadata)
+        async for event in call:
+            yield event
+
+    async def cancel(self, request_id: str) -> bool:
+        reply = await self.stub.Cancel(pb.CancelRequest(request_id=request_id), metadata=self.metadata)
+        return reply.cancelled
+
+    async def models(self) -> list[pb.ModelInfo]:
+        return list((await self.stub.ListModels(pb.ListModelsRequest(), metadata=self.metadata)).models)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,65 @@
+"""Server configuration: frozen dataclasses, validated without I/O."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_MODELS = ("sd3-tiny", "wan-tiny")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Edge limits applied before a request reaches the engine (on top of each
+    model's own maxima)."""
+
+    max_prompt_chars: int = 4096
+    max_message_bytes: int = 1 << 20  # inbound gRPC message size
+    max_queue: int = 4096  # waiting requests; beyond it RESOURCE_EXHAUSTED
+
+    def validate(self) -> None:
+        for name in ("max_prompt_chars", "max_message_bytes", "max_queue"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    policy: str = "genserve"
+    profile: str = ""  # latency profile name or path; empty: measured at start-up
+    default_slo_scale: float = 3.0  # slo_ms=0 → scale × predicted isolated latency
+    admission_control: bool = False
+    max_image_batch: int = 8
+
+    def validate(self) -> None:
+        if self.default_slo_scale <= 0:
+            raise ValueError("default_slo_scale must be positive")
+        if self.max_image_batch < 1:
+            raise ValueError("max_image_batch must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 0  # 0: no metrics endpoint
+    device: str = "cpu"  # cpu | cuda
+    num_workers: int = 2  # CPU workers; with cuda, 0 = every visible GPU
+    threads_per_worker: int = 0  # 0: cores / workers
+    models: tuple[str, ...] = DEFAULT_MODELS  # preset names or NAME=PATH
+    dtype: str = "float32"
+    in_process: bool = False  # workers as threads (tests, debugging)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    limits: Limits = field(default_factory=Limits)
+
+    def validate(self) -> None:
+        if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
+            raise ValueError("ports must be in 0..65535")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, not {self.device!r}")
+        if self.device == "cpu" and self.num_workers < 1:
+            raise ValueError("num_workers must be at least 1 on cpu")
+        if not self.models:
+            raise ValueError("at least one model is needed")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"unsupported dtype {self.dtype!r}")
+        self.engine.validate()
+        self.limits.validate()

@@ -1,0 +1,1 @@
+"""Load generator: open and closed loop gRPC load against a live server."""

@@ -1,0 +1,1 @@
+"""Model adapters over diffusers, split for step-level serving, and tiny presets."""

@@ -1,0 +1,130 @@
+"""The pure scheduler interface: plain data in, a plan out.
+
+The engine (live server) and the simulator both build these views at every
+decision point and call ``Policy.plan``; neither the policy nor the cost model
+sees torch, a clock or I/O. Times are seconds on the caller's clock (wall time
+in the server, simulated time in the simulator); durations carry their unit in
+the name.
+
+Decision points: a step (or a batch of steps) finishes somewhere, a request
+arrives, or a request is cancelled. The policy may only place work on devices
+that are idle now; work already in flight is never interrupted (preemption
+happens at step boundaries, when a request is *not* given its next step).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+IMAGE = "image"
+VIDEO = "video"
+TASKS = (IMAGE, VIDEO)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """One unfinished request as the policy sees it."""
+
+    req_id: str
+    task: str  # IMAGE or VIDEO
+    model: str  # model name, a key of the latency model
+    width: int
+    height: int
+    num_frames: int  # 1 for images
+    num_steps: int  # denoising steps in total
+    steps_done: int  # steps completed so far (0: not started)
+    arrival_s: float
+    deadline_s: float  # arrival_s + SLO
+    num_preemptions: int = 0  # times this request was paused so far
+    device_ids: tuple[int, ...] = ()  # devices holding its state (empty: none yet)
+    running: bool = False  # a step is in flight now on device_ids
+
+    @property
+    def steps_left(self) -> int:
+        return self.num_steps - self.steps_done
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.width, self.height, self.num_frames)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    """One device. ``idle`` devices may receive work in this plan."""
+
+    device_id: int
+    idle: bool
+    busy_until_s: float  # predicted end of the work in flight (== now when idle)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    """What the executor can do; fixed for the life of an engine or simulation."""
+
+    num_devices: int
+    max_sp_degree: int = 8  # largest SP group the executor supports (power of two)
+    # A started request may run its next step on other devices or at another
+    # degree (its state is moved). When False, it must resume on device_ids.
+    migratable: bool = True
+    max_image_batch: int = 16  # largest image batch the executor accepts
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Run ``num_steps`` steps of ``req_ids`` on ``device_ids``.
+
+    ``req_ids`` is one video, or a batch of images of the same model and
+    resolution (each at its own step). ``device_ids`` is an aligned block:
+    a power-of-two count starting at a multiple of that count. A request that
+    reaches its last step is decoded in the same dispatch.
+    """
+
+    req_ids: tuple[str, ...]
+    device_ids: tuple[int, ...]
+    num_steps: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A request refused by admission control (it cannot meet its SLO)."""
+
+    req_id: str
+    reason: str
+    estimated_finish_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """The policy's decision at one decision point."""
+
+    dispatches: tuple[Dispatch, ...] = ()
+    # Started, unfinished requests not running now that this plan pauses
+    # (counted as one preemption each; the engine emits PREEMPTED). A request
+    # listed here stays paused until a later plan dispatches it.
+    preempted: tuple[str, ...] = ()
+    rejected: tuple[Rejection, ...] = ()
+
+
+class CostModel(Protocol):
+    """Predicted latencies (ms); calibrated online from measured step times."""
+
+    def step_ms(self, model: str, width: int, height: int, num_frames: int,
+                sp_degree: int, batch_size: int) -> float: ...
+
+    def encode_ms(self, model: str) -> float: ...
+
+    def decode_ms(self, model: str, width: int, height: int, num_frames: int,
+                  sp_degree: int) -> float: ...
+
+    def observe_step(self, model: str, width: int, height: int, num_frames: int,
+                     sp_degree: int, batch_size: int, measured_ms: float) -> None: ...
+
+
+class Policy(Protocol):
+    """A scheduling policy: a pure function of its inputs (plus its own
+    bookkeeping, which must depend only on those inputs)."""
+
+    name: str
+
+    def plan(self, now_s: float, requests: Sequence[RequestView],
+             devices: Sequence[DeviceView], cost: CostModel) -> StepPlan: ...

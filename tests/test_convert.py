@@ -1,0 +1,74 @@
+"""Edge validation: every bad field is refused with INVALID_ARGUMENT naming it."""
+import pytest
+
+from genserve.client import build_request
+from genserve.config import Limits
+from genserve.convert import Validator
+from genserve.models.base import ModelLimits
+from genserve.types import RequestError
+from genserve.v1 import genserve_pb2 as pb
+from genserve.workers.protocol import ModelCard
+
+IMG = ModelCard("img", "image", ModelLimits(64, 64, 256, 256, 8, 50, default_guidance_scale=1.0))
+VID = ModelCard("vid", "video", ModelLimits(64, 64, 128, 128, 6, 50, default_frames=9, max_frames=33,
+                                            frame_multiple=4))
+
+
+@pytest.fixture
+def v():
+    return Validator({"img": IMG, "vid": VID}, Limits(max_prompt_chars=100))
+
+
+def test_defaults(v):
+    r = v.request(build_request("a cat", task="image"))
+    assert (r.model, r.task, r.output_format) == ("img", "image", "png")
+    assert (r.params.width, r.params.height, r.params.num_frames, r.params.num_steps) == (64, 64, 1, 8)
+    assert r.req_id and 0 <= r.params.seed < 2**63
+    r = v.request(build_request("a cat", task="video", seed=0, request_id="mine"))
+    assert (r.model, r.params.num_frames, r.output_format, r.params.seed, r.req_id) == ("vid", 9, "mp4", 0, "mine")
+    r = v.request(build_request("a cat", task="", model="vid"))  # task follows the model
+    assert r.task == "video"
+
+
+@pytest.mark.parametrize("fields, field", [
+    (dict(width=0), "width"), (dict(height=0), "height"),
+    (dict(width=70), "width"), (dict(height=33), "height"),
+    (dict(width=512), "width"), (dict(height=4096), "height"),
+    (dict(steps=0), "num_inference_steps"), (dict(steps=51), "num_inference_steps"),
+    (dict(num_frames=3), "num_frames"),
+    (dict(guidance_scale=-1.0), "guidance_scale"), (dict(guidance_scale=float("nan")), "guidance_scale"),
+    (dict(model="nope"), "model"), (dict(model="vid", task="image"), "task"),
+    (dict(output_format="mp4"), "output_format"), (dict(task=""), "task"),
+])
+def test_bad_image_fields(v, fields, field):
+    fields.setdefault("task", "image")
+    with pytest.raises(RequestError) as err:
+        v.request(build_request("a cat", **fields))
+    assert err.value.status == "INVALID_ARGUMENT"
+    assert err.value.message.startswith(field + ":"), err.value.message
+
+
+@pytest.mark.parametrize("fields, field", [
+    (dict(num_frames=0), "num_frames"), (dict(num_frames=10), "num_frames"), (dict(num_frames=37), "num_frames"),
+    (dict(output_format="png"), "output_format"), (dict(fps=0), "fps"), (dict(fps=1000), "fps"),
+])
+def test_bad_video_fields(v, fields, field):
+    with pytest.raises(RequestError) as err:
+        v.request(build_request("a cat", task="video", **fields))
+    assert err.value.message.startswith(field + ":"), err.value.message
+
+
+def test_prompt_and_enum_values(v):
+    for prompt in ("", "   ", "x" * 101):
+        with pytest.raises(RequestError, match="^prompt:"):
+            v.request(build_request(prompt, task="image"))
+    msg = build_request("a cat", task="image")
+    msg.output_format = 99  # open enum: unknown numbers arrive as ints
+    with pytest.raises(RequestError, match="^output_format:"):
+        v.request(msg)
+    msg = build_request("a cat")
+    msg.task = 42
+    with pytest.raises(RequestError, match="^task:"):
+        v.request(msg)
+    with pytest.raises(RequestError, match="^request_id:"):
+        v.request(build_request("a cat", task="image", request_id="x" * 200))

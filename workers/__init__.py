@@ -1,0 +1,1 @@
+"""Device workers: one process per device; executors that drive them."""
