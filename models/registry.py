@@ -1,0 +1,56 @@
+"""Build a model adapter from a preset name or a ``NAME=PATH`` spec."""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from genserve.models.base import ModelAdapter
+from genserve.models.checkpoint import pipeline_class
+from genserve.models.presets import PRESETS
+
+# model_index.json ``_class_name`` -> family
+FAMILIES = {"StableDiffusion3Pipeline": "sd3", "WanPipeline": "wan"}
+# diffusers' and transformers' lazy module attributes are not thread-safe on
+# first import: workers run as threads (tests) must not build concurrently.
+_BUILD_LOCK = threading.Lock()
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """``"sd3-tiny"`` -> ("sd3-tiny", None); ``"NAME=PATH"`` -> (NAME, PATH)."""
+    if "=" not in spec:
+        return spec, None
+    name, path = spec.split("=", 1)
+    if not name or not path:
+        raise ValueError(f"model spec {spec!r} is not NAME=PATH")
+    return name, path
+
+
+def build_model(name_or_spec: str, device="cpu", dtype=torch.float32) -> ModelAdapter:
+    """A preset by name (``sd3-tiny``, ``wan-tiny``), or ``NAME=PATH``: the
+    diffusers checkpoint directory at PATH served as NAME, family taken from
+    its model_index.json. ``dtype`` may be a torch dtype or its name.
+    Thread-safe (builds are serialised)."""
+    with _BUILD_LOCK:
+        return _build(name_or_spec, device, dtype)
+
+
+def _build(name_or_spec: str, device, dtype) -> ModelAdapter:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    name, path = parse_spec(name_or_spec)
+    if path is None:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model {name!r}; presets: {sorted(PRESETS)}, or NAME=PATH")
+        return PRESETS[name](device=device, dtype=dtype)
+    cls = pipeline_class(path)
+    family = FAMILIES.get(cls)
+    if family == "sd3":
+        from genserve.models.sd3 import load_sd3
+
+        return load_sd3(path, name=name, device=device, dtype=dtype)
+    if family == "wan":
+        from genserve.models.wan import load_wan
+
+        return load_wan(path, name=name, device=device, dtype=dtype)
+    raise ValueError(f"{path}: pipeline {cls!r} is not supported; known: {sorted(FAMILIES)}")
