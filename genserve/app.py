@@ -1,0 +1,121 @@
+"""Assembly: workers → cost model and policy → engine → gRPC frontend."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from dataclasses import replace
+
+from genserve import __version__
+from genserve.config import ServerConfig
+from genserve.convert import Validator
+from genserve.engine import Engine
+from genserve.metrics import Metrics
+from genserve.scheduler import (DecodeSample, LatencyModel, Profile, StepSample, load_profile,
+                                make_policy)
+from genserve.server import SERVICE_NAME, GenServeService, start_grpc
+from genserve.workers.executor import InProcessExecutor, MultiprocessExecutor, make_worker_specs
+
+log = logging.getLogger("genserve")
+
+
+def threads_per_worker(config: ServerConfig) -> int:
+    """Each CPU worker gets its share of the cores, so workers don't fight
+    over them and measured step times stay honest."""
+    if config.threads_per_worker > 0:
+        return config.threads_per_worker
+    if config.device == "cuda":
+        return 1
+    return max(1, (os.cpu_count() or 1) // config.num_workers)
+
+
+def build_cost_model(profile: str, ready: dict) -> LatencyModel:
+    """The named profile; served models it lacks are profiled from the
+    workers' warm-up timings. Either way the model keeps calibrating online
+    from measured steps."""
+    warmups = {w.model: w for r in ready.values() for w in r.warmups}  # one per model suffices
+    cards = {c.name: c for r in ready.values() for c in r.models}
+    base = load_profile(profile) if profile else None
+    known = {m.name for m in base.models} if base else set()
+    missing = [w for name, w in warmups.items() if name not in known]
+    if not missing:
+        return LatencyModel(base)
+    warm = Profile.from_measurements(
+        "warm-up",
+        steps=[StepSample(w.model, cards[w.model].task, w.width, w.height, w.num_frames, 1, 1, w.step_ms)
+               for w in missing],
+        decodes=[DecodeSample(w.model, w.width, w.height, w.num_frames, 1, w.decode_ms) for w in missing],
+        encode_ms={w.model: w.encode_ms for w in missing},
+        default_steps={w.model: cards[w.model].limits.default_steps for w in missing},
+        hardware="measured at start-up")
+    if base is None:
+        return LatencyModel(warm)
+    return LatencyModel(replace(base, models=base.models + warm.models))
+
+
+class Server:
+    """A running GenServe: call ``start_workers`` (blocking), then ``serve``."""
+
+    def __init__(self, config: ServerConfig):
+        config.validate()
+        self.config = config
+        self.metrics = Metrics(version=__version__, policy=config.engine.policy, device_kind=config.device)
+        self.engine: Engine | None = None
+        self.port = 0
+
+    def start_workers(self) -> None:
+        c = self.config
+        specs = make_worker_specs(c.device, c.num_workers, c.models, c.dtype, threads_per_worker(c))
+        executor = (InProcessExecutor if c.in_process else MultiprocessExecutor)(specs)
+        t0 = time.perf_counter()
+        log.info("starting %d %s worker(s) with models %s", len(specs), c.device, ", ".join(c.models))
+        try:
+            ready = executor.start()
+        except Exception:
+            executor.shutdown()
+            raise
+        log.info("workers ready in %.1f s", time.perf_counter() - t0)
+        cards = {card.name: card for card in ready[0].models}
+        cost = build_cost_model(c.engine.profile, ready)
+        engine = Engine(c.engine, executor, None, cost, self.metrics, cards, c.limits.max_queue)
+        engine.policy = make_policy(c.engine.policy, engine.cluster_spec(),
+                                    admission_control=c.engine.admission_control)
+        self.engine = engine
+        engine.start()
+
+    async def serve(self, ready_callback=None) -> None:
+        """Serve gRPC until SIGINT/SIGTERM, then drain and stop."""
+        c, engine = self.config, self.engine
+        validator = Validator(engine.cards, c.limits)
+        server, self.port, health = await start_grpc(GenServeService(engine, validator), c.host, c.port,
+                                                     c.limits.max_message_bytes)
+        metrics_http = self.metrics.start_http_server(c.metrics_port, c.host) if c.metrics_port else None
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if ready_callback:
+            ready_callback(self)
+        await stop.wait()
+        log.info("shutting down")
+        await health.enter_graceful_shutdown()
+        await server.stop(grace=5.0)
+        engine.stop()
+        engine.executor.shutdown()
+        if metrics_http is not None:
+            metrics_http.shutdown()
+
+
+def run_server(config: ServerConfig, ready_callback=None) -> None:
+    server = Server(config)
+    server.start_workers()
+    try:
+        import uvloop
+        uvloop.run(server.serve(ready_callback))
+    except ImportError:
+        asyncio.run(server.serve(ready_callback))
+
+
+__all__ = ["Server", "run_server", "SERVICE_NAME"]

@@ -1,0 +1,223 @@
+"""The ``genserve`` command: serve, generate, models, simulate, profile, loadgen."""
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import sys
+import threading
+
+from genserve.config import DEFAULT_MODELS, EngineConfig, Limits, ServerConfig
+
+MIME_SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "video/mp4": ".mp4",
+               "image/gif": ".gif", "application/octet-stream": ".raw"}
+
+
+def _default_device() -> str:
+    try:
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="run the gRPC server",
+                       description="Run the GenServe gRPC server. Defaults: the tiny built-in models "
+                                   f"({', '.join(DEFAULT_MODELS)}), CUDA if a GPU is visible else 2 CPU workers.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (default: off)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="cpu, or cuda (every visible GPU); default: cuda when available")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="worker processes (default: 2 on cpu; every visible GPU on cuda)")
+    p.add_argument("--threads-per-worker", type=int, default=0,
+                   help="torch threads per CPU worker (default: cores / workers)")
+    p.add_argument("--model", action="append", default=None, metavar="NAME|NAME=PATH",
+                   help="a built-in preset or a diffusers checkpoint directory; repeat for several "
+                        "(default: " + " ".join(DEFAULT_MODELS) + "); the first of each task is its default")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--policy", default="genserve", help="scheduling policy (default genserve)")
+    p.add_argument("--profile", default="", help="latency profile name or JSON path "
+                                                  "(default: measured by a warm-up at start)")
+    p.add_argument("--default-slo-scale", type=float, default=3.0,
+                   help="SLO of requests with slo_ms=0, as a multiple of their predicted isolated latency")
+    p.add_argument("--admission-control", action="store_true",
+                   help="refuse requests that cannot meet their SLO (RESOURCE_EXHAUSTED)")
+    p.add_argument("--max-queue", type=int, default=4096, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--demo", action="store_true",
+                   help="once up, generate one image and one video through the gRPC API and print them")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> None:
+    from genserve.app import run_server
+
+    device = args.device or _default_device()
+    num_workers = args.num_workers if args.num_workers is not None else (2 if device == "cpu" else 0)
+    config = ServerConfig(
+        host=args.host, port=args.port, metrics_port=args.metrics_port, device=device,
+        num_workers=num_workers, threads_per_worker=args.threads_per_worker,
+        models=tuple(args.model or DEFAULT_MODELS), dtype=args.dtype,
+        engine=EngineConfig(policy=args.policy, profile=args.profile,
+                            default_slo_scale=args.default_slo_scale,
+                            admission_control=args.admission_control),
+        limits=Limits(max_queue=args.max_queue))
+
+    def ready(server) -> None:
+        where = f"{config.host}:{server.port}"
+        print(f"GenServe listening on {where} (policy {config.engine.policy}, "
+              f"{server.engine.executor.num_devices} {device} worker(s), models: "
+              f"{', '.join(server.engine.cards)})", flush=True)
+        if config.metrics_port:
+            print(f"metrics on http://{config.host}:{config.metrics_port}/metrics", flush=True)
+        if args.demo:
+            threading.Thread(target=_demo, args=(where,), daemon=True).start()
+
+    run_server(config, ready)
+
+
+def _demo(target: str) -> None:
+    from genserve.client import Client
+
+    out = pathlib.Path("demo-out")
+    out.mkdir(exist_ok=True)
+    with Client(target) as client:
+        for task, fmt in (("image", "png"), ("video", "mp4")):
+            resp = client.generate("a lighthouse on a cliff at dusk", task=task, seed=7, output_format=fmt)
+            path = out / f"demo-{task}{MIME_SUFFIX.get(resp.media.mime_type, '')}"
+            path.write_bytes(resp.media.data)
+            print(f"demo: {task} {resp.media.width}x{resp.media.height}x{resp.media.num_frames} "
+                  f"in {resp.latency_ms:.0f} ms (SLO {resp.slo_ms} ms, met={resp.slo_met}) -> {path}",
+                  flush=True)
+    print("demo: done; the server keeps serving (Ctrl-C stops it)", flush=True)
+
+
+def add_client_args(p) -> None:
+    p.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate one image or video through a running server")
+    add_client_args(p)
+    p.add_argument("prompt")
+    p.add_argument("--task", choices=("image", "video"), default="image")
+    p.add_argument("--model", default="", help="model name (default: the server's default for the task)")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--frames", type=int, help="video frames")
+    p.add_argument("--fps", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--slo-ms", type=int, default=0)
+    p.add_argument("--format", default="", help="png|jpeg|webp (images), mp4|gif|webp (videos), raw")
+    p.add_argument("--request-id", default="")
+    p.add_argument("-o", "--output", help="output file (default: <request id>.<ext>)")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> None:
+    import grpc
+    from tqdm import tqdm
+
+    from genserve.client import Client
+    from genserve.v1 import genserve_pb2 as pb
+
+    T = pb.GenerateEvent.Type
+    with Client(args.target) as client:
+        stream = client.stream(args.prompt, task=args.task, model=args.model, negative_prompt=args.negative_prompt,
+                               width=args.width, height=args.height, num_frames=args.frames, fps=args.fps,
+                               steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+                               slo_ms=args.slo_ms, output_format=args.format, request_id=args.request_id)
+        bar = tqdm(total=0, unit="step", desc="queued", file=sys.stderr)
+        try:
+            for ev in stream:
+                if ev.type == T.STEP:
+                    bar.total = ev.num_steps
+                    bar.n = ev.step
+                    bar.set_postfix_str(f"eta {ev.eta_s:.1f}s")
+                elif ev.type in (T.STARTED, T.RESUMED, T.PREEMPTED, T.RESHARDED):
+                    bar.set_description(T.Name(ev.type).lower() + (f" sp={ev.sp_degree}" if ev.sp_degree else ""))
+                elif ev.type == T.COMPLETED:
+                    bar.close()
+                    _save(ev.response, args.output)
+                    return
+                elif ev.type in (T.FAILED, T.CANCELLED):
+                    bar.close()
+                    sys.exit(f"{T.Name(ev.type)} ({ev.status_code}): {ev.reason}")
+                bar.refresh()
+        except grpc.RpcError as err:
+            bar.close()
+            sys.exit(f"error: {err.code().name}: {err.details()}")
+
+
+def _save(resp, output: str | None) -> None:
+    path = pathlib.Path(output or resp.request_id + MIME_SUFFIX.get(resp.media.mime_type, ""))
+    path.write_bytes(resp.media.data)
+    m = resp.media
+    print(f"{path}: {m.mime_type} {m.width}x{m.height}, {m.num_frames} frame(s); "
+          f"latency {resp.latency_ms:.0f} ms (queue {resp.queue_ms:.0f} ms), SLO {resp.slo_ms} ms "
+          f"{'met' if resp.slo_met else 'missed'}, preemptions {resp.num_preemptions}, "
+          f"SP degrees {list(resp.sp_degrees)}, seed {resp.seed}")
+
+
+def add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the models a running server serves")
+    add_client_args(p)
+    p.set_defaults(func=cmd_models)
+
+
+def cmd_models(args) -> None:
+    import grpc
+
+    from genserve.client import Client
+    from genserve.v1 import genserve_pb2 as pb
+
+    try:
+        with Client(args.target) as client:
+            models = client.models()
+    except grpc.RpcError as err:
+        sys.exit(f"error: {err.code().name}: {err.details()}")
+    print(f"{'name':<24}{'task':<8}{'default':<9}{'size (max)':<22}{'frames (max)':<14}{'steps (max)'}")
+    for m in models:
+        task = "image" if m.task == pb.TASK_TEXT_TO_IMAGE else "video"
+        print(f"{m.name:<24}{task:<8}{'yes' if m.is_default else '':<9}"
+              f"{f'{m.default_width}x{m.default_height} ({m.max_width}x{m.max_height})':<22}"
+              f"{f'{m.default_num_frames} ({m.max_num_frames})':<14}{m.default_steps} ({m.max_steps})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genserve", description="GenServe: step-level co-serving of "
+                                     "text-to-image and text-to-video diffusion models over gRPC.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve(sub)
+    add_generate(sub)
+    add_models(sub)
+    for hook in _optional_hooks():
+        hook(sub)
+    return parser
+
+
+def _optional_hooks():
+    hooks = []
+    try:
+        from genserve.scheduler.cli import add_simulate_parser
+        hooks.append(add_simulate_parser)
+    except ImportError:  # TEMP while the simulator CLI lands
+        pass
+    return hooks
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,342 @@
+"""The engine: one loop that plans, dispatches and collects step results.
+
+``Engine.step()`` reads as the design: take arrivals and cancels, ask the
+policy for a plan over idle devices, dispatch it, then wait for step results
+and apply them. It runs on its own thread; the frontend calls the thread-safe
+``submit`` / ``cancel`` and receives ``Event``s through per-request sinks.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+from genserve.config import EngineConfig
+from genserve.scheduler.types import ClusterSpec, DeviceView, Dispatch, StepPlan
+from genserve.tracked import Sink, Tracked
+from genserve.types import EventType, Request, RequestError
+from genserve.workers import protocol as P
+from genserve.workers.executor import Executor, WorkerDied
+
+log = logging.getLogger("genserve.engine")
+
+
+@dataclass(slots=True)
+class _InFlight:
+    dispatch: Dispatch
+    model: str
+    sent_s: float
+    predicted_step_ms: float
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, executor: Executor, policy, cost, metrics,
+                 cards: dict[str, P.ModelCard], max_queue: int = 4096):
+        self.config, self.executor, self.policy, self.cost = config, executor, policy, cost
+        self.metrics, self.cards, self.max_queue = metrics, cards, max_queue
+        self.tracked: dict[str, Tracked] = {}
+        self.inflight: dict[int, _InFlight] = {}  # dispatch id -> work
+        self.busy: dict[int, int] = {}  # device id -> dispatch id
+        self.down: set[int] = set()  # devices whose worker is restarting
+        self._ids = itertools.count(1)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._dirty = True  # something changed since the last plan
+        self._num_waiting = 0  # read by other threads (queue bound); engine writes it
+
+    # ---- thread-safe API -------------------------------------------------
+    def submit(self, req: Request, sink: Sink) -> None:
+        """Queue a request; its events go to ``sink`` (called on the engine
+        thread; must not block). Raises RequestError when the queue is full."""
+        if self._num_waiting >= self.max_queue:
+            raise RequestError("RESOURCE_EXHAUSTED",
+                               f"queue full ({self.max_queue} waiting requests); retry later")
+        self._num_waiting += 1  # corrected by the engine thread on its next pass
+        self._post(("submit", req, sink))
+
+    def cancel(self, req_id: str) -> bool:
+        """Cancel a queued, running or paused request. True if it was unfinished."""
+        done = threading.Event()
+        answer = [False]
+        self._post(("cancel", req_id, answer, done))
+        done.wait(timeout=5.0)
+        return answer[0]
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="genserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self.executor.wake()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _post(self, item) -> None:
+        self._inbox.put(item)
+        self.executor.wake()
+
+    # ---- the loop --------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception:  # the loop must survive its own bugs
+                log.exception("engine step failed")
+                time.sleep(0.05)
+        for t in list(self.tracked.values()):
+            self._finish(t, EventType.FAILED, "UNAVAILABLE", "server shutting down")
+
+    def step(self) -> None:
+        self._take_inbox()
+        if self._dirty:
+            self._schedule()
+            self._export_queue()
+        for device_id, msg in self.executor.wait(self._wait_timeout()):
+            self._on_reply(device_id, msg)
+
+    def _export_queue(self) -> None:
+        for task in ("image", "video"):
+            ts = [t for t in self.tracked.values() if t.req.task == task]
+            self.metrics.set_queue(task, queued=sum(t.started_s is None for t in ts),
+                                   running=sum(t.running for t in ts),
+                                   paused=sum(t.started_s is not None and not t.running for t in ts))
+        self.metrics.set_workers(up=self.executor.num_devices - len(self.down), down=len(self.down))
+
+    def _wait_timeout(self) -> float | None:
+        # Results, arrivals and worker deaths all wake the wait; poll only when
+        # requests wait with nothing running (a worker restarting, or a policy
+        # holding work back), so a time-based decision is not missed.
+        return 0.05 if self.tracked and not self.inflight else None
+
+    def _take_inbox(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            self._dirty = True
+            if item[0] == "submit":
+                self._admit(item[1], item[2])
+            elif item[0] == "cancel":
+                _, req_id, answer, done = item
+                answer[0] = self._cancel(req_id)
+                done.set()
+        self._num_waiting = sum(1 for t in self.tracked.values() if t.started_s is None)
+
+    def _admit(self, req: Request, sink: Sink) -> None:
+        existing = self.tracked.get(req.req_id)
+        if existing is not None:  # same id still running: attach to it
+            existing.sinks.append(sink)
+            return
+        slo_ms = req.slo_ms or self._default_slo_ms(req)
+        t = Tracked(req, slo_ms, [sink])
+        self.tracked[req.req_id] = t
+        position = sum(1 for x in self.tracked.values() if x.started_s is None) - 1
+        t.emit(time.monotonic(), EventType.QUEUED, queue_position=position)
+
+    def _default_slo_ms(self, req: Request) -> int:
+        p = req.params
+        alone_ms = (self.cost.encode_ms(req.model)
+                    + p.num_steps * self.cost.step_ms(req.model, p.width, p.height, p.num_frames, 1, 1)
+                    + self.cost.decode_ms(req.model, p.width, p.height, p.num_frames, 1))
+        return max(1, int(self.config.default_slo_scale * alone_ms))
+
+    # ---- planning and dispatch -------------------------------------------
+    def _schedule(self) -> None:
+        self._dirty = False
+        views = [t.view() for t in self.tracked.values() if not t.done and not t.cancel_requested]
+        idle = [d for d in range(self.executor.num_devices) if d not in self.busy and d not in self.down]
+        if not views or not idle:
+            return
+        now = time.monotonic()
+        devices = [DeviceView(d, d in idle, now if d in idle else self._busy_until(d, now))
+                   for d in range(self.executor.num_devices)]
+        t0 = time.perf_counter()
+        plan: StepPlan = self.policy.plan(now, views, devices, self.cost)
+        self.metrics.decision(time.perf_counter() - t0)
+        self._apply(plan, set(idle), now)
+
+    def _busy_until(self, device_id: int, now: float) -> float:
+        fl = self.inflight.get(self.busy.get(device_id, -1))
+        if fl is None:  # down: never idle soon
+            return now + 3600.0
+        return fl.sent_s + fl.dispatch.num_steps * fl.predicted_step_ms / 1e3
+
+    def _apply(self, plan: StepPlan, idle: set[int], now: float) -> None:
+        for rej in plan.rejected:
+            t = self.tracked.get(rej.req_id)
+            if t is not None and not t.running:
+                eta = max(0.0, rej.estimated_finish_s - now)
+                self._finish(t, EventType.FAILED, "RESOURCE_EXHAUSTED",
+                             f"{rej.reason}; estimated completion in {eta:.1f} s exceeds the SLO")
+        for req_id in plan.preempted:
+            t = self.tracked.get(req_id)
+            if t is not None and t.steps_done > 0 and not t.running and not t.paused:
+                t.paused, t.num_preemptions = True, t.num_preemptions + 1
+                self.metrics.preempted(t.req.task)
+                t.emit(now, EventType.PREEMPTED, reason="preempted by the scheduler")
+        for d in plan.dispatches:
+            problem = self._check(d, idle)
+            if problem:
+                log.error("policy %s produced an invalid dispatch %s: %s", self.policy.name, d, problem)
+                continue
+            idle -= set(d.device_ids)
+            self._dispatch(d, now)
+
+    def _check(self, d: Dispatch, idle: set[int]) -> str:
+        if len(d.device_ids) != 1:
+            return "this executor runs every dispatch on one device"
+        if not set(d.device_ids) <= idle:
+            return "device not idle"
+        ts = [self.tracked.get(r) for r in d.req_ids]
+        if not ts or any(t is None or t.done or t.running for t in ts):
+            return "unknown, finished or running request"
+        if len({t.req.model for t in ts}) != 1:
+            return "mixed models in one batch"
+        if any(t.holders and set(d.device_ids) != t.holders for t in ts):
+            return "request state lives on another device"
+        return ""
+
+    def _dispatch(self, d: Dispatch, now: float) -> None:
+        device_id = d.device_ids[0]
+        ts = [self.tracked[r] for r in d.req_ids]
+        model = ts[0].req.model
+        new = tuple(P.NewRequest(t.req.req_id, model, t.req.params, t.req.output_format, t.req.fps)
+                    for t in ts if device_id not in t.holders)
+        dispatch_id = next(self._ids)
+        p = ts[0].req.params
+        predicted = self.cost.step_ms(model, p.width, p.height, p.num_frames, len(d.device_ids), len(ts))
+        self.inflight[dispatch_id] = _InFlight(d, model, now, predicted)
+        self.busy[device_id] = dispatch_id
+        for t in ts:
+            self._mark_running(t, d, now)
+        if not self.executor.send(device_id, P.RunSteps(dispatch_id, model, d.req_ids, d.num_steps, new)):
+            log.warning("worker %d unreachable; its death will be handled", device_id)
+
+    def _mark_running(self, t: Tracked, d: Dispatch, now: float) -> None:
+        t.running, t.device_ids = True, d.device_ids
+        t.holders = set(d.device_ids)
+        degree = len(d.device_ids)
+        if degree not in t.sp_degrees:
+            t.sp_degrees.append(degree)
+        if t.started_s is None:
+            t.started_s = now
+            t.emit(now, EventType.STARTED, sp_degree=degree)
+        elif t.paused:
+            t.paused = False
+            t.emit(now, EventType.RESUMED, sp_degree=degree)
+
+    # ---- results ---------------------------------------------------------
+    def _on_reply(self, device_id: int, msg) -> None:
+        self._dirty = True
+        if isinstance(msg, P.StepDone):
+            self._on_step(device_id, msg)
+        elif isinstance(msg, P.DispatchDone):
+            self._on_dispatch_done(device_id, msg)
+        elif isinstance(msg, WorkerDied):
+            self._on_worker_died(msg)
+        elif isinstance(msg, P.Ready):
+            log.info("worker %d is back", device_id)
+            self.executor.ready[device_id] = msg
+            self.down.discard(device_id)
+        else:
+            log.warning("unexpected message from worker %d: %r", device_id, msg)
+
+    def _on_step(self, device_id: int, msg: P.StepDone) -> None:
+        fl = self.inflight.get(msg.dispatch_id)
+        now = time.monotonic()
+        ts = [self.tracked[r] for r in msg.req_ids if r in self.tracked]
+        if fl is None or not ts:
+            return
+        p = ts[0].req.params
+        degree = len(fl.dispatch.device_ids)
+        predicted = self.cost.step_ms(fl.model, p.width, p.height, p.num_frames, degree, len(msg.req_ids))
+        self.cost.observe_step(fl.model, p.width, p.height, p.num_frames, degree, len(msg.req_ids), msg.step_ms)
+        self.metrics.step(ts[0].req.task, fl.model, degree, len(msg.req_ids), msg.step_ms / 1e3,
+                          predicted / 1e3, fl.dispatch.device_ids)
+        step_ms = self.cost.step_ms(fl.model, p.width, p.height, p.num_frames, degree, len(msg.req_ids))
+        for t, steps in zip(ts, msg.step_indices):
+            t.steps_done = steps
+            q = t.req.params
+            eta_s = ((q.num_steps - steps) * step_ms
+                     + self.cost.decode_ms(t.req.model, q.width, q.height, q.num_frames, degree)) / 1e3
+            t.emit(now, EventType.STEP, step=steps, num_steps=q.num_steps, eta_s=eta_s)
+
+    def _on_dispatch_done(self, device_id: int, msg: P.DispatchDone) -> None:
+        fl = self.inflight.pop(msg.dispatch_id, None)
+        self.busy.pop(device_id, None)
+        now = time.monotonic()
+        for req_id in msg.paused:
+            t = self.tracked.get(req_id)
+            if t is None:
+                continue
+            t.running = False
+            if t.cancel_requested:  # the Drop raced the step's end: free it now
+                self.executor.send(device_id, P.Drop((req_id,)))
+                self._finish(t, EventType.CANCELLED, "CANCELLED", "cancelled")
+        for fin in msg.finished:
+            t = self.tracked.get(fin.req_id)
+            if t is not None:
+                t.running = False
+                self._complete(t, fin, now)
+        for f in msg.failed:
+            t = self.tracked.get(f.req_id)
+            if t is not None:
+                t.running = False
+                kind = EventType.CANCELLED if f.status == "CANCELLED" else EventType.FAILED
+                self._finish(t, kind, f.status, f.message)
+
+    def _complete(self, t: Tracked, fin: P.Finished, now: float) -> None:
+        result = t.result(now, fin)
+        self.tracked.pop(t.req.req_id, None)
+        self.metrics.request_finished(t.req.task, t.req.model, "OK", result.latency_ms / 1e3,
+                                      result.queue_ms / 1e3, result.slo_met)
+        t.emit(now, EventType.COMPLETED, result=result)
+
+    def _finish(self, t: Tracked, kind: EventType, status: str, reason: str) -> None:
+        """End a request without a result (failed or cancelled), freeing its state."""
+        if t.done:
+            return
+        self.tracked.pop(t.req.req_id, None)
+        if t.holders and not t.running:
+            for device_id in t.holders:
+                self.executor.send(device_id, P.Drop((t.req.req_id,)))
+        now = time.monotonic()
+        queue_s = ((t.started_s or now) - t.req.arrival_s)
+        slo_met = None if status == "CANCELLED" else False  # a failure counts as a miss
+        self.metrics.request_finished(t.req.task, t.req.model, status, now - t.req.arrival_s, queue_s, slo_met)
+        t.emit(now, kind, reason=reason, status=status)
+
+    def _cancel(self, req_id: str) -> bool:
+        t = self.tracked.get(req_id)
+        if t is None or t.done:
+            return False
+        if t.running:  # aborted at the next step boundary by the worker
+            t.cancel_requested = True
+            for device_id in t.device_ids:
+                self.executor.send(device_id, P.Drop((req_id,)))
+        else:
+            self._finish(t, EventType.CANCELLED, "CANCELLED", "cancelled")
+        return True
+
+    def _on_worker_died(self, msg: WorkerDied) -> None:
+        log.error("worker %d died (exit code %s); restarting it", msg.device_id, msg.exitcode)
+        self.down.add(msg.device_id)
+        for dispatch_id in [k for k, fl in self.inflight.items() if msg.device_id in fl.dispatch.device_ids]:
+            self.inflight.pop(dispatch_id)
+        self.busy.pop(msg.device_id, None)
+        for t in [t for t in self.tracked.values() if msg.device_id in t.holders]:
+            t.running, t.holders = False, set()
+            self._finish(t, EventType.FAILED, "UNAVAILABLE",
+                         f"worker {msg.device_id} crashed (exit code {msg.exitcode}); retry the request")
+        self.metrics.worker_restarted(msg.device_id)
+        self.executor.respawn(msg.device_id)  # its Ready arrives through wait()
+
+    def cluster_spec(self) -> ClusterSpec:
+        return ClusterSpec(self.executor.num_devices, max_sp_degree=1, migratable=False,
+                           max_image_batch=self.config.max_image_batch)

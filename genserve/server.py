@@ -1,0 +1,106 @@
+"""The gRPC frontend: proto ⇄ dataclasses, no policy.
+
+Runs on grpc.aio (uvloop where available); the engine runs on its own thread,
+and events cross over with ``call_soon_threadsafe``, so neither loop starves
+the other.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from genserve.convert import Validator, card_to_pb, event_to_pb, result_to_pb
+from genserve.engine import Engine
+from genserve.types import Event, EventType, RequestError
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger("genserve.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenServe"].full_name
+
+
+def _code(status: str) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, status, grpc.StatusCode.UNKNOWN)
+
+
+class GenServeService(pb_grpc.GenServeServicer):
+    def __init__(self, engine: Engine, validator: Validator):
+        self.engine, self.validator = engine, validator
+
+    async def _submit(self, request: pb.GenerateRequest, context) -> tuple[str, asyncio.Queue]:
+        try:
+            req = self.validator.request(request)
+            events: asyncio.Queue[Event] = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            self.engine.submit(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        except RequestError as err:
+            await context.abort(_code(err.status), err.message)
+        return req.req_id, events
+
+    async def _abandon(self, req_id: str) -> None:
+        """The client went away (deadline, cancel, dropped stream): free the work."""
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.cancel, req_id)
+
+    async def Generate(self, request, context):
+        req_id, events = await self._submit(request, context)
+        try:
+            while not (event := await events.get()).terminal:
+                pass
+        except asyncio.CancelledError:
+            await asyncio.shield(self._abandon(req_id))
+            raise
+        if event.type == EventType.COMPLETED:
+            return result_to_pb(event.result)
+        await context.abort(_code(event.status), event.reason)
+
+    async def GenerateStream(self, request, context):
+        req_id, events = await self._submit(request, context)
+        try:
+            while True:
+                event = await events.get()
+                yield event_to_pb(event)
+                if event.terminal:
+                    return
+        except asyncio.CancelledError:
+            await asyncio.shield(self._abandon(req_id))
+            raise
+
+    async def Cancel(self, request, context):
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
+        loop = asyncio.get_running_loop()
+        cancelled = await loop.run_in_executor(None, self.engine.cancel, request.request_id)
+        return pb.CancelResponse(cancelled=cancelled)
+
+    async def ListModels(self, request, context):
+        defaults = set(self.validator.defaults.values())
+        return pb.ListModelsResponse(models=[card_to_pb(c, c.name in defaults)
+                                             for c in self.validator.cards.values()])
+
+
+async def start_grpc(service: GenServeService, host: str, port: int,
+                     max_message_bytes: int) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """Start the gRPC server with health and reflection; returns the bound port."""
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", 512 << 20),  # videos can be large
+        ("grpc.so_reuseport", 0),
+    ])
+    pb_grpc.add_GenServeServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"cannot listen on {host}:{port}")
+    await server.start()
+    serving = health_pb2.HealthCheckResponse.SERVING
+    await health_servicer.set("", serving)
+    await health_servicer.set(SERVICE_NAME, serving)
+    return server, bound, health_servicer

@@ -1,0 +1,141 @@
+"""End to end over real gRPC on loopback: a server with 2 worker processes."""
+from __future__ import annotations
+
+import threading
+
+import grpc
+import numpy as np
+import pytest
+
+from genserve.client import build_request, raw_frames
+from genserve.models.media import decode_media
+from genserve.v1 import genserve_pb2 as pb
+
+T = pb.GenerateEvent.Type
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp", "raw"])
+def test_image_formats(client, fmt):
+    resp = client.generate("a red fox", task="image", width=64, height=48, seed=1, output_format=fmt)
+    frames = decode_media(resp.media.data, resp.media.mime_type) if fmt != "raw" else raw_frames(resp.media)
+    assert frames.shape == (1, 48, 64, 3) and frames.dtype == np.uint8
+    assert (resp.media.width, resp.media.height, resp.media.num_frames) == (64, 48, 1)
+    assert resp.latency_ms > 0 and resp.slo_ms > 0 and resp.seed == 1
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "gif", "webp", "raw"])
+def test_video_formats(client, fmt):
+    resp = client.generate("waves", task="video", width=64, height=64, num_frames=9, steps=2, seed=2,
+                           output_format=fmt)
+    frames = decode_media(resp.media.data, resp.media.mime_type) if fmt != "raw" else raw_frames(resp.media)
+    assert frames.shape == (9, 64, 64, 3)
+    assert resp.media.num_frames == 9 and resp.sp_degrees == [1]
+
+
+def test_event_stream_order(client):
+    events = list(client.stream("a boat", task="image", steps=4, seed=3))
+    types = [e.type for e in events]
+    assert types[0] == T.QUEUED and types[1] == T.STARTED and types[-1] == T.COMPLETED
+    steps = [e.step for e in events if e.type == T.STEP]
+    assert steps == [1, 2, 3, 4]
+    assert all(e.num_steps == 4 for e in events if e.type == T.STEP)
+    assert all(e.request_id == events[0].request_id for e in events)
+    assert events[-1].response.media.data
+
+
+def test_determinism_same_seed_same_bytes(client):
+    a = client.generate("a lighthouse", task="image", seed=42, output_format="raw")
+    b = client.generate("a lighthouse", task="image", seed=42, output_format="raw")
+    c = client.generate("a lighthouse", task="image", seed=43, output_format="raw")
+    assert a.media.data == b.media.data
+    assert a.media.data != c.media.data
+
+
+def test_cancel_running_video(client):
+    stream = client.stream("a long video", task="video", steps=40, seed=4, request_id="cancel-me")
+    seen = []
+    for event in stream:
+        seen.append(event.type)
+        if event.type == T.STEP and event.step == 1:
+            assert client.cancel("cancel-me")
+        if event.type in (T.COMPLETED, T.FAILED, T.CANCELLED):
+            break
+    assert seen[-1] == T.CANCELLED and T.COMPLETED not in seen
+    assert not client.cancel("cancel-me")  # already gone
+    assert client.generate("after cancel", task="image", steps=2).media.data  # still serving
+
+
+def test_cancel_unknown_and_empty(client):
+    assert not client.cancel("no-such-request")
+    with pytest.raises(grpc.RpcError) as err:
+        client.cancel("")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+BAD = [
+    (dict(task="image", width=0), "width"), (dict(task="image", height=30), "height"),
+    (dict(task="image", width=4096), "width"), (dict(task="video", num_frames=1000), "num_frames"),
+    (dict(task="image", steps=0), "num_inference_steps"), (dict(task="image", steps=100000), "num_inference_steps"),
+    (dict(task="image", model="no-such-model"), "model"), (dict(task="image", model="wan-tiny"), "task"),
+    (dict(task="image", output_format="mp4"), "output_format"), (dict(task="video", output_format="jpeg"), "output_format"),
+]
+
+
+@pytest.mark.parametrize("fields, field", BAD)
+def test_bad_input_invalid_argument(client, fields, field):
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate("a cat", **fields)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field + ":")
+
+
+def test_bad_prompt_and_format_then_keeps_serving(client):
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate("   ", task="image")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in err.value.details()
+    msg = build_request("a cat", task="image")
+    msg.output_format = 77
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.Generate(msg)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "output_format" in err.value.details()
+    assert client.generate("still here", task="image", steps=2).media.data
+
+
+def test_list_models(client):
+    models = {m.name: m for m in client.models()}
+    assert models["sd3-tiny"].task == pb.TASK_TEXT_TO_IMAGE and models["sd3-tiny"].is_default
+    assert models["wan-tiny"].task == pb.TASK_TEXT_TO_VIDEO and models["wan-tiny"].max_num_frames >= 9
+
+
+def test_concurrent_mixed_requests_all_finish(client):
+    results, errors = [], []
+
+    def one(i):
+        try:
+            task = "video" if i % 3 == 0 else "image"
+            results.append(client.generate(f"p{i}", task=task, steps=3, seed=i, output_format="raw"))
+        except grpc.RpcError as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(results) == 9
+
+
+def test_health_and_reflection(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "genserve.v1.GenServe"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                            timeout=5)
+        names = {s.name for r in replies for s in r.list_services_response.service}
+    assert {"genserve.v1.GenServe", "grpc.health.v1.Health"} <= names

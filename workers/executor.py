@@ -1,0 +1,235 @@
+"""Executors: how the engine reaches its workers.
+
+One interface, two backends. ``MultiprocessExecutor`` spawns one process per
+device (serving); ``InProcessExecutor`` runs the same worker loop in threads
+(unit tests, debugging). Both talk over local pipes, so the engine's code path
+is identical: ``send`` a message to a device, ``wait`` for replies, notice a
+dead worker, ``restart`` it.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import threading
+import time
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection, wait
+
+from genserve.workers import protocol as P
+from genserve.workers.worker import Worker, WorkerSpec, worker_main
+
+log = logging.getLogger("genserve.executor")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerDied:
+    """Reported by ``wait`` when a worker process exits unexpectedly."""
+
+    device_id: int
+    exitcode: int | None
+
+
+class _Waker:
+    """A self-pipe so another thread can interrupt ``Executor.wait``."""
+
+    def __init__(self):
+        self.reader, self._writer = mp.Pipe(duplex=False)
+        self._lock = threading.Lock()
+
+    def wake(self) -> None:
+        with self._lock:
+            self._writer.send_bytes(b"w")
+
+    def drain(self) -> None:
+        while self.reader.poll():
+            self.reader.recv_bytes()
+
+
+class Executor:
+    """Base: pipes and waiting. Subclasses start and stop the workers."""
+
+    def __init__(self, specs: list[WorkerSpec]):
+        self.specs = {s.device_id: s for s in specs}
+        self.conns: dict[int, Connection] = {}
+        self.ready: dict[int, P.Ready] = {}
+        self._waker = _Waker()
+        self._send_lock = threading.Lock()
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.specs)
+
+    def start(self, timeout_s: float = 600.0) -> dict[int, P.Ready]:
+        for device_id in self.specs:
+            self._start_one(device_id)
+        return self.await_ready(list(self.specs), timeout_s)
+
+    def await_ready(self, device_ids: list[int], timeout_s: float) -> dict[int, P.Ready]:
+        deadline = time.monotonic() + timeout_s
+        for device_id in device_ids:
+            conn = self.conns[device_id]
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(f"worker {device_id} did not become ready in {timeout_s:.0f} s")
+            msg = conn.recv()
+            if not isinstance(msg, P.Ready):
+                raise RuntimeError(getattr(msg, "message", f"worker {device_id} failed to start"))
+            self.ready[device_id] = msg
+        return dict(self.ready)
+
+    def send(self, device_id: int, msg) -> bool:
+        """Send to a worker; False if its pipe is gone (it died)."""
+        try:
+            with self._send_lock:
+                self.conns[device_id].send(msg)
+            return True
+        except (OSError, EOFError, BrokenPipeError, KeyError):
+            return False
+
+    def wake(self) -> None:
+        """Interrupt a ``wait`` from another thread."""
+        self._waker.wake()
+
+    def wait(self, timeout_s: float | None) -> list[tuple[int, object]]:
+        """Block until a worker replies, a worker dies, ``wake`` is called or
+        the timeout passes; return the replies (possibly none)."""
+        by_obj = {conn: d for d, conn in self.conns.items()}
+        sentinels = self._sentinels()
+        ready = wait([self._waker.reader, *by_obj, *sentinels], timeout_s)
+        out: list[tuple[int, object]] = []
+        for obj in ready:
+            if obj is self._waker.reader:
+                self._waker.drain()
+            elif obj in by_obj:
+                out += self._drain(by_obj[obj])
+        for obj in ready:
+            if obj in sentinels and sentinels[obj] in self.conns:
+                device_id = sentinels[obj]
+                out.append((device_id, WorkerDied(device_id, self._exitcode(device_id))))
+                self._forget(device_id)
+        return out
+
+    def _drain(self, device_id: int) -> list[tuple[int, object]]:
+        conn, out = self.conns[device_id], []
+        try:
+            while conn.poll():
+                out.append((device_id, conn.recv()))
+        except (EOFError, OSError):
+            pass  # the sentinel reports the death
+        return out
+
+    def respawn(self, device_id: int) -> None:
+        """Start a dead worker again without waiting: its ``Ready`` message
+        arrives through ``wait`` like any reply."""
+        self._forget(device_id)
+        self._start_one(device_id)
+
+    # backend hooks
+    def _start_one(self, device_id: int) -> None:
+        raise NotImplementedError
+
+    def _sentinels(self) -> dict:
+        return {}
+
+    def _exitcode(self, device_id: int) -> int | None:
+        return None
+
+    def _forget(self, device_id: int) -> None:
+        conn = self.conns.pop(device_id, None)
+        if conn is not None:
+            conn.close()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        for device_id in list(self.conns):
+            self.send(device_id, P.Shutdown())
+
+
+class MultiprocessExecutor(Executor):
+    """One spawned process per device (``spawn``: CUDA needs it)."""
+
+    def __init__(self, specs: list[WorkerSpec]):
+        super().__init__(specs)
+        self._ctx = mp.get_context("spawn")
+        self.procs: dict[int, mp.Process] = {}
+
+    def _start_one(self, device_id: int) -> None:
+        parent, child = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(target=worker_main, args=(self.specs[device_id], child),
+                                 name=f"genserve-worker-{device_id}", daemon=True)
+        proc.start()
+        child.close()
+        self.conns[device_id], self.procs[device_id] = parent, proc
+
+    def _sentinels(self) -> dict:
+        return {p.sentinel: d for d, p in self.procs.items() if d in self.conns}
+
+    def _exitcode(self, device_id: int) -> int | None:
+        proc = self.procs[device_id]
+        proc.join(timeout=1.0)
+        return proc.exitcode
+
+    def pid(self, device_id: int) -> int | None:
+        return self.procs[device_id].pid
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        super().shutdown(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs.values():
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(1.0)
+        for device_id in list(self.conns):
+            self._forget(device_id)
+
+
+class InProcessExecutor(Executor):
+    """The worker loop in threads of this process: no spawn cost, same pipes.
+
+    Torch thread settings are process-wide here, so ``num_threads`` is ignored.
+    """
+
+    def __init__(self, specs: list[WorkerSpec]):
+        super().__init__([replace(s, num_threads=0) for s in specs])
+        self.threads: dict[int, threading.Thread] = {}
+        self.workers: dict[int, Worker] = {}  # reachable in-process: tests may inspect them
+
+    def _start_one(self, device_id: int) -> None:
+        parent, child = mp.Pipe(duplex=True)
+        spec = self.specs[device_id]
+
+        def run():
+            t0 = time.perf_counter()
+            try:
+                worker = Worker.start(spec)
+            except Exception as exc:
+                log.exception("in-process worker %d failed to start", device_id)
+                child.send(P.Failed("", "INTERNAL", f"worker {device_id} failed to load models: {exc}"))
+                return
+            self.workers[device_id] = worker
+            worker.serve(child, load_s=time.perf_counter() - t0)
+
+        thread = threading.Thread(target=run, name=f"genserve-worker-{device_id}", daemon=True)
+        thread.start()
+        self.conns[device_id], self.threads[device_id] = parent, thread
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        super().shutdown(timeout_s)
+        for thread in self.threads.values():
+            thread.join(timeout_s)
+        for device_id in list(self.conns):
+            self._forget(device_id)
+
+
+def make_worker_specs(device: str, num_workers: int, model_specs: tuple[str, ...],
+                      dtype: str = "float32", num_threads: int = 0) -> list[WorkerSpec]:
+    """One WorkerSpec per device: ``cpu`` × num_workers, or every visible GPU."""
+    if device == "cuda":
+        import torch
+
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise RuntimeError("--device cuda: no CUDA device is visible")
+        devices = [f"cuda:{i}" for i in range(count if num_workers <= 0 else min(count, num_workers))]
+    else:
+        devices = ["cpu"] * max(1, num_workers)
+    return [WorkerSpec(i, d, model_specs, dtype, num_threads) for i, d in enumerate(devices)]
