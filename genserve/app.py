@@ -67,7 +67,8 @@ class Server:
 
     def start_workers(self) -> None:
         c = self.config
-        specs = make_worker_specs(c.device, c.num_workers, c.models, c.dtype, threads_per_worker(c))
+        specs = make_worker_specs(c.device, c.num_workers, c.models, c.dtype, threads_per_worker(c),
+                                  c.max_sp_degree, c.paused_budget_mb)
         executor = (InProcessExecutor if c.in_process else MultiprocessExecutor)(specs)
         t0 = time.perf_counter()
         log.info("starting %d %s worker(s) with models %s", len(specs), c.device, ", ".join(c.models))
@@ -79,9 +80,10 @@ class Server:
         log.info("workers ready in %.1f s", time.perf_counter() - t0)
         cards = {card.name: card for card in ready[0].models}
         cost = build_cost_model(c.engine.profile, ready)
-        engine = Engine(c.engine, executor, None, cost, self.metrics, cards, c.limits.max_queue)
-        engine.policy = make_policy(c.engine.policy, engine.cluster_spec(),
-                                    admission_control=c.engine.admission_control)
+        engine = Engine(c.engine, executor,
+                        lambda spec: make_policy(c.engine.policy, spec,
+                                                 admission_control=c.engine.admission_control),
+                        cost, self.metrics, cards, c.limits.max_queue)
         self.engine = engine
         engine.start()
 

@@ -47,6 +47,8 @@ class ServerConfig:
     models: tuple[str, ...] = DEFAULT_MODELS  # preset names or NAME=PATH
     dtype: str = "float32"
     in_process: bool = False  # workers as threads (tests, debugging)
+    max_sp_degree: int = 8  # largest sequence-parallel group (1: no process groups)
+    paused_budget_mb: float = 0.0  # device memory per worker for paused states (0: unlimited)
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: Limits = field(default_factory=Limits)
 
@@ -59,6 +61,8 @@ class ServerConfig:
             raise ValueError("num_workers must be at least 1 on cpu")
         if not self.models:
             raise ValueError("at least one model is needed")
+        if self.max_sp_degree not in (1, 2, 4, 8):
+            raise ValueError("max_sp_degree must be 1, 2, 4 or 8")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"unsupported dtype {self.dtype!r}")
         self.engine.validate()

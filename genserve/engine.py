@@ -12,9 +12,11 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from genserve.config import EngineConfig
+from genserve.dispatch import check_dispatch, member_messages, needs_move
+from genserve.scheduler import make_policy as _make_named_policy
 from genserve.scheduler.types import ClusterSpec, DeviceView, Dispatch, StepPlan
 from genserve.tracked import Sink, Tracked
 from genserve.types import EventType, Request, RequestError
@@ -24,18 +26,32 @@ from genserve.workers.executor import Executor, WorkerDied
 log = logging.getLogger("genserve.engine")
 
 
+def make_fallback_policy(spec: ClusterSpec):
+    return _make_named_policy("fcfs", spec)
+
+
 @dataclass(slots=True)
 class _InFlight:
     dispatch: Dispatch
     model: str
     sent_s: float
     predicted_step_ms: float
+    pending: set[int]  # members whose DispatchDone has not arrived
+    moving: dict[str, bytes | None] = field(default_factory=dict)  # state moves awaited (req -> bytes)
+
+    @property
+    def leader(self) -> int:
+        return self.dispatch.device_ids[0]
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, executor: Executor, policy, cost, metrics,
+    def __init__(self, config: EngineConfig, executor: Executor, make_policy, cost, metrics,
                  cards: dict[str, P.ModelCard], max_queue: int = 4096):
-        self.config, self.executor, self.policy, self.cost = config, executor, policy, cost
+        """``make_policy(ClusterSpec) -> Policy``: the policy is rebuilt if what
+        the executor can do changes (a crash turns sequence parallelism off)."""
+        self.config, self.executor, self.cost = config, executor, cost
+        self._make_policy = make_policy
+        self.max_sp_degree = executor.max_sp_degree
         self.metrics, self.cards, self.max_queue = metrics, cards, max_queue
         self.tracked: dict[str, Tracked] = {}
         self.inflight: dict[int, _InFlight] = {}  # dispatch id -> work
@@ -47,6 +63,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._dirty = True  # something changed since the last plan
         self._num_waiting = 0  # read by other threads (queue bound); engine writes it
+        self.policy = make_policy(self.cluster_spec())
+        self._fallback = make_fallback_policy(self.cluster_spec())
 
     # ---- thread-safe API -------------------------------------------------
     def submit(self, req: Request, sink: Sink) -> None:
@@ -157,7 +175,11 @@ class Engine:
         devices = [DeviceView(d, d in idle, now if d in idle else self._busy_until(d, now))
                    for d in range(self.executor.num_devices)]
         t0 = time.perf_counter()
-        plan: StepPlan = self.policy.plan(now, views, devices, self.cost)
+        try:
+            plan: StepPlan = self.policy.plan(now, views, devices, self.cost)
+        except Exception:  # a policy bug must not strand requests: decide this one plainly
+            log.exception("policy %s failed; falling back to fcfs for this decision", self.policy.name)
+            plan = self._fallback.plan(now, views, devices, self.cost)
         self.metrics.decision(time.perf_counter() - t0)
         self._apply(plan, set(idle), now)
 
@@ -181,48 +203,49 @@ class Engine:
                 self.metrics.preempted(t.req.task)
                 t.emit(now, EventType.PREEMPTED, reason="preempted by the scheduler")
         for d in plan.dispatches:
-            problem = self._check(d, idle)
+            ts = [self.tracked.get(r) for r in d.req_ids]
+            problem = check_dispatch(d, ts, idle, self.max_sp_degree)
             if problem:
                 log.error("policy %s produced an invalid dispatch %s: %s", self.policy.name, d, problem)
                 continue
             idle -= set(d.device_ids)
-            self._dispatch(d, now)
+            self._dispatch(d, ts, now)
 
-    def _check(self, d: Dispatch, idle: set[int]) -> str:
-        if len(d.device_ids) != 1:
-            return "this executor runs every dispatch on one device"
-        if not set(d.device_ids) <= idle:
-            return "device not idle"
-        ts = [self.tracked.get(r) for r in d.req_ids]
-        if not ts or any(t is None or t.done or t.running for t in ts):
-            return "unknown, finished or running request"
-        if len({t.req.model for t in ts}) != 1:
-            return "mixed models in one batch"
-        if any(t.holders and set(d.device_ids) != t.holders for t in ts):
-            return "request state lives on another device"
-        return ""
-
-    def _dispatch(self, d: Dispatch, now: float) -> None:
-        device_id = d.device_ids[0]
-        ts = [self.tracked[r] for r in d.req_ids]
-        model = ts[0].req.model
-        new = tuple(P.NewRequest(t.req.req_id, model, t.req.params, t.req.output_format, t.req.fps)
-                    for t in ts if device_id not in t.holders)
+    def _dispatch(self, d: Dispatch, ts: list[Tracked], now: float) -> None:
         dispatch_id = next(self._ids)
-        p = ts[0].req.params
+        model, p = ts[0].req.model, ts[0].req.params
         predicted = self.cost.step_ms(model, p.width, p.height, p.num_frames, len(d.device_ids), len(ts))
-        self.inflight[dispatch_id] = _InFlight(d, model, now, predicted)
-        self.busy[device_id] = dispatch_id
+        fl = _InFlight(d, model, now, predicted, set(d.device_ids))
+        self.inflight[dispatch_id] = fl
+        for device_id in d.device_ids:
+            self.busy[device_id] = dispatch_id
+        for t in ts:
+            if needs_move(t, d.device_ids):  # its state lives only outside the block
+                fl.moving[t.req.req_id] = None
+                self.executor.send(min(t.holders), P.Export((t.req.req_id,)))
         for t in ts:
             self._mark_running(t, d, now)
-        if not self.executor.send(device_id, P.RunSteps(dispatch_id, model, d.req_ids, d.num_steps, new)):
-            log.warning("worker %d unreachable; its death will be handled", device_id)
+        if not fl.moving:
+            self._send(dispatch_id, fl, ts)
+
+    def _send(self, dispatch_id: int, fl: _InFlight, ts: list[Tracked]) -> None:
+        """Send the dispatch to every member; old copies outside the block go."""
+        block = set(fl.dispatch.device_ids)
+        for member, msg in member_messages(dispatch_id, fl.dispatch, ts, fl.moving).items():
+            if not self.executor.send(member, msg):
+                log.warning("worker %d unreachable; its death will be handled", member)
+        for t in ts:
+            for stale in t.holders - block:
+                self.executor.send(stale, P.Drop((t.req.req_id,)))
+            t.holders = set(block)
 
     def _mark_running(self, t: Tracked, d: Dispatch, now: float) -> None:
-        t.running, t.device_ids = True, d.device_ids
-        t.holders = set(d.device_ids)
         degree = len(d.device_ids)
+        previous = t.sp_degrees[-1] if t.started_s is not None and t.sp_degrees else 0
+        t.running, t.device_ids = True, tuple(d.device_ids)
         if degree not in t.sp_degrees:
+            t.sp_degrees.append(degree)
+        elif t.sp_degrees[-1] != degree:
             t.sp_degrees.append(degree)
         if t.started_s is None:
             t.started_s = now
@@ -230,6 +253,9 @@ class Engine:
         elif t.paused:
             t.paused = False
             t.emit(now, EventType.RESUMED, sp_degree=degree)
+        if previous and previous != degree:
+            self.metrics.resharded()
+            t.emit(now, EventType.RESHARDED, sp_degree=degree)
 
     # ---- results ---------------------------------------------------------
     def _on_reply(self, device_id: int, msg) -> None:
@@ -238,6 +264,8 @@ class Engine:
             self._on_step(device_id, msg)
         elif isinstance(msg, P.DispatchDone):
             self._on_dispatch_done(device_id, msg)
+        elif isinstance(msg, P.Exported):
+            self._on_exported(msg)
         elif isinstance(msg, WorkerDied):
             self._on_worker_died(msg)
         elif isinstance(msg, P.Ready):
@@ -267,9 +295,42 @@ class Engine:
                      + self.cost.decode_ms(t.req.model, q.width, q.height, q.num_frames, degree)) / 1e3
             t.emit(now, EventType.STEP, step=steps, num_steps=q.num_steps, eta_s=eta_s)
 
+    def _on_exported(self, msg: P.Exported) -> None:
+        for dispatch_id, fl in list(self.inflight.items()):
+            if msg.req_id in fl.moving and fl.moving[msg.req_id] is None:
+                fl.moving[msg.req_id] = msg.state
+                if all(v is not None for v in fl.moving.values()):
+                    self._send_moved(dispatch_id, fl)
+                return
+
+    def _send_moved(self, dispatch_id: int, fl: _InFlight) -> None:
+        lost = [r for r, data in fl.moving.items() if not data]
+        ts = [self.tracked[r] for r in fl.dispatch.req_ids if r in self.tracked]
+        if lost or len(ts) != len(fl.dispatch.req_ids):
+            self._abort_dispatch(dispatch_id, "state was lost while moving to another device")
+            return
+        self._send(dispatch_id, fl, ts)
+
+    def _abort_dispatch(self, dispatch_id: int, reason: str) -> None:
+        fl = self.inflight.pop(dispatch_id)
+        for device_id in fl.dispatch.device_ids:
+            self.busy.pop(device_id, None)
+        for r in fl.dispatch.req_ids:
+            t = self.tracked.get(r)
+            if t is not None:
+                t.running = False
+                self._finish(t, EventType.FAILED, "INTERNAL", reason)
+
     def _on_dispatch_done(self, device_id: int, msg: P.DispatchDone) -> None:
-        fl = self.inflight.pop(msg.dispatch_id, None)
-        self.busy.pop(device_id, None)
+        fl = self.inflight.get(msg.dispatch_id)
+        if self.busy.get(device_id) == msg.dispatch_id:
+            self.busy.pop(device_id)
+        if fl is not None:
+            fl.pending.discard(device_id)
+            if not fl.pending:
+                self.inflight.pop(msg.dispatch_id)
+            if device_id != fl.leader:  # only the leader reports outcomes
+                return
         now = time.monotonic()
         for req_id in msg.paused:
             t = self.tracked.get(req_id)
@@ -327,16 +388,26 @@ class Engine:
     def _on_worker_died(self, msg: WorkerDied) -> None:
         log.error("worker %d died (exit code %s); restarting it", msg.device_id, msg.exitcode)
         self.down.add(msg.device_id)
-        for dispatch_id in [k for k, fl in self.inflight.items() if msg.device_id in fl.dispatch.device_ids]:
-            self.inflight.pop(dispatch_id)
-        self.busy.pop(msg.device_id, None)
+        for dispatch_id, fl in list(self.inflight.items()):
+            if msg.device_id in fl.dispatch.device_ids:
+                fl.pending.discard(msg.device_id)
+                self.busy.pop(msg.device_id, None)
         for t in [t for t in self.tracked.values() if msg.device_id in t.holders]:
-            t.running, t.holders = False, set()
-            self._finish(t, EventType.FAILED, "UNAVAILABLE",
-                         f"worker {msg.device_id} crashed (exit code {msg.exitcode}); retry the request")
+            t.holders.discard(msg.device_id)
+            if not t.holders or (t.running and msg.device_id in t.device_ids):
+                # its only copy is gone, or its running group lost a member
+                t.running = False
+                self._finish(t, EventType.FAILED, "UNAVAILABLE",
+                             f"worker {msg.device_id} crashed (exit code {msg.exitcode}); retry the request")
         self.metrics.worker_restarted(msg.device_id)
-        self.executor.respawn(msg.device_id)  # its Ready arrives through wait()
+        if self.max_sp_degree > 1:
+            # a restarted process cannot rejoin the running process groups
+            log.warning("sequence parallelism is off until the server restarts")
+            self.max_sp_degree = 1
+            self.policy = self._make_policy(self.cluster_spec())
+            self._fallback = make_fallback_policy(self.cluster_spec())
+        self.executor.respawn(msg.device_id, standalone=True)  # its Ready arrives through wait()
 
     def cluster_spec(self) -> ClusterSpec:
-        return ClusterSpec(self.executor.num_devices, max_sp_degree=1, migratable=False,
+        return ClusterSpec(self.executor.num_devices, max_sp_degree=self.max_sp_degree, migratable=True,
                            max_image_batch=self.config.max_image_batch)

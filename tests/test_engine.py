@@ -22,8 +22,8 @@ def engine():
     executor = InProcessExecutor(make_worker_specs("cpu", 2, ("sd3-tiny", "wan-tiny")))
     ready = executor.start()
     cards = {c.name: c for c in ready[0].models}
-    eng = Engine(EngineConfig(), executor, None, build_cost_model("", ready), Metrics(), cards)
-    eng.policy = make_policy("genserve", eng.cluster_spec())
+    eng = Engine(EngineConfig(), executor, lambda spec: make_policy("genserve", spec),
+                 build_cost_model("", ready), Metrics(), cards)
     eng.start()
     yield eng
     eng.stop()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 
 from genserve.workers import protocol as P
+from genserve.workers.parallel import dist_spec
 from genserve.workers.worker import Worker, WorkerSpec, worker_main
 
 log = logging.getLogger("genserve.executor")
@@ -58,6 +59,12 @@ class Executor:
     @property
     def num_devices(self) -> int:
         return len(self.specs)
+
+    @property
+    def max_sp_degree(self) -> int:
+        """The largest SP block the workers can form (1: no process groups)."""
+        dists = [s.dist for s in self.specs.values()]
+        return dists[0].max_block if dists and all(dists) else 1
 
     def start(self, timeout_s: float = 600.0) -> dict[int, P.Ready]:
         for device_id in self.specs:
@@ -117,10 +124,13 @@ class Executor:
             pass  # the sentinel reports the death
         return out
 
-    def respawn(self, device_id: int) -> None:
+    def respawn(self, device_id: int, standalone: bool = False) -> None:
         """Start a dead worker again without waiting: its ``Ready`` message
-        arrives through ``wait`` like any reply."""
+        arrives through ``wait`` like any reply. ``standalone``: it cannot
+        rejoin the process groups, so no worker runs SP from now on."""
         self._forget(device_id)
+        if standalone:
+            self.specs = {d: replace(s, dist=None) for d, s in self.specs.items()}
         self._start_one(device_id)
 
     # backend hooks
@@ -189,7 +199,9 @@ class InProcessExecutor(Executor):
     """
 
     def __init__(self, specs: list[WorkerSpec]):
-        super().__init__([replace(s, num_threads=0) for s in specs])
+        # Torch threads and the torch.distributed world are per process:
+        # threads can't have their own, so no thread pinning and no SP here.
+        super().__init__([replace(s, num_threads=0, dist=None) for s in specs])
         self.threads: dict[int, threading.Thread] = {}
         self.workers: dict[int, Worker] = {}  # reachable in-process: tests may inspect them
 
@@ -221,8 +233,11 @@ class InProcessExecutor(Executor):
 
 
 def make_worker_specs(device: str, num_workers: int, model_specs: tuple[str, ...],
-                      dtype: str = "float32", num_threads: int = 0) -> list[WorkerSpec]:
-    """One WorkerSpec per device: ``cpu`` × num_workers, or every visible GPU."""
+                      dtype: str = "float32", num_threads: int = 0, max_sp_degree: int = 8,
+                      paused_budget_mb: float = 0.0) -> list[WorkerSpec]:
+    """One WorkerSpec per device: ``cpu`` × num_workers, or every visible GPU
+    (``num_workers`` > 0 caps the count). With several devices and
+    max_sp_degree > 1 the workers join one world for sequence parallelism."""
     if device == "cuda":
         import torch
 
@@ -232,4 +247,6 @@ def make_worker_specs(device: str, num_workers: int, model_specs: tuple[str, ...
         devices = [f"cuda:{i}" for i in range(count if num_workers <= 0 else min(count, num_workers))]
     else:
         devices = ["cpu"] * max(1, num_workers)
-    return [WorkerSpec(i, d, model_specs, dtype, num_threads) for i, d in enumerate(devices)]
+    dist = dist_spec(len(devices), devices[0], max_sp_degree)
+    return [WorkerSpec(i, d, model_specs, dtype, num_threads, dist, paused_budget_mb)
+            for i, d in enumerate(devices)]

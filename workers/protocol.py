@@ -12,15 +12,23 @@ from dataclasses import dataclass
 from genserve.models.base import GenParams, ModelLimits
 
 
+FRESH, PEER, BYTES = "fresh", "peer", "bytes"
+
+
 @dataclass(frozen=True, slots=True)
 class NewRequest:
-    """A request this worker has not seen: encode its prompt and prepare it."""
+    """A request this worker holds no state for. ``source`` says where the
+    state comes from: FRESH (encode the prompt and prepare it here), PEER
+    (broadcast by ``RunSteps.state_src``, a member of the same block) or BYTES
+    (``state``, moved through host memory from a worker outside the block)."""
 
     req_id: str
     model: str
     params: GenParams
     output_format: str
     fps: int
+    source: str = FRESH
+    state: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +44,24 @@ class RunSteps:
     req_ids: tuple[str, ...]
     num_steps: int
     new: tuple[NewRequest, ...] = ()
+    # The SP block running this dispatch (every member gets the same message,
+    # its own ``new``); the first member leads: it reports steps and results.
+    # Empty: this device alone.
+    device_ids: tuple[int, ...] = ()
+    state_src: int = -1  # the member that broadcasts state to PEER members
+
+
+@dataclass(frozen=True, slots=True)
+class Export:
+    """Send these requests' state back as bytes (to move it to another block)."""
+
+    req_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Exported:
+    req_id: str
+    state: bytes  # empty when the worker holds no state for it
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,12 @@ One worker per device. It answers ``RunSteps`` with a ``StepDone`` after each
 step and one ``DispatchDone``; errors in a step fail that step's requests with
 a status and the worker goes on. The same ``Worker.serve`` loop runs in a
 spawned process (serving) or a thread (unit tests).
+
+A video's step may run on a block of devices (sequence parallelism): every
+member holds the request's full state, computes its shard of the sequence,
+and applies the same all-gathered update, so members stay identical and any
+one of them can continue alone later. The block's first member leads: it
+decides each step (honouring cancels), reports steps and decodes the result.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 
 from genserve.models.base import GenParams, RequestState
 from genserve.workers import protocol as P
+from genserve.workers.parallel import DistSpec, Groups, state_from_bytes, state_to_bytes
 
 log = logging.getLogger("genserve.worker")
 
@@ -27,7 +34,8 @@ class WorkerSpec:
     model_specs: tuple[str, ...]  # preset names or NAME=PATH
     dtype: str = "float32"
     num_threads: int = 0  # torch intra-op threads; 0 leaves torch's default
-    seed_offset: int = 0
+    dist: DistSpec | None = None  # join an SP world (None: degree 1 only)
+    paused_budget_mb: float = 0.0  # device memory for paused states; 0: no limit (CPU)
 
 
 @dataclass(slots=True)
@@ -36,12 +44,13 @@ class _Live:
 
     new: P.NewRequest
     state: RequestState
+    last_used_s: float = 0.0
+    on_host: bool = False  # offloaded to host memory while paused
 
 
 class Worker:
-    def __init__(self, spec: WorkerSpec, models: dict):
-        self.spec = spec
-        self.models = models  # name -> ModelAdapter
+    def __init__(self, spec: WorkerSpec, models: dict, groups: Groups | None = None):
+        self.spec, self.models, self.groups = spec, models, groups
         self.live: dict[str, _Live] = {}
 
     @classmethod
@@ -52,14 +61,17 @@ class Worker:
 
         if spec.num_threads > 0:
             torch.set_num_threads(spec.num_threads)
+        if spec.device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(spec.device))
         dtype = getattr(torch, spec.dtype)
         models = {}
         for model_spec in spec.model_specs:
             adapter = build_model(model_spec, device=spec.device, dtype=dtype)
             models[adapter.name] = adapter
-        return cls(spec, models)
+        groups = Groups.join(spec.dist, spec.device_id) if spec.dist else None
+        return cls(spec, models, groups)
 
-    # ---- the loop -------------------------------------------------------
+    # ---- warm-up --------------------------------------------------------
     def warm_up(self) -> tuple[P.Warmup, ...]:
         """Run a short request per model twice: the first pays one-time costs
         (lazy imports, allocator, kernels) before real traffic; the second is
@@ -83,6 +95,7 @@ class Worker:
         return P.Warmup(model.name, params.width, params.height, params.num_frames,
                         (t1 - t0) * 1e3, min(t2 - t1, t3 - t2) * 1e3, (t4 - t3) * 1e3)
 
+    # ---- the loop -------------------------------------------------------
     def serve(self, conn, load_s: float = 0.0) -> None:
         cards = tuple(P.ModelCard(m.name, m.task, m.limits) for m in self.models.values())
         conn.send(P.Ready(self.spec.device_id, cards, load_s, self.warm_up()))
@@ -98,8 +111,13 @@ class Worker:
     def handle(self, msg, conn) -> None:
         if isinstance(msg, P.RunSteps):
             conn.send(self.run_steps(msg, conn))
+            self._enforce_budget()
         elif isinstance(msg, P.Drop):
             self.drop(msg.req_ids)
+        elif isinstance(msg, P.Export):
+            for r in msg.req_ids:
+                live = self.live.get(r)
+                conn.send(P.Exported(r, state_to_bytes(live.state) if live else b""))
         else:
             log.error("worker %d: unknown message %r", self.spec.device_id, type(msg))
 
@@ -108,49 +126,90 @@ class Worker:
 
     # ---- one dispatch ---------------------------------------------------
     def run_steps(self, msg: P.RunSteps, conn) -> P.DispatchDone:
-        failed: list[P.Failed] = []
+        block = msg.device_ids or (self.spec.device_id,)
+        leader = block[0] == self.spec.device_id
         t0 = time.perf_counter()
+        failed = self._admit_all(msg, block)
+        encode_ms = (time.perf_counter() - t0) * 1e3
+        batch = [r for r in msg.req_ids if r in self.live]
+        failed += [P.Failed(r, "INTERNAL", f"worker {self.spec.device_id} holds no state for {r}")
+                   for r in msg.req_ids if r not in self.live and all(f.req_id != r for f in failed)]
+        finished: list[P.Finished] = []
+        for _ in range(msg.num_steps):
+            batch = [r for r in batch if r in self.live and not self.live[r].state.done]
+            if len(block) > 1 and not self.groups.broadcast_flag(bool(batch), block[0], block):
+                break  # the leader decided: no more steps (done or cancelled)
+            if not batch:
+                break
+            failed += self._one_step(msg, batch, block, leader, conn)
+            for r in [r for r in batch if r in self.live and self.live[r].state.done]:
+                if not leader:  # the leader decodes; the other members just let go
+                    self.live.pop(r)
+                    continue
+                result = self._finish(r)
+                (finished if isinstance(result, P.Finished) else failed).append(result)
+            if leader:
+                self._poll_drops(conn, batch, failed)
+        paused = tuple(r for r in msg.req_ids if r in self.live)
+        return P.DispatchDone(msg.dispatch_id, paused, tuple(finished), tuple(failed), encode_ms)
+
+    def _admit_all(self, msg: P.RunSteps, block: tuple[int, ...]) -> list[P.Failed]:
+        """Create the state of requests new to this worker; bring back offloaded ones."""
+        failed = []
+        if msg.state_src >= 0:  # every member joins the broadcast, holder or not
+            failed += self._receive_from_peer(msg, block)
         for new in msg.new:
+            if new.source == P.PEER:
+                continue
             try:
                 self._admit(new)
             except Exception as exc:  # bad params, OOM: fail the request, not the worker
                 log.exception("prepare failed for %s", new.req_id)
                 failed.append(P.Failed(new.req_id, "INTERNAL", f"prepare failed: {exc}"))
-        encode_ms = (time.perf_counter() - t0) * 1e3
-        batch = [r for r in msg.req_ids if r in self.live]
         for r in msg.req_ids:
-            if r not in self.live and not any(f.req_id == r for f in failed):
-                failed.append(P.Failed(r, "INTERNAL", f"worker {self.spec.device_id} holds no state for {r}"))
-        finished: list[P.Finished] = []
-        for _ in range(msg.num_steps):
-            batch = [r for r in batch if r in self.live and not self.live[r].state.done]
-            if not batch:
-                break
-            failed += self._one_step(msg, batch, conn)
-            for r in [r for r in batch if r in self.live and self.live[r].state.done]:
-                result = self._finish(r)
-                (finished if isinstance(result, P.Finished) else failed).append(result)
-            self._poll_drops(conn, batch, failed)
-        paused = tuple(r for r in batch if r in self.live)
-        return P.DispatchDone(msg.dispatch_id, paused, tuple(finished), tuple(failed), encode_ms)
+            live = self.live.get(r)
+            if live is not None and live.on_host:
+                live.state, live.on_host = live.state.to(self.spec.device), False
+        return failed
 
     def _admit(self, new: P.NewRequest) -> None:
         model = self.models[new.model]
-        cond = model.encode_prompt(new.params)
-        self.live[new.req_id] = _Live(new, model.prepare(new.params, cond))
+        if new.source == P.BYTES:
+            state = state_from_bytes(new.state, self.spec.device)
+        else:
+            state = model.prepare(new.params, model.encode_prompt(new.params))
+        self.live[new.req_id] = _Live(new, state, time.monotonic())
 
-    def _one_step(self, msg: P.RunSteps, batch: list[str], conn) -> list[P.Failed]:
+    def _receive_from_peer(self, msg: P.RunSteps, block: tuple[int, ...]) -> list[P.Failed]:
+        peers = {n.req_id: n for n in msg.new if n.source == P.PEER}
+        for r in msg.req_ids:
+            mine = self.live.get(r)
+            state = self.groups.broadcast_object(mine.state.to("cpu") if mine else None, msg.state_src, block)
+            if r in peers:
+                self.live[r] = _Live(peers[r], state.to(self.spec.device), time.monotonic())
+        return []
+
+    def _one_step(self, msg: P.RunSteps, batch: list[str], block, leader: bool, conn) -> list[P.Failed]:
         states = [self.live[r].state for r in batch]
         t0 = time.perf_counter()
         try:
-            self.models[msg.model].denoise_step(states)
+            model = self.models[msg.model]
+            if len(block) > 1:
+                from genserve.models.sp import SPGroup
+                sp = SPGroup(self.groups.group(block), block.index(self.spec.device_id), len(block))
+                model.denoise_step(states, sp=sp)
+            else:
+                model.denoise_step(states)
         except Exception as exc:
             log.error("step failed on worker %d: %s", self.spec.device_id, traceback.format_exc())
             self.drop(batch)
             return [P.Failed(r, "INTERNAL", f"denoising step failed: {exc}") for r in batch]
-        step_ms = (time.perf_counter() - t0) * 1e3
-        conn.send(P.StepDone(msg.dispatch_id, tuple(batch),
-                             tuple(s.step_index for s in states), step_ms))
+        now = time.monotonic()
+        for r in batch:
+            self.live[r].last_used_s = now
+        if leader:
+            conn.send(P.StepDone(msg.dispatch_id, tuple(batch), tuple(s.step_index for s in states),
+                                 (time.perf_counter() - t0) * 1e3))
         return []
 
     def _finish(self, req_id: str):
@@ -175,8 +234,44 @@ class Worker:
                 for r in self.drop(msg.req_ids):
                     if r in batch:
                         failed.append(P.Failed(r, "CANCELLED", "cancelled"))
-            else:  # only Drop may arrive while a dispatch runs
+            elif isinstance(msg, P.Export):
+                self.handle(msg, conn)
+            else:  # only Drop and Export may arrive while a dispatch runs
                 log.error("worker %d: unexpected %r during a dispatch", self.spec.device_id, type(msg))
+
+    def _enforce_budget(self) -> None:
+        """Move the least recently used paused states to host memory while the
+        device holds more than its budget of them."""
+        budget = self.spec.paused_budget_mb * 2**20
+        if budget <= 0 or self.spec.device == "cpu":
+            return
+        resident = sorted((l for l in self.live.values() if not l.on_host), key=lambda l: l.last_used_s)
+        total = sum(_state_bytes(l.state) for l in resident)
+        for live in resident:
+            if total <= budget:
+                break
+            total -= _state_bytes(live.state)
+            live.state, live.on_host = live.state.to("cpu"), True
+
+
+def _state_bytes(state: RequestState) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(state))
+
+
+def _tensors(obj):
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from _tensors(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _tensors(x)
+    elif hasattr(obj, "__dataclass_fields__") or hasattr(obj, "__slots__"):
+        for name in getattr(obj, "__dataclass_fields__", ()) or getattr(obj, "__slots__", ()):
+            yield from _tensors(getattr(obj, name, None))
 
 
 def worker_main(spec: WorkerSpec, conn) -> None:

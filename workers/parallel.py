@@ -1,0 +1,125 @@
+"""Process groups for sequence parallelism.
+
+Every worker joins one torch.distributed world at start (gloo on CPU, NCCL on
+CUDA; a free loopback port chosen at run time) and creates a group for every
+aligned power-of-two block of devices (buddy blocks: [0,1], [2,3], [0..3],
+...), in the same order on every rank, as torch.distributed requires. A
+dispatch then names its block and every member finds the group here. Blocks
+are few (n-1 for n devices), so they are made once, never per step.
+"""
+from __future__ import annotations
+
+import datetime
+import io
+import logging
+import os
+import pickle
+import socket
+from dataclasses import dataclass
+
+log = logging.getLogger("genserve.parallel")
+
+
+@dataclass(frozen=True, slots=True)
+class DistSpec:
+    """How a worker joins the world. Plain data, pickled into the worker."""
+
+    init_method: str  # tcp://127.0.0.1:PORT
+    world_size: int
+    backend: str  # gloo | nccl
+    max_block: int  # largest SP degree (power of two, <= world_size)
+    timeout_s: float = 120.0  # a collective stuck this long fails instead of hanging
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def dist_spec(num_devices: int, device: str, max_sp_degree: int) -> DistSpec | None:
+    """The world for ``num_devices`` workers, or None when SP is off (one
+    device, or max_sp_degree 1)."""
+    max_block = 1
+    while max_block * 2 <= min(num_devices, max_sp_degree):
+        max_block *= 2
+    if max_block < 2:
+        return None
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    return DistSpec(f"tcp://127.0.0.1:{free_loopback_port()}", num_devices, backend, max_block)
+
+
+def aligned_blocks(num_devices: int, max_block: int) -> list[tuple[int, ...]]:
+    """Every aligned block of 2..max_block devices, smallest first."""
+    blocks, size = [], 2
+    while size <= min(max_block, num_devices):
+        blocks += [tuple(range(start, start + size)) for start in range(0, num_devices - size + 1, size)]
+        size *= 2
+    return blocks
+
+
+class Groups:
+    """This rank's view of the world: its rank and the group of each block."""
+
+    def __init__(self, rank: int, groups: dict[tuple[int, ...], object]):
+        self.rank, self.groups = rank, groups
+
+    @classmethod
+    def join(cls, spec: DistSpec, rank: int) -> "Groups":
+        import torch.distributed as dist
+
+        # Keep the transport on loopback: state is pickled across it.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+        dist.init_process_group(spec.backend, init_method=spec.init_method, rank=rank,
+                                world_size=spec.world_size,
+                                timeout=datetime.timedelta(seconds=spec.timeout_s))
+        groups = {}
+        for block in aligned_blocks(spec.world_size, spec.max_block):
+            group = dist.new_group(list(block), backend=spec.backend)
+            if rank in block:
+                groups[block] = group
+        log.info("rank %d joined %d-rank %s world; blocks %s", rank, spec.world_size, spec.backend,
+                 sorted(groups))
+        return cls(rank, groups)
+
+    def group(self, block: tuple[int, ...]):
+        if len(block) == 1:
+            return None
+        if block not in self.groups:
+            raise ValueError(f"rank {self.rank}: {block} is not an aligned block of this world")
+        return self.groups[block]
+
+    def broadcast_object(self, obj, src: int, block: tuple[int, ...]):
+        """Send ``obj`` from rank ``src`` to every member of ``block``."""
+        import torch.distributed as dist
+
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src, group=self.group(block))
+        return box[0]
+
+    def broadcast_flag(self, value: bool, src: int, block: tuple[int, ...]) -> bool:
+        """Agree on one boolean decided by ``src`` (e.g. 'run another step')."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if value else 0], dtype=torch.int32)
+        dist.broadcast(flag, src=src, group=self.group(block))
+        return bool(flag.item())
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def state_to_bytes(state) -> bytes:
+    """A request's state on host memory, as bytes (for a move through the engine)."""
+    buf = io.BytesIO()
+    pickle.dump(state.to("cpu"), buf, protocol=pickle.HIGHEST_PROTOCOL)
+    return buf.getvalue()
+
+
+def state_from_bytes(data: bytes, device):
+    return pickle.loads(data).to(device)
