@@ -46,6 +46,11 @@ def add_serve(sub) -> None:
     p.add_argument("--admission-control", action="store_true",
                    help="refuse requests that cannot meet their SLO (RESOURCE_EXHAUSTED)")
     p.add_argument("--max-queue", type=int, default=4096, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-sp-degree", type=int, default=8, choices=(1, 2, 4, 8),
+                   help="largest sequence-parallel group for a video step (default 8, capped by devices)")
+    p.add_argument("--paused-budget-mb", type=float, default=0.0,
+                   help="device memory per worker for paused requests' state before it moves to host "
+                        "memory (default 0: no limit)")
     p.add_argument("--demo", action="store_true",
                    help="once up, generate one image and one video through the gRPC API and print them")
     p.set_defaults(func=cmd_serve)
@@ -60,6 +65,7 @@ def cmd_serve(args) -> None:
         host=args.host, port=args.port, metrics_port=args.metrics_port, device=device,
         num_workers=num_workers, threads_per_worker=args.threads_per_worker,
         models=tuple(args.model or DEFAULT_MODELS), dtype=args.dtype,
+        max_sp_degree=args.max_sp_degree, paused_budget_mb=args.paused_budget_mb,
         engine=EngineConfig(policy=args.policy, profile=args.profile,
                             default_slo_scale=args.default_slo_scale,
                             admission_control=args.admission_control),
@@ -203,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _optional_hooks():
-    hooks = []
+    from genserve.profile import add_profile_parser
+
+    hooks = [add_profile_parser]
     try:
         from genserve.scheduler.cli import add_simulate_parser
         hooks.append(add_simulate_parser)

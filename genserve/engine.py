@@ -114,8 +114,11 @@ class Engine:
         if self._dirty:
             self._schedule()
             self._export_queue()
-        for device_id, msg in self.executor.wait(self._wait_timeout()):
+        replies = self.executor.wait(self._wait_timeout())
+        for device_id, msg in replies:
             self._on_reply(device_id, msg)
+        if not replies and self.tracked:
+            self._dirty = True  # a timed re-plan: a policy may wait for time to pass
 
     def _export_queue(self) -> None:
         for task in ("image", "video"):

@@ -1,0 +1,133 @@
+"""``genserve profile``: measure the served models on the real workers and
+write a latency profile for the scheduler.
+
+It starts the same worker processes the server uses (so SP steps run over the
+same process groups) and drives them directly with dispatches: step time per
+(shape, SP degree, batch size), decode time per shape, prompt-encode time.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+from genserve.models.base import GenParams
+from genserve.scheduler import DecodeSample, Profile, StepSample, save_profile
+from genserve.workers import protocol as P
+from genserve.workers.executor import Executor
+
+log = logging.getLogger("genserve.profile")
+
+
+class Profiler:
+    """Runs measurement dispatches on started workers (no engine, no policy)."""
+
+    def __init__(self, executor: Executor, cards: dict[str, P.ModelCard]):
+        self.executor, self.cards = executor, cards
+        self._ids = iter(range(1, 1 << 62))
+
+    def measure(self, model: str, width: int, height: int, frames: int, block: tuple[int, ...],
+                batch: int, steps: int) -> tuple[list[float], float, float]:
+        """Run ``batch`` fresh requests ``steps`` steps to the end on ``block``:
+        (step times after the first, mean encode ms, decode ms of the leader)."""
+        lim = self.cards[model].limits
+        req_ids = tuple(f"profile-{next(self._ids)}" for _ in range(batch))
+        new = tuple(P.NewRequest(r, model, GenParams("profiling prompt", "", width, height, frames, steps,
+                                                     lim.default_guidance_scale, i), "raw", 8)
+                    for i, r in enumerate(req_ids))
+        dispatch_id = next(self._ids)
+        for member in block:
+            self.executor.send(member, P.RunSteps(dispatch_id, model, req_ids, steps, new, block))
+        step_ms, done = [], {}
+        deadline = time.monotonic() + 3600
+        while len(done) < len(block) and time.monotonic() < deadline:
+            for device_id, msg in self.executor.wait(60):
+                if isinstance(msg, P.StepDone) and msg.dispatch_id == dispatch_id:
+                    step_ms.append(msg.step_ms)
+                elif isinstance(msg, P.DispatchDone) and msg.dispatch_id == dispatch_id:
+                    done[device_id] = msg
+        lead = done[block[0]]
+        if lead.failed:
+            raise RuntimeError(f"profiling {model} failed: {lead.failed[0].message}")
+        decode_ms = statistics.fmean(f.decode_ms for f in lead.finished)
+        return step_ms[1:] or step_ms, lead.encode_ms / batch, decode_ms
+
+
+def default_grid(card: P.ModelCard, max_block: int, max_batch: int):
+    """(width, height, frames, sp degrees, batch sizes) points for a model."""
+    lim = card.limits
+    sizes = sorted({lim.default_width * k for k in (1, 2, 4) if lim.default_width * k <= lim.max_width})
+    if card.task == "image":
+        batches = [b for b in (1, 2, 4, 8, 16) if b <= max_batch]
+        return [(s, s, 1, (1,), batches) for s in sizes]
+    degrees = tuple(d for d in (1, 2, 4, 8) if d <= max_block)
+    frames = sorted({f for f in (lim.default_frames, 2 * lim.default_frames - 1) if f <= lim.max_frames})
+    return [(s, s, f, degrees, [1]) for s in sizes for f in frames]
+
+
+def run_profile(executor: Executor, cards: dict[str, P.ModelCard], name: str, hardware: str,
+                steps: int = 6, max_batch: int = 8, progress=print) -> Profile:
+    prof = Profiler(executor, cards)
+    step_samples, decode_samples, encode = [], [], {}
+    for card in cards.values():
+        for width, height, frames, degrees, batches in default_grid(card, executor.max_sp_degree, max_batch):
+            for degree in degrees:
+                for batch in batches:
+                    times, enc, dec = prof.measure(card.name, width, height, frames, tuple(range(degree)),
+                                                   batch, steps)
+                    step_samples += [StepSample(card.name, card.task, width, height, frames, degree, batch, t)
+                                     for t in times]
+                    decode_samples.append(DecodeSample(card.name, width, height, frames, 1, dec))
+                    encode.setdefault(card.name, []).append(enc)
+                    progress(f"{card.name} {width}x{height}x{frames} sp={degree} batch={batch}: "
+                             f"step {statistics.median(times):.1f} ms, decode {dec:.1f} ms")
+    return Profile.from_measurements(
+        name, step_samples, decode_samples,
+        encode_ms={m: statistics.median(v) for m, v in encode.items()},
+        default_steps={c.name: c.limits.default_steps for c in cards.values()},
+        hardware=hardware)
+
+
+def cmd_profile(args) -> None:
+    import os
+    import platform
+
+    from genserve.workers.executor import MultiprocessExecutor, make_worker_specs
+
+    device = args.device
+    num_workers = args.num_workers if args.num_workers is not None else (2 if device == "cpu" else 0)
+    threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, num_workers))
+    specs = make_worker_specs(device, num_workers, tuple(args.model), args.dtype, threads)
+    executor = MultiprocessExecutor(specs)
+    ready = executor.start()
+    try:
+        cards = {c.name: c for c in ready[0].models}
+        hardware = f"{len(specs)} x {device} ({platform.processor() or platform.machine()}), {threads} thread(s) each"
+        profile = run_profile(executor, cards, args.name, hardware, args.steps, args.max_batch)
+    finally:
+        executor.shutdown()
+    save_profile(profile, args.out)
+    print(f"wrote {args.out}")
+
+
+def add_profile_parser(sub) -> None:
+    from genserve.config import DEFAULT_MODELS
+
+    p = sub.add_parser("profile", help="measure the served models and write a latency profile",
+                       description="Measure step (per shape, SP degree, batch size), decode and prompt-encode "
+                                   "times on the real worker processes and write a profile JSON for --profile.")
+    p.add_argument("--out", required=True, help="profile JSON to write")
+    p.add_argument("--name", default="measured", help="profile name (default: measured)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--num-workers", type=int, default=None, help="default: 2 on cpu, every GPU on cuda")
+    p.add_argument("--threads-per-worker", type=int, default=0)
+    p.add_argument("--model", action="append", default=None, metavar="NAME|NAME=PATH")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--steps", type=int, default=6, help="steps per measurement (the first is not counted)")
+    p.add_argument("--max-batch", type=int, default=8, help="largest image batch measured")
+    p.set_defaults(func=lambda a: cmd_profile(_with_default_models(a, DEFAULT_MODELS)))
+
+
+def _with_default_models(args, defaults):
+    args.model = args.model or list(defaults)
+    return args
