@@ -76,9 +76,10 @@ def build_sd3_tiny(device="cpu", dtype=torch.float32, name: str = "sd3-tiny"):
 
 
 def build_wan_tiny(device="cpu", dtype=torch.float32, name: str = "wan-tiny"):
-    """Wan 2.1 with a 2-block 3D DiT (32 wide), a small causal video VAE
-    (x8 space, x4 time), a byte-level UMT5 encoder, and UniPC with flow
-    sigmas, shift 3 (Wan 2.1's own noise-scheduler config)."""
+    """Wan 2.1 with a 2-block 3D DiT (8 heads of 16, 128 wide: the heads
+    split over SP groups of up to 8), a small causal video VAE (x8 space,
+    x4 time), a byte-level UMT5 encoder, and UniPC with flow sigmas, shift 3
+    (Wan 2.1's own noise-scheduler config)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
 
     from genserve.models.text import WanByteTextEncoder
@@ -87,8 +88,8 @@ def build_wan_tiny(device="cpu", dtype=torch.float32, name: str = "wan-tiny"):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16,
-            out_channels=16, text_dim=32, freq_dim=256, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+            patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=16, in_channels=16,
+            out_channels=16, text_dim=32, freq_dim=256, ffn_dim=256, num_layers=2, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
         vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                temperal_downsample=[False, True, True])

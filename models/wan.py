@@ -7,9 +7,11 @@ own scheduler object, a deep copy of the adapter's never-stepped template,
 kept in ``RequestState.extra["scheduler"]`` — per-request state by design; the
 shared template is never stepped.
 
-The transformer call is the one ``forward`` method, which takes
-``attention_kwargs``: the seam where sequence parallelism will plug in a
-per-step attention processor / process group.
+The transformer call is the one ``forward`` method. Sequence parallelism
+plugs in per call: ``denoise_step(states, sp=group)`` with an ``SPGroup`` of
+size > 1 runs ``sp.wan_forward_sp`` (Ulysses attention over the group); every
+member of the group makes the same call on its own full copy of the states and
+ends bit-identical. ``sp`` None or of size 1 is the plain diffusers forward.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from genserve.models.base import VIDEO, GenParams, ModelLimits, RequestState, Te
 from genserve.models.batching import assemble, group_states, guide
 from genserve.models.checkpoint import read_limits, write_limits
 from genserve.models.latents import initial_noise, to_uint8
+from genserve.models.sp import SPGroup, wan_forward_sp
 from genserve.models.text import WanPipelineTextEncoder
 from genserve.models.weights import load_model_dir
 
@@ -77,29 +80,49 @@ class WanAdapter:
         return RequestState(params, cond, latents, sched.timesteps, sched.sigmas, extra={"scheduler": sched})
 
     # ---- one step for many requests ----------------------------------------
-    def forward(self, latents, timesteps, embeds, attention_kwargs: dict | None = None) -> torch.Tensor:
-        """One transformer pass over rows; the flow prediction."""
+    def supports_sp(self, size: int) -> bool:
+        """Whether a step can run on an SP group of ``size`` (heads must
+        split evenly; any sequence length works, it is padded)."""
+        return size >= 1 and self.transformer.config.num_attention_heads % size == 0
+
+    def forward(self, latents, timesteps, embeds, attention_kwargs: dict | None = None,
+                sp: SPGroup | None = None) -> torch.Tensor:
+        """One transformer pass over rows; the flow prediction. With ``sp`` of
+        size > 1 it is collective over ``sp.group`` (see ``models/sp.py``)."""
+        if sp is not None and sp.parallel:
+            if attention_kwargs:
+                raise ValueError("attention_kwargs are not supported under sequence parallelism")
+            return wan_forward_sp(self.transformer, latents, timesteps, embeds, sp)
         return self.transformer(hidden_states=latents, timestep=timesteps, encoder_hidden_states=embeds,
                                 attention_kwargs=attention_kwargs, return_dict=False)[0]
 
     @torch.no_grad()
-    def predict_noise(self, states: list[RequestState],
-                      attention_kwargs: dict | None = None) -> list[torch.Tensor]:
-        """Guided prediction of every state, one forward pass per shape group."""
+    def predict_noise(self, states: list[RequestState], attention_kwargs: dict | None = None,
+                      sp: SPGroup | None = None) -> list[torch.Tensor]:
+        """Guided prediction of every state, one forward pass per shape group.
+        With ``sp`` every group member must pass equal ``states``, same order."""
         preds: list[torch.Tensor | None] = [None] * len(states)
         for idx in group_states(states):
             group = [states[i] for i in idx]
             batch = assemble(group, self.dtype)
-            noise = self.forward(batch.latents, batch.timesteps, batch.embeds, attention_kwargs)
+            noise = self.forward(batch.latents, batch.timesteps, batch.embeds, attention_kwargs, sp)
             for i, pred in zip(idx, guide(noise, batch, group)):
                 preds[i] = pred
         return preds
 
     @torch.no_grad()
-    def denoise_step(self, states: list[RequestState], attention_kwargs: dict | None = None) -> None:
+    def denoise_step(self, states: list[RequestState], attention_kwargs: dict | None = None,
+                     sp: SPGroup | None = None) -> None:
         """Advance every state by one step of its own noise scheduler. All
-        forward passes run before any state changes."""
-        for st, pred in zip(states, self.predict_noise(states, attention_kwargs)):
+        forward passes run before any state changes.
+
+        ``sp`` (size > 1): a collective step. Every member of ``sp.group``
+        calls it at the same time with its own copy of the same states (equal
+        latents, step and noise-scheduler history, same order); each computes
+        1/size of the tokens, all receive the whole prediction, and all copies
+        stay bit-identical, so any member can later go on alone.
+        """
+        for st, pred in zip(states, self.predict_noise(states, attention_kwargs, sp)):
             sched = st.extra["scheduler"]
             if sched.step_index not in (None, st.step_index):
                 raise RuntimeError("request state and its noise scheduler disagree on the step")
