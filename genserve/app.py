@@ -15,10 +15,12 @@ from genserve.engine import Engine
 from genserve.metrics import Metrics
 from genserve.scheduler import (DecodeSample, LatencyModel, Profile, StepSample, load_profile,
                                 make_policy)
+from genserve.security import exposure_warnings, load_security
 from genserve.server import SERVICE_NAME, GenServeService, start_grpc
 from genserve.workers.executor import InProcessExecutor, MultiprocessExecutor, make_worker_specs
 
 log = logging.getLogger("genserve")
+WORKERS_HEALTH_SERVICE = "genserve.workers"
 
 
 def threads_per_worker(config: ServerConfig) -> int:
@@ -64,6 +66,7 @@ class Server:
         self.metrics = Metrics(version=__version__, policy=config.engine.policy, device_kind=config.device)
         self.engine: Engine | None = None
         self.port = 0
+        self.security = load_security(config.security)  # reads certificates and tokens: fail before workers start
 
     def start_workers(self) -> None:
         c = self.config
@@ -91,23 +94,52 @@ class Server:
         """Serve gRPC until SIGINT/SIGTERM, then drain and stop."""
         c, engine = self.config, self.engine
         validator = Validator(engine.cards, c.limits)
-        server, self.port, health = await start_grpc(GenServeService(engine, validator), c.host, c.port,
-                                                     c.limits.max_message_bytes)
+        service = GenServeService(engine, validator)
+        server, self.port, health = await start_grpc(service, c.host, c.port, c.limits.max_message_bytes,
+                                                     credentials=self.security.credentials,
+                                                     interceptors=self.security.interceptors)
+        log.info("gRPC security: %s", self.security.summary)
+        for warning in exposure_warnings(c.host, c.security):
+            log.warning("%s", warning)
+        loop = asyncio.get_running_loop()
+        await set_workers_health(health, len(engine.down))
+        engine.on_workers_down = lambda num_down: loop.call_soon_threadsafe(
+            lambda: loop.create_task(set_workers_health(health, num_down)))
         metrics_http = self.metrics.start_http_server(c.metrics_port, c.host) if c.metrics_port else None
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         if ready_callback:
             ready_callback(self)
         await stop.wait()
-        log.info("shutting down")
-        await health.enter_graceful_shutdown()
-        await server.stop(grace=5.0)
+        await self._drain(service, health, c.grace_s)
+        await server.stop(grace=1.0)
         engine.stop()
         engine.executor.shutdown()
         if metrics_http is not None:
             metrics_http.shutdown()
+        log.info("stopped")
+
+    async def _drain(self, service: GenServeService, health, grace_s: float) -> None:
+        """Health goes NOT_SERVING and new requests get UNAVAILABLE; requests
+        already accepted get up to ``grace_s`` to finish."""
+        service.draining = True
+        await health.enter_graceful_shutdown()
+        log.info("draining: %d unfinished request(s), up to %.0f s", self.engine.num_unfinished, grace_s)
+        deadline = time.monotonic() + grace_s
+        while self.engine.num_unfinished and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.engine.num_unfinished:
+            log.warning("grace period over: %d request(s) end UNAVAILABLE", self.engine.num_unfinished)
+
+
+async def set_workers_health(health, num_down: int) -> None:
+    """The ``genserve.workers`` health service is NOT_SERVING while any worker
+    is down (degraded: the server still serves on the others)."""
+    from grpc_health.v1 import health_pb2
+
+    status = health_pb2.HealthCheckResponse.SERVING if num_down == 0 else health_pb2.HealthCheckResponse.NOT_SERVING
+    await health.set(WORKERS_HEALTH_SERVICE, status)
 
 
 def run_server(config: ServerConfig, ready_callback=None) -> None:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import pathlib
 import sys
 import threading
 
-from genserve.config import DEFAULT_MODELS, EngineConfig, Limits, ServerConfig
+from genserve.config import DEFAULT_MODELS, EngineConfig, Limits, Security, ServerConfig
 
 MIME_SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "video/mp4": ".mp4",
                "image/gif": ".gif", "application/octet-stream": ".raw"}
@@ -51,6 +52,18 @@ def add_serve(sub) -> None:
     p.add_argument("--paused-budget-mb", type=float, default=0.0,
                    help="device memory per worker for paused requests' state before it moves to host "
                         "memory (default 0: no limit)")
+    p.add_argument("--grace-s", type=float, default=30.0,
+                   help="on SIGTERM, seconds accepted requests get to finish before the server exits (default 30)")
+    p.add_argument("--tls-cert", default="", metavar="FILE", help="PEM certificate chain: serve TLS (with --tls-key)")
+    p.add_argument("--tls-key", default="", metavar="FILE", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default="", metavar="FILE",
+                   help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    p.add_argument("--auth-tokens", default="", metavar="FILE",
+                   help="file of 'TOKEN TENANT' lines: every call needs 'authorization: Bearer TOKEN' "
+                        "(the health and reflection services stay open for probes)")
+    p.add_argument("--max-streams-per-client", type=int, default=64, metavar="N",
+                   help="in-flight Generate/GenerateStream calls per client (tenant, else peer host) "
+                        "before RESOURCE_EXHAUSTED (default 64; 0: no limit)")
     p.add_argument("--demo", action="store_true",
                    help="once up, generate one image and one video through the gRPC API and print them")
     p.set_defaults(func=cmd_serve)
@@ -58,6 +71,7 @@ def add_serve(sub) -> None:
 
 def cmd_serve(args) -> None:
     from genserve.app import run_server
+    from genserve.security import SecurityError
 
     device = args.device or _default_device()
     num_workers = args.num_workers if args.num_workers is not None else (2 if device == "cpu" else 0)
@@ -65,11 +79,13 @@ def cmd_serve(args) -> None:
         host=args.host, port=args.port, metrics_port=args.metrics_port, device=device,
         num_workers=num_workers, threads_per_worker=args.threads_per_worker,
         models=tuple(args.model or DEFAULT_MODELS), dtype=args.dtype,
-        max_sp_degree=args.max_sp_degree, paused_budget_mb=args.paused_budget_mb,
+        max_sp_degree=args.max_sp_degree, paused_budget_mb=args.paused_budget_mb, grace_s=args.grace_s,
         engine=EngineConfig(policy=args.policy, profile=args.profile,
                             default_slo_scale=args.default_slo_scale,
                             admission_control=args.admission_control),
-        limits=Limits(max_queue=args.max_queue))
+        limits=Limits(max_queue=args.max_queue),
+        security=Security(tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                          auth_tokens=args.auth_tokens, max_streams_per_client=args.max_streams_per_client))
 
     def ready(server) -> None:
         where = f"{config.host}:{server.port}"
@@ -81,7 +97,14 @@ def cmd_serve(args) -> None:
         if args.demo:
             threading.Thread(target=_demo, args=(where,), daemon=True).start()
 
-    run_server(config, ready)
+    try:
+        config.security.validate()
+    except ValueError as err:  # a flag combination such as --tls-cert without --tls-key
+        sys.exit(f"error: {err}")
+    try:
+        run_server(config, ready)
+    except SecurityError as err:  # an unreadable or malformed certificate or token file
+        sys.exit(f"error: {err}")
 
 
 def _demo(target: str) -> None:
@@ -102,6 +125,21 @@ def _demo(target: str) -> None:
 
 def add_client_args(p) -> None:
     p.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
+    p.add_argument("--tls", action="store_true", help="use TLS with the system's trusted roots")
+    p.add_argument("--tls-ca", default="", metavar="FILE", help="use TLS, trusting this PEM CA bundle")
+    p.add_argument("--tls-client-cert", default="", metavar="FILE", help="client certificate (mutual TLS)")
+    p.add_argument("--tls-client-key", default="", metavar="FILE", help="key of --tls-client-cert")
+    p.add_argument("--token", default=os.environ.get("GENSERVE_TOKEN", ""),
+                   help="bearer token (default: $GENSERVE_TOKEN, which keeps it out of ps)")
+
+
+def client_options(args) -> dict:
+    """``Client`` keyword arguments from the shared client flags."""
+    from genserve.security import channel_credentials
+
+    tls = args.tls or args.tls_ca or args.tls_client_cert
+    credentials = channel_credentials(args.tls_ca, args.tls_client_cert, args.tls_client_key) if tls else None
+    return {"credentials": credentials, "token": args.token or None}
 
 
 def add_generate(sub) -> None:
@@ -133,7 +171,7 @@ def cmd_generate(args) -> None:
     from genserve.v1 import genserve_pb2 as pb
 
     T = pb.GenerateEvent.Type
-    with Client(args.target) as client:
+    with Client(args.target, **client_options(args)) as client:
         stream = client.stream(args.prompt, task=args.task, model=args.model, negative_prompt=args.negative_prompt,
                                width=args.width, height=args.height, num_frames=args.frames, fps=args.fps,
                                steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
@@ -183,7 +221,7 @@ def cmd_models(args) -> None:
     from genserve.v1 import genserve_pb2 as pb
 
     try:
-        with Client(args.target) as client:
+        with Client(args.target, **client_options(args)) as client:
             models = client.models()
     except grpc.RpcError as err:
         sys.exit(f"error: {err.code().name}: {err.details()}")

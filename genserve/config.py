@@ -37,6 +37,26 @@ class EngineConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Security:
+    """TLS, token auth and per-client limits at the gRPC edge. Paths only:
+    ``genserve.security.load_security`` reads the files."""
+
+    tls_cert: str = ""  # PEM certificate chain; with tls_key: serve TLS
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_client_ca: str = ""  # PEM CA bundle; set: require and verify client certificates (mTLS)
+    auth_tokens: str = ""  # file of "TOKEN TENANT" lines; set: every call but health/reflection needs a token
+    max_streams_per_client: int = 64  # in-flight Generate/GenerateStream per client; 0: no limit
+
+    def validate(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.max_streams_per_client < 0:
+            raise ValueError("max_streams_per_client must be >= 0 (0: no limit)")
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
@@ -49,8 +69,10 @@ class ServerConfig:
     in_process: bool = False  # workers as threads (tests, debugging)
     max_sp_degree: int = 8  # largest sequence-parallel group (1: no process groups)
     paused_budget_mb: float = 0.0  # device memory per worker for paused states (0: unlimited)
+    grace_s: float = 30.0  # on SIGTERM, how long accepted requests get to finish
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: Limits = field(default_factory=Limits)
+    security: Security = field(default_factory=Security)
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
@@ -67,3 +89,4 @@ class ServerConfig:
             raise ValueError(f"unsupported dtype {self.dtype!r}")
         self.engine.validate()
         self.limits.validate()
+        self.security.validate()

@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from genserve.config import EngineConfig
 from genserve.dispatch import check_dispatch, member_messages, needs_move
@@ -65,6 +66,9 @@ class Engine:
         self._num_waiting = 0  # read by other threads (queue bound); engine writes it
         self.policy = make_policy(self.cluster_spec())
         self._fallback = make_fallback_policy(self.cluster_spec())
+        # Called on the engine thread with the number of workers down whenever
+        # it changes (the frontend turns it into health status).
+        self.on_workers_down: Callable[[int], None] = lambda num_down: None
 
     # ---- thread-safe API -------------------------------------------------
     def submit(self, req: Request, sink: Sink) -> None:
@@ -83,6 +87,11 @@ class Engine:
         self._post(("cancel", req_id, answer, done))
         done.wait(timeout=5.0)
         return answer[0]
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests accepted and not yet ended (read from any thread)."""
+        return len(self.tracked) + self._inbox.qsize()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="genserve-engine", daemon=True)
@@ -227,6 +236,7 @@ class Engine:
                 fl.moving[t.req.req_id] = None
                 self.executor.send(min(t.holders), P.Export((t.req.req_id,)))
         for t in ts:
+            t.dispatch_id = dispatch_id
             self._mark_running(t, d, now)
         if not fl.moving:
             self._send(dispatch_id, fl, ts)
@@ -275,14 +285,15 @@ class Engine:
             log.info("worker %d is back", device_id)
             self.executor.ready[device_id] = msg
             self.down.discard(device_id)
+            self.on_workers_down(len(self.down))
         else:
             log.warning("unexpected message from worker %d: %r", device_id, msg)
 
     def _on_step(self, device_id: int, msg: P.StepDone) -> None:
         fl = self.inflight.get(msg.dispatch_id)
         now = time.monotonic()
-        ts = [self.tracked[r] for r in msg.req_ids if r in self.tracked]
-        if fl is None or not ts:
+        ts = [self._current(r, msg.dispatch_id) for r in msg.req_ids]
+        if fl is None or not all(ts):
             return
         p = ts[0].req.params
         degree = len(fl.dispatch.device_ids)
@@ -336,24 +347,28 @@ class Engine:
                 return
         now = time.monotonic()
         for req_id in msg.paused:
-            t = self.tracked.get(req_id)
+            t = self._current(req_id, msg.dispatch_id)
             if t is None:
                 continue
             t.running = False
             if t.cancel_requested:  # the Drop raced the step's end: free it now
-                self.executor.send(device_id, P.Drop((req_id,)))
                 self._finish(t, EventType.CANCELLED, "CANCELLED", "cancelled")
         for fin in msg.finished:
-            t = self.tracked.get(fin.req_id)
+            t = self._current(fin.req_id, msg.dispatch_id)
             if t is not None:
                 t.running = False
                 self._complete(t, fin, now)
         for f in msg.failed:
-            t = self.tracked.get(f.req_id)
+            t = self._current(f.req_id, msg.dispatch_id)
             if t is not None:
-                t.running = False
+                t.running, t.holders = False, t.holders - {device_id}
                 kind = EventType.CANCELLED if f.status == "CANCELLED" else EventType.FAILED
                 self._finish(t, kind, f.status, f.message)
+
+    def _current(self, req_id: str, dispatch_id: int) -> Tracked | None:
+        """The request, if ``dispatch_id`` is still its latest dispatch."""
+        t = self.tracked.get(req_id)
+        return t if t is not None and t.dispatch_id == dispatch_id else None
 
     def _complete(self, t: Tracked, fin: P.Finished, now: float) -> None:
         result = t.result(now, fin)
@@ -391,17 +406,15 @@ class Engine:
     def _on_worker_died(self, msg: WorkerDied) -> None:
         log.error("worker %d died (exit code %s); restarting it", msg.device_id, msg.exitcode)
         self.down.add(msg.device_id)
+        self.on_workers_down(len(self.down))
         for dispatch_id, fl in list(self.inflight.items()):
             if msg.device_id in fl.dispatch.device_ids:
                 fl.pending.discard(msg.device_id)
                 self.busy.pop(msg.device_id, None)
+                if not fl.pending:
+                    self.inflight.pop(dispatch_id)
         for t in [t for t in self.tracked.values() if msg.device_id in t.holders]:
-            t.holders.discard(msg.device_id)
-            if not t.holders or (t.running and msg.device_id in t.device_ids):
-                # its only copy is gone, or its running group lost a member
-                t.running = False
-                self._finish(t, EventType.FAILED, "UNAVAILABLE",
-                             f"worker {msg.device_id} crashed (exit code {msg.exitcode}); retry the request")
+            self._lost_copy(t, msg)
         self.metrics.worker_restarted(msg.device_id)
         if self.max_sp_degree > 1:
             # a restarted process cannot rejoin the running process groups
@@ -410,6 +423,28 @@ class Engine:
             self.policy = self._make_policy(self.cluster_spec())
             self._fallback = make_fallback_policy(self.cluster_spec())
         self.executor.respawn(msg.device_id, standalone=True)  # its Ready arrives through wait()
+
+    def _lost_copy(self, t: Tracked, msg: WorkerDied) -> None:
+        """A worker holding ``t``'s state died: go on from a surviving copy,
+        else restart from step 0 (once), else fail it."""
+        in_group = t.running and msg.device_id in t.device_ids
+        t.holders.discard(msg.device_id)
+        if t.holders and not in_group:
+            return  # a replica on a live worker carries on
+        survivors = t.holders
+        if survivors:  # its running group lost a member: the others stop at their next collective
+            for device_id in survivors:
+                self.executor.send(device_id, P.Drop((t.req.req_id,)))
+        if t.crash_restarts >= 1:
+            t.running = False
+            self._finish(t, EventType.FAILED, "UNAVAILABLE",
+                         f"worker {msg.device_id} crashed (exit code {msg.exitcode}) again while running "
+                         "this request; not retrying")
+            return
+        t.restart_from_scratch()
+        t.dispatch_id = -1  # whatever its last dispatch still reports is stale
+        t.emit(time.monotonic(), EventType.PREEMPTED,
+               reason=f"worker {msg.device_id} crashed; restarting from step 0")
 
     def cluster_spec(self) -> ClusterSpec:
         return ClusterSpec(self.executor.num_devices, max_sp_degree=self.max_sp_degree, migratable=True,

@@ -27,18 +27,30 @@ def _code(status: str) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, status, grpc.StatusCode.UNKNOWN)
 
 
+RETRY_AFTER_MS = 1000  # hint sent with RESOURCE_EXHAUSTED (trailing metadata retry-after-ms)
+
+
+async def _abort(context, status: str, message: str):
+    if status == "RESOURCE_EXHAUSTED":
+        context.set_trailing_metadata((("retry-after-ms", str(RETRY_AFTER_MS)),))
+    await context.abort(_code(status), message)
+
+
 class GenServeService(pb_grpc.GenServeServicer):
     def __init__(self, engine: Engine, validator: Validator):
         self.engine, self.validator = engine, validator
+        self.draining = False  # set on SIGTERM: new requests get UNAVAILABLE
 
     async def _submit(self, request: pb.GenerateRequest, context) -> tuple[str, asyncio.Queue]:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica")
         try:
             req = self.validator.request(request)
             events: asyncio.Queue[Event] = asyncio.Queue()
             loop = asyncio.get_running_loop()
             self.engine.submit(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         except RequestError as err:
-            await context.abort(_code(err.status), err.message)
+            await _abort(context, err.status, err.message)
         return req.req_id, events
 
     async def _abandon(self, req_id: str) -> None:
@@ -55,7 +67,7 @@ class GenServeService(pb_grpc.GenServeServicer):
             raise
         if event.type == EventType.COMPLETED:
             return result_to_pb(event.result)
-        await context.abort(_code(event.status), event.reason)
+        await _abort(context, event.status, event.reason)
 
     async def GenerateStream(self, request, context):
         req_id, events = await self._submit(request, context)
@@ -82,10 +94,12 @@ class GenServeService(pb_grpc.GenServeServicer):
                                              for c in self.validator.cards.values()])
 
 
-async def start_grpc(service: GenServeService, host: str, port: int,
-                     max_message_bytes: int) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Start the gRPC server with health and reflection; returns the bound port."""
-    server = grpc.aio.server(options=[
+async def start_grpc(service: GenServeService, host: str, port: int, max_message_bytes: int, *,
+                     credentials: grpc.ServerCredentials | None = None, interceptors: tuple = ()
+                     ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """Start the gRPC server with health and reflection; returns the bound port.
+    With ``credentials`` it listens with TLS only (see genserve.security)."""
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", 512 << 20),  # videos can be large
         ("grpc.so_reuseport", 0),
@@ -96,7 +110,8 @@ async def start_grpc(service: GenServeService, host: str, port: int,
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise RuntimeError(f"cannot listen on {host}:{port}")
     await server.start()

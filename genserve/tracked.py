@@ -31,10 +31,18 @@ class Tracked:
     started_s: float | None = None
     cancel_requested: bool = False
     done: bool = False
+    dispatch_id: int = 0  # its latest dispatch; outcomes of older ones are stale
+    crash_restarts: int = 0  # times it restarted from step 0 after losing its state
 
     @property
     def deadline_s(self) -> float:
         return self.req.arrival_s + self.slo_ms / 1e3
+
+    def restart_from_scratch(self) -> None:
+        """Its state is gone (a worker crashed): run it again from step 0."""
+        self.steps_done, self.holders, self.device_ids = 0, set(), ()
+        self.running, self.paused = False, True
+        self.crash_restarts += 1
 
     def view(self) -> RequestView:
         p = self.req.params
@@ -43,8 +51,8 @@ class Tracked:
             width=p.width, height=p.height, num_frames=p.num_frames,
             num_steps=p.num_steps, steps_done=self.steps_done,
             arrival_s=self.req.arrival_s, deadline_s=self.deadline_s,
-            num_preemptions=self.num_preemptions, device_ids=self.device_ids,
-            running=self.running)
+            num_preemptions=self.num_preemptions, device_ids=tuple(sorted(self.holders)),
+            running=self.running, paused=self.paused)
 
     def emit(self, now_s: float, type_: EventType, **fields) -> None:
         event = Event(self.req.req_id, type_, now_s - self.req.arrival_s, **fields)

@@ -1,0 +1,138 @@
+"""Faults and shutdown on real server processes: a worker killed mid-step,
+SIGTERM drain, client deadlines and dropped streams."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import ServerProcess, wait_for
+from genserve.client import Client
+from genserve.v1 import genserve_pb2 as pb
+
+pytestmark = pytest.mark.slow
+T = pb.GenerateEvent.Type
+LONG_VIDEO = dict(task="video", width=256, height=256, num_frames=33, steps=50)  # ~1 s/step here
+
+
+def health(target: str, service: str = "") -> int:
+    with grpc.insecure_channel(target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return reply.status
+
+
+def worker_pids(server_pid: int) -> list[int]:
+    """The server's spawned worker processes (not multiprocessing's resource tracker)."""
+    out = []
+    for task in os.listdir(f"/proc/{server_pid}/task"):
+        with open(f"/proc/{server_pid}/task/{task}/children") as f:
+            for pid in map(int, f.read().split()):
+                with open(f"/proc/{pid}/cmdline", "rb") as c:
+                    cmdline = c.read()
+                if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+                    out.append(pid)
+    return sorted(out)
+
+
+@pytest.fixture(scope="module")
+def one_worker():
+    srv = ServerProcess("--num-workers", "1")
+    yield srv
+    srv.stop()
+
+
+def test_deadline_aborts_and_frees_the_device(one_worker):
+    with Client(one_worker.target) as client:
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate("a long video", timeout_s=3.0, **LONG_VIDEO)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        nxt = client.generate("next", task="image", steps=2)
+    # the aborted video stopped at its next step boundary: the image did not wait for its 50 steps
+    assert nxt.queue_ms < 5000, nxt.queue_ms
+    assert time.monotonic() - t0 < 20
+
+
+def test_dropped_stream_aborts_and_frees_the_device(one_worker):
+    with Client(one_worker.target) as client:
+        call = client.stream("a long video", **LONG_VIDEO)
+        for event in call:
+            if event.type == T.STEP:
+                break
+        call.cancel()
+        t0 = time.monotonic()
+        nxt = client.generate("next", task="image", steps=2)
+    assert nxt.queue_ms < 5000 and time.monotonic() - t0 < 15
+
+
+def test_worker_killed_under_load_every_request_ends():
+    srv = ServerProcess("--num-workers", "2")
+    try:
+        pids = worker_pids(srv.proc.pid)
+        assert len(pids) == 2, pids
+        outcomes, lock = [], threading.Lock()
+
+        def one(i: int) -> None:
+            with Client(srv.target) as client:
+                try:
+                    kw = dict(task="video", width=128, height=128, num_frames=17, steps=30) if i % 2 else \
+                        dict(task="image", steps=20)
+                    client.generate(f"load {i}", seed=i, timeout_s=120, **kw)
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as err:
+                    code = err.code()
+            with lock:
+                outcomes.append(code)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(3.0)
+        os.kill(pids[1], signal.SIGKILL)
+        for t in threads:
+            t.join(150)
+        assert len(outcomes) == 8, "a request hung after the crash"
+        assert set(outcomes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, outcomes
+        assert "worker 1 died" in srv.output
+        assert wait_for(lambda: len(worker_pids(srv.proc.pid)) == 2, 60), "worker not restarted"
+        assert wait_for(lambda: health(srv.target, "genserve.workers") == health_pb2.HealthCheckResponse.SERVING, 60)
+        with Client(srv.target) as client:
+            assert client.generate("after the crash", task="image", steps=2).media.data
+            assert client.generate("video after", task="video", steps=2).media.num_frames == 9
+    finally:
+        srv.stop()
+
+
+def test_sigterm_drains_in_flight_then_exits_zero():
+    srv = ServerProcess("--num-workers", "1", "--grace-s", "60")
+    result = {}
+
+    def long_request():
+        with Client(srv.target) as client:
+            try:
+                result["resp"] = client.generate("finish me", task="video", width=128, height=128,
+                                                 num_frames=17, steps=20)
+            except grpc.RpcError as err:
+                result["err"] = err
+
+    try:
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        time.sleep(1.5)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: health(srv.target) == health_pb2.HealthCheckResponse.NOT_SERVING, 10)
+        with Client(srv.target) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.generate("too late", task="image", steps=2)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        thread.join(120)
+        assert "resp" in result, result.get("err")
+        assert result["resp"].media.num_frames == 17
+        assert srv.proc.wait(60) == 0
+    finally:
+        srv.stop()
