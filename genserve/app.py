@@ -82,6 +82,7 @@ class Server:
             raise
         log.info("workers ready in %.1f s", time.perf_counter() - t0)
         cards = {card.name: card for card in ready[0].models}
+        self.metrics.prepare(len(specs))
         cost = build_cost_model(c.engine.profile, ready)
         engine = Engine(c.engine, executor,
                         lambda spec: make_policy(c.engine.policy, spec,

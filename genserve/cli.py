@@ -47,6 +47,12 @@ def add_serve(sub) -> None:
     p.add_argument("--admission-control", action="store_true",
                    help="refuse requests that cannot meet their SLO (RESOURCE_EXHAUSTED)")
     p.add_argument("--max-queue", type=int, default=4096, help="waiting requests before RESOURCE_EXHAUSTED")
+    for flag, what in (("--max-width", "image/video width"), ("--max-height", "height"),
+                       ("--max-frames", "video frames"), ("--max-steps", "denoising steps")):
+        p.add_argument(flag, type=int, default=0, help=f"cap on {what} below the models' own maxima (default: none)")
+    p.add_argument("--max-prompt-chars", type=int, default=4096, help="longest prompt accepted (default 4096)")
+    p.add_argument("--max-message-bytes", type=int, default=1 << 20,
+                   help="largest inbound gRPC message (default 1 MiB)")
     p.add_argument("--max-sp-degree", type=int, default=8, choices=(1, 2, 4, 8),
                    help="largest sequence-parallel group for a video step (default 8, capped by devices)")
     p.add_argument("--paused-budget-mb", type=float, default=0.0,
@@ -83,7 +89,9 @@ def cmd_serve(args) -> None:
         engine=EngineConfig(policy=args.policy, profile=args.profile,
                             default_slo_scale=args.default_slo_scale,
                             admission_control=args.admission_control),
-        limits=Limits(max_queue=args.max_queue),
+        limits=Limits(max_queue=args.max_queue, max_width=args.max_width, max_height=args.max_height,
+                      max_frames=args.max_frames, max_steps=args.max_steps,
+                      max_prompt_chars=args.max_prompt_chars, max_message_bytes=args.max_message_bytes),
         security=Security(tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                           auth_tokens=args.auth_tokens, max_streams_per_client=args.max_streams_per_client))
 

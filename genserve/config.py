@@ -14,11 +14,24 @@ class Limits:
     max_prompt_chars: int = 4096
     max_message_bytes: int = 1 << 20  # inbound gRPC message size
     max_queue: int = 4096  # waiting requests; beyond it RESOURCE_EXHAUSTED
+    # Caps below the models' own maxima (0: the model's maximum applies).
+    max_width: int = 0
+    max_height: int = 0
+    max_frames: int = 0
+    max_steps: int = 0
 
     def validate(self) -> None:
         for name in ("max_prompt_chars", "max_message_bytes", "max_queue"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        for name in ("max_width", "max_height", "max_frames", "max_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+
+    def cap(self, model_max: int, name: str) -> int:
+        """The effective maximum: the model's, lowered by this limit if set."""
+        own = getattr(self, name)
+        return min(model_max, own) if own else model_max
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,13 +50,15 @@ class Validator:
             raise _bad(f"prompt: longer than the limit of {self.limits.max_prompt_chars} characters")
         if len(msg.request_id) > MAX_REQUEST_ID_CHARS or not msg.request_id.isprintable():
             raise _bad(f"request_id: at most {MAX_REQUEST_ID_CHARS} printable characters")
-        lim = card.limits
-        width = self._dim(msg, "width", lim.default_width, lim.max_width, lim.size_multiple)
-        height = self._dim(msg, "height", lim.default_height, lim.max_height, lim.size_multiple)
-        frames = self._frames(msg, card)
+        lim, cap = card.limits, self.limits.cap
+        width = self._dim(msg, "width", lim.default_width, cap(lim.max_width, "max_width"), lim.size_multiple)
+        height = self._dim(msg, "height", lim.default_height, cap(lim.max_height, "max_height"),
+                           lim.size_multiple)
+        frames = self._frames(msg, card, cap(lim.max_frames, "max_frames"))
         steps = msg.num_inference_steps if msg.HasField("num_inference_steps") else lim.default_steps
-        if not 1 <= steps <= lim.max_steps:
-            raise _bad(f"num_inference_steps: {steps} is outside 1..{lim.max_steps}")
+        max_steps = cap(lim.max_steps, "max_steps")
+        if not 1 <= steps <= max_steps:
+            raise _bad(f"num_inference_steps: {steps} is outside 1..{max_steps}")
         guidance = msg.guidance_scale if msg.HasField("guidance_scale") else lim.default_guidance_scale
         if not math.isfinite(guidance) or not 0.0 <= guidance <= MAX_GUIDANCE:
             raise _bad(f"guidance_scale: {guidance} is outside 0..{MAX_GUIDANCE:g}")
@@ -91,13 +93,13 @@ class Validator:
         if value == 0:
             raise _bad(f"{field}: must be positive (leave it unset for the default {default})")
         if value > maximum:
-            raise _bad(f"{field}: {value} exceeds the model's maximum of {maximum}")
+            raise _bad(f"{field}: {value} exceeds the maximum of {maximum}")
         if value % multiple:
             raise _bad(f"{field}: {value} is not a multiple of {multiple}")
         return value
 
     @staticmethod
-    def _frames(msg, card: ModelCard) -> int:
+    def _frames(msg, card: ModelCard, max_frames: int) -> int:
         lim = card.limits
         if card.task == IMAGE:
             if msg.HasField("num_frames") and msg.num_frames != 1:
@@ -106,8 +108,8 @@ class Validator:
         if not msg.HasField("num_frames"):
             return lim.default_frames
         n = msg.num_frames
-        if n == 0 or n > lim.max_frames:
-            raise _bad(f"num_frames: {n} is outside 1..{lim.max_frames}")
+        if n == 0 or n > max_frames:
+            raise _bad(f"num_frames: {n} is outside 1..{max_frames}")
         if (n - 1) % lim.frame_multiple:
             raise _bad(f"num_frames: {n} must be {lim.frame_multiple}k+1 for model {card.name!r}")
         return n

@@ -182,6 +182,19 @@ class Metrics:
     def _status(status: str) -> str:
         return status if status in GRPC_STATUS_NAMES else "UNKNOWN"
 
+    def prepare(self, num_devices: int) -> None:
+        """Create the zero-valued series of every known label set (tasks,
+        devices), so dashboards and alerts see 0 rather than no data."""
+        for task in sorted(TASK_NAMES):
+            self._m["genserve_preemptions_total"].labels(task=task)
+            for outcome in ("met", "missed"):
+                self._m["genserve_slo_total"].labels(task=task, outcome=outcome)
+            self.set_queue(task, 0, 0, 0)
+        for device in range(num_devices):
+            self._m["genserve_device_busy_seconds_total"].labels(device=self._free("device", device))
+            self._m["genserve_worker_restarts_total"].labels(device=self._free("device", device))
+        self.set_workers(up=num_devices, down=0)
+
     # -- requests -------------------------------------------------------
     def request_finished(self, task: str, model: str, status: str,
                          latency_s: float | None = None,

@@ -72,3 +72,14 @@ def test_prompt_and_enum_values(v):
         v.request(msg)
     with pytest.raises(RequestError, match="^request_id:"):
         v.request(build_request("a cat", task="image", request_id="x" * 200))
+
+
+def test_server_caps_lower_model_limits():
+    v = Validator({"img": IMG, "vid": VID}, Limits(max_width=128, max_steps=10, max_frames=17))
+    assert v.request(build_request("a", task="image", width=128)).params.width == 128
+    with pytest.raises(RequestError, match="^width: 144 exceeds the maximum of 128"):
+        v.request(build_request("a", task="image", width=144))
+    with pytest.raises(RequestError, match="^num_inference_steps: 11 is outside 1..10"):
+        v.request(build_request("a", task="image", steps=11))
+    with pytest.raises(RequestError, match="^num_frames: 21 is outside 1..17"):
+        v.request(build_request("a", task="video", num_frames=21))

@@ -1,0 +1,81 @@
+"""A running server's /metrics after real traffic, and a real Prometheus scraping it."""
+from __future__ import annotations
+
+import subprocess
+import urllib.request
+
+import grpc
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import ServerProcess
+from genserve.client import Client
+from genserve.metrics import FAMILIES
+from test_metrics_prometheus import PROMETHEUS, free_port, series, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def metered():
+    port = free_port()
+    srv = ServerProcess("--num-workers", "2", "--metrics-port", str(port))
+    with Client(srv.target) as client:
+        for i in range(3):
+            client.generate(f"image {i}", task="image", steps=2, seed=i)
+        client.generate("a video", task="video", steps=2)
+        with pytest.raises(grpc.RpcError):
+            client.generate("bad", task="image", width=8)
+        stream = client.stream("cancel me", task="video", steps=40, request_id="m-cancel")
+        for event in stream:
+            if event.step == 1:
+                client.cancel("m-cancel")
+            if event.type >= 7:  # terminal
+                break
+    yield srv, f"http://127.0.0.1:{port}"
+    srv.stop()
+
+
+def scrape(url: str) -> dict:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        return {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+
+
+def test_every_family_exported_with_type_and_labels(metered):
+    _, url = metered
+    got = scrape(url)
+    for fam in FAMILIES:
+        name = fam.name.removesuffix("_total") if fam.kind == "counter" else fam.name
+        assert name in got, f"{fam.name} missing"
+        assert got[name].type == fam.kind, (fam.name, got[name].type)
+        labelled = [s for s in got[name].samples if not s.name.endswith(("_created",))]
+        assert labelled, f"{fam.name} has no samples after traffic"
+        for sample in labelled:
+            assert set(fam.labels) <= set(sample.labels), (fam.name, sample.labels)
+            assert not any("m-cancel" in v or "image 0" in v for v in sample.labels.values())
+    requests = {(s.labels["task"], s.labels["status"]): s.value for s in got["genserve_requests"].samples
+                if s.name == "genserve_requests_total"}
+    assert requests[("image", "OK")] == 3 and requests[("video", "OK")] == 1
+    assert requests[("video", "CANCELLED")] == 1
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (apt-get install prometheus)")
+def test_prometheus_scrapes_the_server(metered, tmp_path):
+    _, url = metered
+    prom_port = free_port()
+    config = {"global": {"scrape_interval": "1s"},
+              "scrape_configs": [{"job_name": "genserve", "static_configs": [{"targets": [url[len("http://"):]]}]}]}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{prom_port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{prom_port}"
+    try:
+        got = wait_for(lambda: series(base, 'sum by (task) (genserve_requests_total{status="OK"})'),
+                       60, "a scrape of the live server")
+        assert got[(("task", "image"),)] == 3 and got[(("task", "video"),)] == 1
+    finally:
+        proc.terminate()
+        proc.wait(10)
