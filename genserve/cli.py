@@ -249,21 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve(sub)
     add_generate(sub)
     add_models(sub)
-    for hook in _optional_hooks():
-        hook(sub)
+    for add_parser in _subcommand_hooks():
+        add_parser(sub)
     return parser
 
 
-def _optional_hooks():
+def _subcommand_hooks():
+    from genserve.loadgen.cli import add_loadgen_parser
     from genserve.profile import add_profile_parser
+    from genserve.scheduler.cli import add_simulate_parser
 
-    hooks = [add_profile_parser]
-    try:
-        from genserve.scheduler.cli import add_simulate_parser
-        hooks.append(add_simulate_parser)
-    except ImportError:  # TEMP while the simulator CLI lands
-        pass
-    return hooks
+    return [add_profile_parser, add_simulate_parser, add_loadgen_parser]
 
 
 def main(argv=None) -> None:

@@ -64,6 +64,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._dirty = True  # something changed since the last plan
         self._num_waiting = 0  # read by other threads (queue bound); engine writes it
+        self.num_invalid_dispatches = 0  # policy plans this executor could not run (a bug)
         self.policy = make_policy(self.cluster_spec())
         self._fallback = make_fallback_policy(self.cluster_spec())
         # Called on the engine thread with the number of workers down whenever
@@ -189,8 +190,12 @@ class Engine:
         t0 = time.perf_counter()
         try:
             plan: StepPlan = self.policy.plan(now, views, devices, self.cost)
+            if any(check_dispatch(d, [self.tracked.get(r) for r in d.req_ids], set(idle), self.max_sp_degree)
+                   for d in plan.dispatches):
+                raise ValueError("the plan holds a dispatch this executor cannot run")
         except Exception:  # a policy bug must not strand requests: decide this one plainly
             log.exception("policy %s failed; falling back to fcfs for this decision", self.policy.name)
+            self.num_invalid_dispatches += 1
             plan = self._fallback.plan(now, views, devices, self.cost)
         self.metrics.decision(time.perf_counter() - t0)
         self._apply(plan, set(idle), now)
@@ -219,6 +224,7 @@ class Engine:
             problem = check_dispatch(d, ts, idle, self.max_sp_degree)
             if problem:
                 log.error("policy %s produced an invalid dispatch %s: %s", self.policy.name, d, problem)
+                self.num_invalid_dispatches += 1
                 continue
             idle -= set(d.device_ids)
             self._dispatch(d, ts, now)

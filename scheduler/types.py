@@ -38,6 +38,11 @@ class RequestView:
     num_preemptions: int = 0  # times this request was paused so far
     device_ids: tuple[int, ...] = ()  # devices holding its state (empty: none yet)
     running: bool = False  # a step is in flight now on device_ids
+    # Listed in StepPlan.preempted by an earlier plan and not dispatched since
+    # (the caller sets it when it applies a plan's ``preempted`` and clears it
+    # when the request is dispatched again). Lets a stateless policy list a
+    # pause exactly once; see StepPlan.preempted.
+    paused: bool = False
 
     @property
     def steps_left(self) -> int:
@@ -77,6 +82,14 @@ class Dispatch:
     resolution (each at its own step). ``device_ids`` is an aligned block:
     a power-of-two count starting at a multiple of that count. A request that
     reaches its last step is decoded in the same dispatch.
+
+    Refinements (checked by ``genserve.scheduler.check.check_plan``):
+    ``1 <= num_steps <= steps_left`` of every member, so every member runs
+    exactly ``num_steps`` steps; a batch holds at most
+    ``ClusterSpec.max_image_batch`` requests; ``len(device_ids)`` is at most
+    ``ClusterSpec.max_sp_degree``. A request that has not started yet is
+    text-encoded in the same dispatch (``CostModel.encode_ms`` counts in its
+    duration, as ``decode_ms`` does for one that finishes).
     """
 
     req_ids: tuple[str, ...]
@@ -86,7 +99,12 @@ class Dispatch:
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
-    """A request refused by admission control (it cannot meet its SLO)."""
+    """A request refused by admission control (it cannot meet its SLO).
+
+    Only a request that has not started (``steps_done == 0``, not running) is
+    refused, and it is not dispatched in the same plan. The engine ends it
+    with status RESOURCE_EXHAUSTED and reports ``estimated_finish_s``.
+    """
 
     req_id: str
     reason: str
@@ -101,6 +119,10 @@ class StepPlan:
     # Started, unfinished requests not running now that this plan pauses
     # (counted as one preemption each; the engine emits PREEMPTED). A request
     # listed here stays paused until a later plan dispatches it.
+    # Exact rule: a plan lists precisely the requests with steps_done > 0,
+    # not running, not ``paused``, and not in any of its dispatches. A request
+    # left waiting at several decision points in a row is therefore counted
+    # once per pause, and a short wait for a busy device counts as a pause.
     preempted: tuple[str, ...] = ()
     rejected: tuple[Rejection, ...] = ()
 

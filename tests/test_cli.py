@@ -10,7 +10,7 @@ def genserve(*args, timeout=120):
 
 def test_help_lists_commands():
     out = genserve("--help").stdout
-    for command in ("serve", "generate", "models", "profile", "simulate"):
+    for command in ("serve", "generate", "models", "profile", "simulate", "loadgen"):
         assert command in out
     assert "--num-workers" in genserve("serve", "--help").stdout
 

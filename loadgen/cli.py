@@ -1,0 +1,203 @@
+"""``genserve loadgen`` / ``python -m genserve.loadgen``.
+
+Modes (the optional first positional):
+    run        (default) send a workload to --target and write --out
+    compare    the same workload per policy (--policies / --targets), live and simulated
+    summarize  recompute summary.json and the plots of the run directory --out
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+MODES = ("run", "compare", "summarize")
+CLOSED_LOOP_CAP = 100_000  # requests planned for a closed loop bounded only by time
+
+
+def _workload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload (generated unless --trace)")
+    g.add_argument("--trace", default="", help="replay this JSON-lines trace (arrival times as written)")
+    g.add_argument("--arrival", choices=("poisson", "gamma", "constant"), default="poisson")
+    g.add_argument("--rate", type=float, default=1.0, help="requests per second (open loop)")
+    g.add_argument("--cv", type=float, default=2.0, help="gamma arrivals: CV of inter-arrival times")
+    g.add_argument("--image-fraction", type=float, default=0.7, help="class mix: share of images")
+    g.add_argument("--image-shapes", default="64x64", help="WxH[:weight],... (default 64x64)")
+    g.add_argument("--video-shapes", default="64x64x9", help="WxHxF[:weight],... (default 64x64x9)")
+    g.add_argument("--image-model", default="", help="default: the server's image default")
+    g.add_argument("--video-model", default="", help="default: the server's video default")
+    g.add_argument("--steps-image", type=int, default=0, help="denoising steps (0: server default)")
+    g.add_argument("--steps-video", type=int, default=0, help="denoising steps (0: server default)")
+    g.add_argument("--num-requests", type=int, default=0, help="stop after N requests")
+    g.add_argument("--duration-s", type=float, default=0.0, help="stop sending after S seconds")
+    g.add_argument("--seed", type=int, default=0)
+    s = p.add_argument_group("SLOs (default: slo_ms=0, the server's default SLO)")
+    s.add_argument("--slo-ms-image", type=float, default=0.0, help="fixed SLO of every image")
+    s.add_argument("--slo-ms-video", type=float, default=0.0, help="fixed SLO of every video")
+    s.add_argument("--slo-scale", type=float, default=0.0,
+                   help="SLO = scale x isolated latency from --profile (compare without a "
+                        "profile: passed to the servers as --default-slo-scale)")
+    s.add_argument("--profile", default="", help="latency profile (name or JSON path): SLOs for "
+                                                 "--slo-scale, and the simulator in compare; compare "
+                                                 "also takes 'auto' (measured on the live servers)")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sending")
+    g.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
+    g.add_argument("--concurrency", type=int, default=0,
+                   help="closed loop with N clients (default: open loop at the arrival times)")
+    g.add_argument("--warmup-s", type=float, default=0.0, help="requests before this are warm-up")
+    g.add_argument("--warmup-requests", type=int, default=0, help="the first N requests are warm-up")
+    g.add_argument("--timeout-s", type=float, default=0.0, help="per-request deadline (0: none)")
+    g.add_argument("--drain-timeout-s", type=float, default=600.0,
+                   help="after the last send, wait this long for outstanding requests")
+    g.add_argument("--output-format", default="", help="png|jpeg|webp|mp4|gif|raw (default png/mp4)")
+    g.add_argument("--out", default="loadgen-out", help="output directory")
+    g.add_argument("--metrics-url", default="", help="server /metrics URL (or HOST:PORT) to scrape")
+    g.add_argument("--scrape-interval-s", type=float, default=0.5)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-plots", action="store_true")
+
+
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compare")
+    g.add_argument("--policies", default="", help="start a server per policy, e.g. genserve,fcfs,static")
+    g.add_argument("--targets", default="", help="running servers: NAME=HOST:PORT,...")
+    g.add_argument("--num-workers", type=int, default=2, help="workers of each started server")
+    g.add_argument("--server-args", default="", help="extra `genserve serve` flags (one string)")
+    g.add_argument("--sim-max-sp-degree", type=int, default=1,
+                   help="simulated cluster's SP limit (the live CPU engine uses 1)")
+
+
+def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add every loadgen argument to ``p`` and set ``func``."""
+    p.add_argument("mode", nargs="?", choices=MODES, default="run", help="run (default), compare, summarize")
+    _workload_args(p)
+    _run_args(p)
+    _compare_args(p)
+    p.set_defaults(func=cmd_loadgen)
+    return p
+
+
+def add_loadgen_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``loadgen`` on the ``genserve`` CLI's subparsers."""
+    p = subparsers.add_parser("loadgen", help="load generator: SLO experiments against a live server",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return configure_parser(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return configure_parser(argparse.ArgumentParser(
+        prog="python -m genserve.loadgen", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def workload_options(args, *, slo_scale: float | None = None):
+    from .plan import WorkloadOptions
+
+    num = args.num_requests
+    if not (num or args.duration_s or args.trace):
+        num = 20
+    if args.concurrency and not num and not args.trace:
+        num = CLOSED_LOOP_CAP  # the clients stop at --duration-s
+    return WorkloadOptions(
+        trace=args.trace, arrival=args.arrival, rate_rps=args.rate, cv=args.cv,
+        image_fraction=args.image_fraction, image_shapes=args.image_shapes,
+        video_shapes=args.video_shapes, num_requests=num,
+        duration_s=0.0 if args.concurrency else args.duration_s, seed=args.seed,
+        image_model=args.image_model, video_model=args.video_model,
+        steps_image=args.steps_image, steps_video=args.steps_video,
+        slo_ms_image=args.slo_ms_image, slo_ms_video=args.slo_ms_video,
+        slo_scale=args.slo_scale if slo_scale is None else slo_scale, profile=args.profile,
+        max_devices=max(1, args.num_workers))
+
+
+def run_options(args):
+    from .runner import RunOptions
+
+    return RunOptions(
+        target=args.target, concurrency=args.concurrency,
+        duration_s=args.duration_s if args.concurrency else 0.0, warmup_s=args.warmup_s,
+        warmup_requests=args.warmup_requests, timeout_s=args.timeout_s,
+        drain_timeout_s=args.drain_timeout_s, output_format=args.output_format, seed=args.seed,
+        progress=not args.no_progress)
+
+
+def _compare_options(args):
+    from .compare import CompareOptions
+
+    targets = tuple(tuple(t.split("=", 1)) for t in filter(None, args.targets.split(",")))
+    if any(len(t) != 2 for t in targets):
+        sys.exit("--targets: expected NAME=HOST:PORT,...")
+    policies = tuple(filter(None, (p.strip() for p in args.policies.split(","))))
+    if not policies and not targets:
+        sys.exit("compare: give --policies and/or --targets")
+    server_args = shlex.split(args.server_args)
+    # Without a profile the loadgen cannot compute SLOs: the servers apply the scale.
+    if args.slo_scale and args.profile in ("", "auto"):
+        server_args += ["--default-slo-scale", str(args.slo_scale)]
+    return CompareOptions(policies=policies, targets=targets, num_workers=args.num_workers,
+                          server_args=tuple(server_args), profile=args.profile,
+                          sim_slo_scale=args.slo_scale or 3.0,
+                          sim_max_sp_degree=args.sim_max_sp_degree)
+
+
+def cmd_loadgen(args) -> None:
+    from genserve.scheduler.workload import write_trace
+
+    from .plan import build_workload
+
+    out = Path(args.out)
+    if args.mode == "summarize":
+        return _cmd_summarize(out)
+    if args.profile == "auto" and args.mode != "compare":
+        sys.exit("loadgen: --profile auto is for compare")
+    scale = 0.0 if args.mode == "compare" and args.profile in ("", "auto") else None
+    wopts = workload_options(args, slo_scale=scale)
+    try:
+        items = build_workload(wopts)
+    except (ValueError, OSError) as err:
+        sys.exit(f"loadgen: {err}")
+    if not items:
+        sys.exit("loadgen: the workload is empty")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.mode == "compare":
+        from .compare import compare
+
+        write_trace(out / "workload.jsonl", items)
+        compare(items, run_options(args), _compare_options(args), out)
+        return
+    from .run import run_load, write_run
+
+    result = run_load(items, run_options(args), metrics_url=args.metrics_url,
+                      scrape_interval_s=args.scrape_interval_s, settings={"workload": asdict(wopts)})
+    write_run(out, result, plots=not args.no_plots)
+    write_trace(out / "workload.jsonl", [items[r.index] for r in result.records])  # what was sent
+    print(f"results in {out}/ (requests.jsonl, summary.json{', *.png' if not args.no_plots else ''})")
+
+
+def _cmd_summarize(out: Path) -> None:
+    import json
+
+    from .plots import run_plots
+    from .records import read_records
+    from .scrape import read_samples
+    from .summary import format_table, summarize
+
+    records = read_records(out / "requests.jsonl")
+    summary = summarize(records)
+    path = out / "summary.json"
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc["summary"] = summary.to_dict()
+    path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    samples = read_samples(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    run_plots(records, samples, out)
+    print(format_table(summary))
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)

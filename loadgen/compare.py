@@ -1,0 +1,168 @@
+"""``compare``: one workload against several policies, live and simulated.
+
+Live: per policy, either start a server (``genserve serve --policy P``, one at
+a time, stopped before the next) or use a running one (``NAME=HOST:PORT``);
+each run is a normal run directory under ``OUT/live-NAME``. Simulated: the
+same requests through ``genserve.scheduler.simulator`` with a latency profile,
+on a cluster shaped like the live one. ``profile="auto"`` measures one through
+the API (``calibrate.py``) on every live server before its run (the same
+warm-up for all) and simulates with the first server's (``OUT/profile.json``). The SLOs are the ones sent live when
+the workload carries them (``--slo-ms-*`` or ``--slo-scale`` with a profile);
+requests with ``slo_ms=0`` get ``sim_slo_scale`` x isolated latency in the
+simulator, as the server does with its ``--default-slo-scale``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+from genserve.scheduler.workload import TraceRequest
+
+from genserve.scheduler.profile import save_profile
+
+from .calibrate import calibrate
+from .launch import LaunchedServer
+from .plots import compare_bars
+from .run import run_load, write_run
+from .runner import RunOptions
+
+CLASSES = ("all", "image", "video")
+AUTO = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class CompareOptions:
+    """Which policies, where, and how to simulate them."""
+
+    policies: tuple[str, ...] = ()  # start a server per policy
+    targets: tuple[tuple[str, str], ...] = ()  # (name, HOST:PORT) of running servers
+    num_workers: int = 2
+    server_args: tuple[str, ...] = ()  # extra `genserve serve` flags
+    profile: str = ""  # latency profile for the simulator ("": no simulation; "auto": measure it)
+    sim_slo_scale: float = 3.0  # SLO of slo_ms=0 requests in the simulator
+    sim_max_sp_degree: int = 1  # the live CPU engine runs SP 1 (no migration)
+    sim_migratable: bool = False
+    sim_max_image_batch: int = 8
+    metrics: bool = True  # scrape launched servers' queue depth
+
+
+def _calibrated(items: Sequence[TraceRequest], target: str, copts: CompareOptions, out_dir: Path) -> None:
+    if copts.profile != AUTO:
+        return
+    profile = calibrate(target, items)
+    if not (out_dir / "profile.json").exists():
+        save_profile(profile, out_dir / "profile.json")
+
+
+def run_live(items: Sequence[TraceRequest], run_opts: RunOptions, copts: CompareOptions,
+             out_dir: Path) -> dict[str, dict]:
+    """Every live run; {name: summary dict}."""
+    results = {}
+    names = [(p, "") for p in copts.policies] + list(copts.targets)
+    for name, target in names:
+        run_dir = out_dir / f"live-{name.replace(':', '_')}"
+        if target:
+            _calibrated(items, target, copts, out_dir)
+            result = run_load(items, replace(run_opts, target=target))
+        else:
+            with LaunchedServer(name, num_workers=copts.num_workers, args=copts.server_args,
+                                metrics=copts.metrics) as server:
+                try:
+                    _calibrated(items, server.target, copts, out_dir)
+                    result = run_load(items, replace(run_opts, target=server.target),
+                                      metrics_url=server.metrics_url)
+                finally:
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    server.save_log(run_dir / "server.log")
+        print(f"\n== {name} (live)")
+        results[name] = write_run(run_dir, result).to_dict()
+    return results
+
+
+def simulate_policy(items: Sequence[TraceRequest], policy: str, copts: CompareOptions,
+                    warmup_ids: frozenset[str] = frozenset()) -> dict:
+    """The simulator's figures for one policy; attainment excludes ``warmup_ids``
+    (ids ``r000000``... in arrival order, as ``resolve`` names them)."""
+    from genserve.scheduler import ClusterSpec, LatencyModel, make_policy
+    from genserve.scheduler.metrics import json_safe, summarize
+    from genserve.scheduler.simulator import simulate
+    from genserve.scheduler.workload import resolve
+
+    cost = LatencyModel.load(copts.profile)
+    cluster = ClusterSpec(copts.num_workers, max_sp_degree=copts.sim_max_sp_degree,
+                          migratable=copts.sim_migratable, max_image_batch=copts.sim_max_image_batch)
+    requests = resolve(items, cost, copts.sim_slo_scale, copts.sim_max_sp_degree)
+    try:
+        result = simulate(make_policy(policy, cluster), requests, cluster, cost.fresh(), cost.fresh())
+    except Exception as err:  # noqa: BLE001 - one policy's failure must not lose the live runs
+        return {"summary": {"error": f"{type(err).__name__}: {err}"}}
+    measured = [o for o in result.outcomes if o.req_id not in warmup_ids]
+    figures = {"summary": json_safe(summarize(result))}
+    for name in CLASSES:
+        group = [o for o in measured if name == "all" or o.task == name]
+        figures[f"sim {name}"] = sum(o.met_slo for o in group) / len(group) if group else None
+    return figures
+
+
+def warmup_ids(items: Sequence[TraceRequest], run_opts: RunOptions) -> frozenset[str]:
+    """The simulator ids of requests the live run counts as warm-up (open loop)."""
+    ordered = sorted(range(len(items)), key=lambda i: items[i].arrival_s)
+    return frozenset(f"r{rank:06d}" for rank, i in enumerate(ordered)
+                     if i < run_opts.warmup_requests or items[i].arrival_s < run_opts.warmup_s)
+
+
+def compare(items: Sequence[TraceRequest], run_opts: RunOptions, copts: CompareOptions,
+            out_dir: str | Path) -> dict:
+    """Run everything, write ``compare.json`` and ``compare.png``; returns the table rows."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    live = run_live(items, run_opts, copts, out)
+    if copts.profile == AUTO:
+        copts = replace(copts, profile=str(out / "profile.json"))
+    rows: dict[str, dict] = {}
+    for name, summary in live.items():
+        rows[name] = {f"live {c}": summary["classes"].get(c, {}).get("attainment") for c in CLASSES}
+        rows[name]["live goodput/s"] = summary["goodput_per_s"]
+    if copts.profile:
+        from genserve.scheduler import POLICY_NAMES
+
+        skip = warmup_ids(items, run_opts)
+        for name in list(live) or list(copts.policies):
+            if name in POLICY_NAMES:
+                sim = simulate_policy(items, name, copts, skip)
+                rows.setdefault(name, {}).update({k: v for k, v in sim.items() if k != "summary"})
+                rows[name]["sim detail"] = sim["summary"]
+    doc = {"rows": rows, "live": live, "options": _jsonable(copts), "num_requests": len(items)}
+    (out / "compare.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    bars = {n: {k: v for k, v in r.items() if k.split()[-1] in CLASSES} for n, r in rows.items()}
+    compare_bars(bars, out / "compare.png")
+    print("\n" + format_compare(rows))
+    return rows
+
+
+def _jsonable(copts: CompareOptions) -> dict:
+    return {"policies": list(copts.policies), "targets": [list(t) for t in copts.targets],
+            "num_workers": copts.num_workers, "server_args": list(copts.server_args),
+            "profile": copts.profile, "sim_slo_scale": copts.sim_slo_scale,
+            "sim_max_sp_degree": copts.sim_max_sp_degree}
+
+
+def _pct(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value * 100:.1f}%"
+
+
+def format_compare(rows: dict[str, dict]) -> str:
+    """One line per policy: live and simulated attainment side by side."""
+    cols = [f"{src} {c}" for src in ("live", "sim") for c in CLASSES]
+    head = f"{'policy':<24}" + "".join(f"{c:>12}" for c in cols) + f"{'goodput/s':>11}"
+    lines = [head, "-" * len(head)]
+    for name, row in rows.items():
+        good = row.get("live goodput/s")
+        lines.append(f"{name:<24}" + "".join(f"{_pct(row.get(c)):>12}" for c in cols)
+                     + f"{'-' if good is None else format(good, '.3f'):>11}")
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""Start a ``genserve serve`` subprocess for one policy (compare mode).
+
+Like the test suite's ``ServerProcess``: ``--port 0``, wait for the line
+``GenServe listening on HOST:PORT``; a free metrics port is picked here so
+queue depth can be scraped. The server's output is kept (``output``) and can
+be written next to the run's results.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Sequence
+
+LISTENING = re.compile(r"listening on (\S+:\d+)")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class LaunchedServer:
+    """A server subprocess; ``target`` is its gRPC HOST:PORT, ``metrics_url`` its /metrics."""
+
+    def __init__(self, policy: str, *, num_workers: int = 2, args: Sequence[str] = (),
+                 timeout_s: float = 300.0, metrics: bool = True):
+        metrics_port = free_port() if metrics else 0
+        cmd = [sys.executable, "-m", "genserve", "serve", "--port", "0", "--policy", policy,
+               "--num-workers", str(num_workers), "--metrics-port", str(metrics_port), *args]
+        self.policy = policy
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else ""
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=dict(os.environ), start_new_session=True)
+        self.lines: list[str] = []
+        self.target = ""
+        found = threading.Event()
+        threading.Thread(target=self._pump, args=(found,), daemon=True).start()
+        if not found.wait(timeout_s) or not self.target:
+            self.stop()
+            raise RuntimeError(f"server ({policy}) did not start:\n" + "".join(self.lines[-40:]))
+
+    def _pump(self, found: threading.Event) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            m = LISTENING.search(line)
+            if m and not found.is_set():
+                self.target = m.group(1)
+                found.set()
+        found.set()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def save_log(self, path: str | Path) -> None:
+        Path(path).write_text(self.output, encoding="utf-8")
+
+    def __enter__(self) -> "LaunchedServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,113 @@
+"""One load-generator run end to end: send, scrape, record, summarize, plot.
+
+``run_load`` drives the async loop (uvloop when available) and returns the
+records; ``write_run`` writes a run directory:
+
+    requests.jsonl   one RequestRecord per request (``records.py``)
+    summary.json     ``summarize(records)`` plus the run's settings
+    metrics.jsonl    scraped gauges (only with a metrics URL)
+    *.png            latency CDF, attainment over time, queue depth
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from genserve.client import AsyncClient
+from genserve.scheduler.workload import TraceRequest
+
+from .plots import run_plots
+from .records import RequestRecord, read_records, write_records
+from .runner import Clock, RunOptions, closed_loop, open_loop
+from .scrape import MetricSample, Scraper, write_samples
+from .summary import Summary, format_table, summarize
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """What a run produced; the summary is recomputed from ``records``."""
+
+    records: tuple[RequestRecord, ...]
+    samples: tuple[MetricSample, ...] = ()
+    started_unix_s: float = 0.0
+    elapsed_s: float = 0.0
+    settings: dict = field(default_factory=dict)
+
+
+def _loop_factory():
+    try:
+        import uvloop
+    except ImportError:  # e.g. Windows: the default loop keeps up at these rates
+        return None
+    return uvloop.new_event_loop
+
+
+async def _drive(items: Sequence[TraceRequest], opts: RunOptions, clock: Clock) -> list[RequestRecord]:
+    total = len(items) if not (opts.concurrency and opts.duration_s) else None
+    bar = tqdm(total=total, unit="req", desc="loadgen", file=sys.stderr, disable=not opts.progress,
+               dynamic_ncols=True)
+    counts = {"ok": 0, "met": 0, "err": 0}
+
+    def done(record: RequestRecord) -> None:
+        counts["ok" if record.ok else "err"] += 1
+        counts["met"] += record.slo_met
+        bar.update(1)
+        bar.set_postfix(counts, refresh=False)
+
+    try:
+        async with AsyncClient(opts.target) as client:
+            loop = closed_loop if opts.concurrency > 0 else open_loop
+            return await loop(client, items, opts, clock, done)
+    finally:
+        bar.close()
+
+
+def run_load(items: Sequence[TraceRequest], opts: RunOptions, metrics_url: str = "",
+             scrape_interval_s: float = 0.5, settings: dict | None = None) -> RunResult:
+    """Send ``items`` to ``opts.target`` and wait for every outcome; ``settings``
+    (e.g. the workload's options) is kept for summary.json."""
+    clock = Clock()
+    started = time.time()
+    scraper = Scraper(metrics_url, clock.t0, scrape_interval_s).start() if metrics_url else None
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            records = runner.run(_drive(items, opts, clock))
+    finally:
+        samples = scraper.stop() if scraper else []
+    settings = {**(settings or {}), "run": asdict(opts), "metrics_url": metrics_url}
+    return RunResult(tuple(sorted(records, key=lambda r: r.index)), tuple(samples), started,
+                     clock(), settings)
+
+
+def write_run(out_dir: str | Path, result: RunResult, *, plots: bool = True,
+              quiet: bool = False) -> Summary:
+    """Write the run directory (see the module docstring); returns the summary."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_records(out / "requests.jsonl", result.records)
+    summary = summarize(result.records)
+    doc = {"summary": summary.to_dict(), "settings": result.settings,
+           "started_unix_s": result.started_unix_s, "elapsed_s": result.elapsed_s}
+    (out / "summary.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    if result.samples:
+        write_samples(out / "metrics.jsonl", result.samples)
+    if plots:
+        run_plots(result.records, result.samples, out)
+    if not quiet:
+        print(format_table(summary))
+    if summary.rate_warning:
+        print(f"warning: achieved send rate {summary.achieved_rate_per_s:.3f}/s vs intended "
+              f"{summary.intended_rate_per_s:.3f}/s", file=sys.stderr)
+    return summary
+
+
+def resummarize(run_dir: str | Path) -> Summary:
+    """The summary of a run directory, recomputed from its ``requests.jsonl``."""
+    return summarize(read_records(Path(run_dir) / "requests.jsonl"))

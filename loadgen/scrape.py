@@ -1,0 +1,96 @@
+"""Scrape the server's Prometheus endpoint during a run (queue depth over time).
+
+A daemon thread fetches ``/metrics`` every ``interval_s`` and keeps the gauges
+named in ``GAUGES`` per ``task`` label, timestamped on the run's clock (seconds
+since ``t0`` on ``time.monotonic()``, as in ``requests.jsonl``). A failed
+scrape is counted and skipped: the run never depends on the endpoint.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+from prometheus_client.parser import text_string_to_metric_families
+
+GAUGES = ("genserve_queue_depth", "genserve_running_requests", "genserve_paused_requests")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSample:
+    """One gauge value at one scrape."""
+
+    t_s: float  # seconds since the run's start
+    name: str
+    task: str
+    value: float
+
+
+def parse_gauges(text: str, t_s: float, names: Iterable[str] = GAUGES) -> list[MetricSample]:
+    """The samples of ``names`` in a Prometheus text exposition."""
+    wanted = set(names)
+    out = []
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name in wanted:
+                out.append(MetricSample(t_s, s.name, s.labels.get("task", ""), float(s.value)))
+    return out
+
+
+def metrics_url(target: str) -> str:
+    """``HOST:PORT`` or a full URL → the URL of the metrics page."""
+    if "://" not in target:
+        target = "http://" + target
+    return target if target.rstrip("/").endswith("/metrics") else target.rstrip("/") + "/metrics"
+
+
+class Scraper:
+    """Background scraper; ``start`` / ``stop``, then read ``samples``."""
+
+    def __init__(self, url: str, t0: float, interval_s: float = 0.5, timeout_s: float = 2.0):
+        self.url, self.t0 = metrics_url(url), t0
+        self.interval_s, self.timeout_s = interval_s, timeout_s
+        self.samples: list[MetricSample] = []
+        self.num_failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="loadgen-scraper", daemon=True)
+
+    def scrape_once(self) -> None:
+        t_s = time.monotonic() - self.t0
+        try:
+            with urllib.request.urlopen(self.url, timeout=self.timeout_s) as resp:
+                text = resp.read().decode("utf-8")
+            self.samples.extend(parse_gauges(text, t_s))
+        except (OSError, ValueError):
+            self.num_failed += 1
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.scrape_once()
+            self._stop.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
+
+    def start(self) -> "Scraper":
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[MetricSample]:
+        self._stop.set()
+        self._thread.join(self.timeout_s + self.interval_s + 1.0)
+        self.scrape_once()  # the state after the run
+        return self.samples
+
+
+def write_samples(path: str | Path, samples: Iterable[MetricSample]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for s in samples:
+            fh.write(json.dumps(asdict(s)) + "\n")
+
+
+def read_samples(path: str | Path) -> list[MetricSample]:
+    with open(path, encoding="utf-8") as fh:
+        return [MetricSample(**json.loads(line)) for line in fh if line.strip()]

@@ -1,0 +1,227 @@
+"""Request-level baselines: fcfs, sjf, edf, static and fixed-sp.
+
+These run the way existing servers do: a started request keeps its devices
+until it finishes (one dispatch of all its remaining steps), videos run at a
+fixed SP degree, images one batch per device, batched only with same-shape
+requests admitted at the same time. Each is the best honest version of
+itself:
+
+* fcfs / sjf / edf share one pool. Videos take an aligned block anywhere;
+  when the head of the queue does not fit, it gets a reservation (the block
+  that frees first) and later requests backfill around it if they do not
+  delay it (EASY backfilling). Same-shape images waiting together are spread
+  over the free devices, then batched. edf serves hopeless requests last and
+  caps a batch so that no member misses its deadline.
+* static gives images a fixed share of devices (one batch per device) and
+  videos the rest, tiled into fixed groups of at most the video degree.
+* fixed-sp (xDiT-style) tiles all devices into fixed groups of one degree;
+  each group serves one request at a time (no batching, no preemption).
+  static and fixed-sp queue in deadline order, hopeless requests last.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .blocks import BlockPool, block_mask, ids_of, tile_blocks
+from .guards import FirstSight, admit_in_order
+from .snapshot import Snapshot, is_image, is_video
+from .types import ClusterSpec, CostModel, DeviceView, Dispatch, RequestView, StepPlan
+
+ORDERS = ("fcfs", "sjf", "edf")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLevelOptions:
+    order: str = "fcfs"  # fcfs | sjf | edf
+    video_degree: int = 4  # fixed SP degree of every video
+    admission_control: bool = False
+    groups: str = "buddy"  # buddy (any aligned block) | fixed-sp | static
+    static_image_fraction: float = 0.5  # static: share of devices for images
+    batching: bool = True
+
+
+class RequestLevelPolicy:
+    """A started request keeps its devices until it finishes."""
+
+    def __init__(self, cluster: ClusterSpec, options: RequestLevelOptions, name: str):
+        if options.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}")
+        self.cluster = cluster
+        self.options = options
+        self.name = name
+        self._first_sight = FirstSight()
+        n = cluster.num_devices
+        limit = min(options.video_degree, cluster.max_sp_degree, n)
+        self.video_degree = 1 << (max(limit, 1).bit_length() - 1)
+        self._groups = self._make_groups(n)
+
+    def _make_groups(self, n: int):
+        """(mask, tasks) per fixed group, or None for buddy allocation."""
+        o = self.options
+        if o.groups == "fixed-sp":
+            return [(m, ("image", "video")) for m in tile_blocks(n, self.video_degree)]
+        if o.groups == "static":
+            if n == 1:  # nothing to split: one device serves both classes
+                return [(block_mask(0, 1), ("image", "video"))]
+            n_img = min(max(round(o.static_image_fraction * n), 1), n - 1)
+            groups = [(block_mask(d, 1), ("image",)) for d in range(n_img)]
+            return groups + [(m, ("video",)) for m in tile_blocks(n, self.video_degree, n_img)]
+        return None
+
+    def plan(self, now_s: float, requests, devices, cost: CostModel) -> StepPlan:
+        snap = Snapshot(now_s, requests, devices, cost, self.cluster)
+        queue = sorted((r for r in snap.ready if r.steps_done == 0), key=self._key(snap))
+        rejected = self._admission(snap, self._first_sight.new_ids(requests), queue)
+        if not snap.idle_mask:
+            return snap.finish_plan([], rejected)
+        gone = {r.req_id for r in rejected}
+        queue = [r for r in queue if r.req_id not in gone]
+        pool = BlockPool(self.cluster.num_devices, snap.idle_mask)
+        out = self._resume(snap, pool)
+        if self._groups is None:
+            out += self._buddy(snap, pool, queue)
+        else:
+            out += self._grouped(snap, pool, queue)
+        return snap.finish_plan(out, rejected)
+
+    # -- ordering and admission ---------------------------------------------
+    def _degree(self, r: RequestView) -> int:
+        return self.video_degree if is_video(r) else (
+            self.video_degree if self.options.groups == "fixed-sp" else 1)
+
+    def _key(self, snap: Snapshot):
+        order = self.options.order
+        if order == "fcfs":
+            return lambda r: (r.arrival_s, r.req_id)
+        if order == "sjf":
+            return lambda r: (snap.remaining_s(r, self._degree(r)), r.arrival_s, r.req_id)
+        return lambda r: (snap.hopeless(r), r.deadline_s, r.req_id)
+
+    def _admission(self, snap: Snapshot, new_ids: set, queue: list) -> list:
+        if not self.options.admission_control or not new_ids:
+            return []
+        ordered = snap.running + [r for r in snap.ready if r.steps_done > 0] + queue
+        return admit_in_order(
+            snap, new_ids, ordered,
+            lambda r: self._degree(r) * snap.remaining_s(r, self._degree(r)),
+            lambda r: snap.remaining_s(r, self._degree(r)))
+
+    # -- placement -------------------------------------------------------------
+    def _resume(self, snap: Snapshot, pool: BlockPool) -> list[Dispatch]:
+        """Started requests that are not running (rare here) go back first."""
+        out = []
+        for r in snap.ready:
+            if r.steps_done == 0:
+                continue
+            size = len(r.device_ids) or self._degree(r)
+            pin = snap.pinned_mask(r)
+            mask = (pin if pool.take_exact(pin) else 0) if pin else pool.take(
+                size, prefer=sum(1 << d for d in r.device_ids))
+            if mask:
+                out.append(Dispatch((r.req_id,), ids_of(mask), r.steps_left))
+        return out
+
+    def _buddy(self, snap: Snapshot, pool: BlockPool, queue: list) -> list[Dispatch]:
+        out = []
+        free_time = list(snap.free_time_s)
+        reserved, reserved_until = 0, math.inf
+        taken: set[str] = set()
+        groups = _image_groups(snap, queue)
+        for r in queue:
+            if not pool.free:
+                break
+            if r.req_id in taken:
+                continue
+            size = self._degree(r)
+            members = self._batch(snap, r, groups, taken, pool.count())
+            dur = snap.remaining_s(r, size, len(members))
+            fits_before = snap.now_s + dur <= reserved_until
+            mask = pool.take(size, within=~reserved) or (
+                pool.take(size) if fits_before else 0)
+            if not mask:
+                if not reserved:
+                    reserved, reserved_until = _earliest_block(snap, free_time, size)
+                continue
+            taken.update(m.req_id for m in members)
+            for d in ids_of(mask):
+                free_time[d] = snap.now_s + dur
+            out.append(Dispatch(tuple(m.req_id for m in members), ids_of(mask), r.steps_left))
+        return out
+
+    def _grouped(self, snap: Snapshot, pool: BlockPool, queue: list) -> list[Dispatch]:
+        out = []
+        taken: set[str] = set()
+        free_groups = [(m, tasks) for m, tasks in self._groups if pool.free & m == m]
+        groups = _image_groups(snap, queue)
+        for r in queue:
+            if not free_groups:
+                break
+            if r.req_id in taken:
+                continue
+            group = next((g for g in free_groups if r.task in g[1]), None)
+            if group is None:
+                continue
+            free_groups.remove(group)
+            slots = sum(1 for _, t in free_groups if r.task in t) + 1
+            members = self._batch(snap, r, groups, taken, slots) if (
+                self.options.groups != "fixed-sp") else [r]
+            taken.update(m.req_id for m in members)
+            pool.take_exact(group[0])
+            out.append(Dispatch(tuple(m.req_id for m in members), ids_of(group[0]),
+                                r.steps_left))
+        return out
+
+    def _batch(self, snap: Snapshot, head: RequestView, groups: dict, taken: set,
+               slots: int) -> list[RequestView]:
+        """The head plus same-shape, same-length images waiting with it."""
+        if not is_image(head) or not self.options.batching:
+            return [head]
+        limit = self.cluster.max_image_batch
+        mates = []
+        for r in groups.get((snap.class_key(head), head.steps_left), ()):
+            if r is not head and r.req_id not in taken:
+                mates.append(r)
+                if len(mates) >= limit * max(slots, 1):
+                    break
+        size = min(self.cluster.max_image_batch,
+                   max(1, math.ceil((len(mates) + 1) / max(slots, 1))))
+        members = [head] + mates[:size - 1]
+        if self.options.order == "edf":
+            while len(members) > 1 and any(
+                    snap.slack_s(m, 1, len(members)) < 0 for m in members if not snap.hopeless(m)):
+                members.pop()
+        return members
+
+
+def _image_groups(snap: Snapshot, queue: list) -> dict:
+    """Queued images by (class, steps left), in queue order: batch mates."""
+    groups: dict = {}
+    for r in queue:
+        if is_image(r):
+            groups.setdefault((snap.class_key(r), r.steps_left), []).append(r)
+    return groups
+
+
+def _earliest_block(snap: Snapshot, free_time: list[float], size: int) -> tuple[int, float]:
+    best, best_t = 0, math.inf
+    for start in range(0, snap.num_devices - size + 1, size):
+        t = max(free_time[start:start + size])
+        if t < best_t:
+            best, best_t = block_mask(start, size), t
+    return best, best_t
+
+
+def make_request_level(cluster: ClusterSpec, name: str, **options) -> RequestLevelPolicy:
+    presets = {"fcfs": dict(order="fcfs"), "sjf": dict(order="sjf"), "edf": dict(order="edf"),
+               "static": dict(order="edf", groups="static"),
+               "fixed-sp": dict(order="edf", groups="fixed-sp", batching=False)}
+    opts = dict(options)
+    if "fixed_sp_degree" in opts:
+        opts["video_degree"] = opts.pop("fixed_sp_degree")
+    for key, value in presets[name].items():
+        if key == "order" and name in ("static", "fixed-sp"):
+            opts.setdefault(key, value)  # their queue order is an option
+        else:
+            opts[key] = value
+    return RequestLevelPolicy(cluster, RequestLevelOptions(**opts), name)

@@ -1,0 +1,130 @@
+"""Aligned power-of-two device blocks (buddy blocks), as bit masks.
+
+Device ``d`` is bit ``d``. A block of size ``s`` (a power of two) starts at a
+multiple of ``s`` and lies inside ``[0, num_devices)``, so blocks of a node
+with a non-power-of-two device count never overlap and never run off the end.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+
+def mask_of(device_ids: Iterable[int]) -> int:
+    m = 0
+    for d in device_ids:
+        m |= 1 << d
+    return m
+
+
+def ids_of(mask: int) -> tuple[int, ...]:
+    out = []
+    d = 0
+    while mask:
+        if mask & 1:
+            out.append(d)
+        mask >>= 1
+        d += 1
+    return tuple(out)
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def is_aligned_block(device_ids: Sequence[int], num_devices: int) -> bool:
+    """True when ``device_ids`` is a whole aligned power-of-two block."""
+    n = len(device_ids)
+    if not is_power_of_two(n) or len(set(device_ids)) != n:
+        return False
+    lo = min(device_ids)
+    return lo % n == 0 and max(device_ids) == lo + n - 1 and lo + n <= num_devices
+
+
+def block_mask(start: int, size: int) -> int:
+    return ((1 << size) - 1) << start
+
+
+def degrees_upto(limit: int) -> tuple[int, ...]:
+    """Powers of two not above ``limit`` (at least (1,))."""
+    out = [1]
+    while out[-1] * 2 <= limit:
+        out.append(out[-1] * 2)
+    return tuple(out)
+
+
+class BlockPool:
+    """Free devices during the making of one plan; hands out aligned blocks.
+
+    ``take`` picks, among free aligned blocks of the size asked, the one whose
+    enclosing buddy blocks are the least free (best fit), so large blocks stay
+    whole for later and larger requests.
+    """
+
+    __slots__ = ("num_devices", "free", "_levels")
+
+    def __init__(self, num_devices: int, free_mask: int):
+        self.num_devices = num_devices
+        self.free = free_mask
+        self._levels = degrees_upto(1 << max(num_devices - 1, 0).bit_length())
+
+    def count(self, within: int = -1) -> int:
+        return (self.free & within).bit_count()
+
+    def can_take(self, size: int, within: int = -1) -> bool:
+        free = self.free & within
+        for start in range(0, self.num_devices - size + 1, size):
+            bm = block_mask(start, size)
+            if free & bm == bm:
+                return True
+        return False
+
+    def take(self, size: int, prefer: int = 0, within: int = -1) -> int:
+        """Take a free aligned block of ``size`` inside ``within``; returns its
+        mask (0 if none). Blocks overlapping ``prefer`` most win first."""
+        free = self.free & within
+        best, best_key = 0, None
+        for start in range(0, self.num_devices - size + 1, size):
+            bm = block_mask(start, size)
+            if free & bm != bm:
+                continue
+            key = (-(bm & prefer).bit_count(), self._fit(start, size), start)
+            if best_key is None or key < best_key:
+                best, best_key = bm, key
+        self.free &= ~best
+        return best
+
+    def take_exact(self, mask: int) -> bool:
+        if self.free & mask != mask:
+            return False
+        self.free &= ~mask
+        return True
+
+    def give(self, mask: int) -> None:
+        self.free |= mask
+
+    def _fit(self, start: int, size: int) -> tuple[int, ...]:
+        # free devices in each enclosing buddy, smallest first: fewer is a tighter fit
+        out = []
+        for level in self._levels:
+            if level <= size:
+                continue
+            parent = start - start % level
+            out.append((self.free & block_mask(parent, min(level, self.num_devices - parent)))
+                       .bit_count())
+        return tuple(out)
+
+
+def tile_blocks(num_devices: int, max_size: int, first: int = 0,
+                end: int | None = None) -> tuple[int, ...]:
+    """Cover devices ``[first, end)`` with the largest aligned blocks of at most
+    ``max_size`` devices, left to right; returns their masks."""
+    end = num_devices if end is None else end
+    out = []
+    d = first
+    while d < end:
+        size = 1
+        while (size * 2 <= max_size and d % (size * 2) == 0 and d + size * 2 <= end):
+            size *= 2
+        out.append(block_mask(d, size))
+        d += size
+    return tuple(out)

@@ -1,0 +1,219 @@
+"""``genserve simulate``: run policies over a workload in the simulator.
+
+Mount it under the main CLI with ``add_simulate_parser(subparsers)``; it also
+runs standalone: ``python -m genserve.scheduler.cli simulate --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+from .metrics import json_safe
+from .policies import BASELINES, POLICY_NAMES
+from .profile import load_profile
+from .runner import Experiment, resolve_workload, run_policies, sweep
+from .types import ClusterSpec
+from .workload import WorkloadSpec, generate, parse_shapes, read_trace, write_trace
+
+DEFAULT_POLICIES = ("genserve",) + BASELINES
+
+
+def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "simulate", help="run scheduling policies in the discrete-event simulator",
+        description="Run scheduling policies over a generated workload or a trace "
+                    "file in the simulator (same policy code as the server).")
+    g = p.add_argument_group("cluster and profile")
+    g.add_argument("--devices", type=int, default=8, help="number of devices (default 8)")
+    g.add_argument("--max-sp-degree", type=int, default=8)
+    g.add_argument("--max-image-batch", type=int, default=16)
+    g.add_argument("--profile", default="reference-h100", help="built-in profile name or JSON path")
+    g.add_argument("--true-profile", help="profile the simulated hardware follows "
+                                          "(default: --profile)")
+    g.add_argument("--true-scale", type=float, default=1.0,
+                   help="true step and decode times x this (exercises calibration)")
+    g.add_argument("--noise-cv", type=float, default=0.0, help="log-normal noise on step times")
+    g = p.add_argument_group("policies")
+    g.add_argument("--policy", default=",".join(DEFAULT_POLICIES),
+                   help=f"comma-separated, from: {', '.join(POLICY_NAMES)}")
+    g.add_argument("--admission-control", action="store_true")
+    g.add_argument("--fixed-sp-degree", type=int, default=4)
+    g.add_argument("--static-image-fraction", type=float,
+                   help="static: image share of devices (default: the workload's demand)")
+    g.add_argument("--max-preemptions", type=int)
+    g = p.add_argument_group("workload")
+    g.add_argument("--trace", help="JSON-lines trace file (instead of a generated workload)")
+    g.add_argument("--write-trace", help="write the generated workload to this file")
+    g.add_argument("--rate", type=float, default=0.4, help="arrivals per second")
+    g.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
+    g.add_argument("--cv", type=float, default=2.0, help="gamma arrivals: coefficient of variation")
+    g.add_argument("--mix", type=float, default=0.7, help="image fraction of requests")
+    g.add_argument("--image-shapes", default="512x512,768x768,1024x1024")
+    g.add_argument("--video-shapes", default="832x480x33,832x480x81")
+    g.add_argument("--slo-scale", type=float, default=2.0)
+    g.add_argument("--num-requests", type=int, default=300)
+    g.add_argument("--duration-s", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    g.add_argument("--sweep-rates", help="comma-separated rates: sweep mode")
+    g.add_argument("--sweep-slo-scales", help="comma-separated SLO scales: sweep mode")
+    g.add_argument("--out", default="out/simulate", help="sweep mode: folder for CSV and PNG")
+    g.add_argument("--jobs", type=int, default=1, help="parallel simulations")
+    g.add_argument("--no-check", action="store_true", help="skip checking every plan")
+    p.set_defaults(func=run_simulate)
+    return p
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    try:
+        exp, policies, spec, trace = _setup(args)
+    except (ValueError, OSError) as e:
+        print(f"genserve simulate: {e}", file=sys.stderr)
+        return 2
+    if args.sweep_rates or args.sweep_slo_scales:
+        return _run_sweep(args, exp, policies, spec, trace)
+    requests = resolve_workload(exp, trace, args.slo_scale)
+    results = run_policies(exp, policies, requests, args.jobs)
+    if args.json:
+        print(json.dumps(json_safe({"policies": results})))
+    else:
+        print(format_table(results))
+    return 0
+
+
+def _setup(args):
+    policies = tuple(x.strip() for x in args.policy.split(",") if x.strip())
+    bad = [p for p in policies if p not in POLICY_NAMES]
+    if bad or not policies:
+        raise ValueError(f"unknown policies {bad}; choose from {', '.join(POLICY_NAMES)}")
+    cluster = ClusterSpec(args.devices, args.max_sp_degree, True, args.max_image_batch)
+    options = {"admission_control": args.admission_control,
+               "fixed_sp_degree": args.fixed_sp_degree,
+               "static_image_fraction": args.static_image_fraction,
+               "max_preemptions": args.max_preemptions}
+    exp = Experiment(cluster, load_profile(args.profile),
+                     load_profile(args.true_profile) if args.true_profile else None,
+                     args.true_scale, args.noise_cv, args.seed, not args.no_check,
+                     {k: v for k, v in options.items() if v is not None})
+    spec = None
+    if args.trace:
+        trace = read_trace(args.trace)
+    else:
+        spec = WorkloadSpec(args.rate, args.arrival, args.cv, args.mix,
+                            parse_shapes(args.image_shapes, "image"),
+                            parse_shapes(args.video_shapes, "video"),
+                            args.num_requests, args.duration_s, args.seed)
+        trace = generate(spec)
+        if args.write_trace:
+            write_trace(args.write_trace, trace)
+    return exp, policies, spec, trace
+
+
+def _run_sweep(args, exp, policies, spec, trace) -> int:
+    param = "rate" if args.sweep_rates else "slo_scale"
+    values = [float(x) for x in (args.sweep_rates or args.sweep_slo_scales).split(",") if x]
+    if param == "rate" and trace is not None and spec is None:
+        print("genserve simulate: --sweep-rates needs a generated workload", file=sys.stderr)
+        return 2
+    points = sweep(exp, policies, spec, None if spec else trace, param, values,
+                   args.slo_scale, args.jobs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / f"sweep_{param}.csv"
+    write_csv(csv_path, param, points)
+    png_path = out / f"sweep_{param}.png"
+    plotted = plot_sweep(png_path, param, points, policies)
+    if args.json:
+        print(json.dumps(json_safe({"sweep": {"param": param, "points": points,
+                                              "csv": str(csv_path),
+                                              "png": str(png_path) if plotted else None}})))
+    else:
+        for pt in points:
+            print(f"\n{param} = {pt['x']:g}")
+            print(format_table(pt["policies"]))
+        print(f"\nwrote {csv_path}" + (f" and {png_path}" if plotted else " (no matplotlib: no PNG)"))
+    return 0
+
+
+CSV_FIELDS = ("attainment", "attainment_image", "attainment_video", "goodput_rps",
+              "preemptions_per_video", "busy_fraction", "completed", "submitted", "rejected")
+
+
+def write_csv(path, param: str, points: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow([param, "policy", *CSV_FIELDS, "latency_image_p99_ms",
+                    "latency_video_p99_ms", "decision_p99_ms"])
+        for pt in points:
+            for name, s in pt["policies"].items():
+                w.writerow([pt["x"], name, *(s[k] for k in CSV_FIELDS),
+                            s["latency_ms"]["image"]["p99"], s["latency_ms"]["video"]["p99"],
+                            s["decision_ms"]["p99"]])
+
+
+def plot_sweep(path, param: str, points: list[dict], policies) -> bool:
+    """Attainment (overall, images, videos) per policy against the swept value."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    xs = [pt["x"] for pt in points]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    for ax, key, title in zip(axes, ("attainment", "attainment_image", "attainment_video"),
+                              ("all requests", "images", "videos")):
+        for name in policies:
+            ys = [pt["policies"][name][key] for pt in points]
+            ax.plot(xs, ys, marker="o", label=name, linewidth=2.2 if name == "genserve" else 1.2)
+        ax.set_title(f"SLO attainment: {title}")
+        ax.set_xlabel("arrival rate (req/s)" if param == "rate" else "SLO scale")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fraction meeting SLO")
+    axes[-1].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def format_table(results: dict[str, dict]) -> str:
+    head = (f"{'policy':24s} {'attain':>6s} {'image':>6s} {'video':>6s} {'goodput':>8s} "
+            f"{'img p99 s':>9s} {'vid p99 s':>9s} {'pre/vid':>7s} {'busy':>5s} {'dec p99':>8s}")
+    lines = [head, "-" * len(head)]
+    for name, s in results.items():
+        lat = s["latency_ms"]
+        lines.append(
+            f"{name:24s} {_f(s['attainment'])} {_f(s['attainment_image'])} "
+            f"{_f(s['attainment_video'])} {s['goodput_rps']:8.3f} "
+            f"{_s(lat['image']['p99'])} {_s(lat['video']['p99'])} "
+            f"{_f(s['preemptions_per_video'], 7)} {s['busy_fraction']:5.2f} "
+            f"{s['decision_ms']['p99']:6.2f}ms")
+    return "\n".join(lines)
+
+
+def _f(x, width: int = 6) -> str:
+    return f"{'-':>{width}s}" if x is None or (isinstance(x, float) and math.isnan(x)) else (
+        f"{x:{width}.3f}")
+
+
+def _s(ms) -> str:
+    return f"{'-':>9s}" if ms is None or math.isnan(ms) else f"{ms / 1e3:9.2f}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="genserve-scheduler")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_simulate_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

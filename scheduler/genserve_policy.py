@@ -1,0 +1,162 @@
+"""GenServe: the joint, step-level, SLO-aware policy.
+
+At every decision point:
+
+1. *Targets* (targets.py): a fluid EDF pass keeps the largest set of requests
+   that can all meet their deadlines; the rest are served at lowest priority.
+2. *Options*: the image pool may take g devices (for each g, images are
+   batched and spread by imagepool.py, each batch at the smallest SP degree
+   that keeps it on time); each video may take degree k in {0 (pause), 1, 2,
+   4, 8}. An option is worth one per target request it keeps on time
+   (running now and on time, or able to wait), plus small terms: earlier
+   finishes, less device time, no reshape, and (for pausing a started video)
+   a preemption cost that grows as its slack shrinks — so the videos with
+   the most slack are preempted first, and only to keep more requests on time.
+3. *Joint search* (dp.py): a multiple-choice knapsack over the free devices.
+4. *Placement* (placement.py) on aligned blocks, preferring devices that hold
+   a request's state; leftover devices serve non-target work, then speed up
+   the most urgent runs (work conservation).
+
+Starvation guard: a video paused ``max_preemptions`` times cannot be paused
+again, and any request waiting ``starvation_factor`` × its SLO is forced in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import genserve_values as gv
+from .blocks import BlockPool
+from .dp import solve_mckp
+from .guards import FirstSight, forced_set, rejection
+from .imagepool import ImagePool
+from .placement import Claim, place, to_dispatches
+from .snapshot import Snapshot, is_image, is_video
+from .targets import Commitments, select_targets
+from .types import ClusterSpec, CostModel, DeviceView, RequestView, StepPlan
+
+
+@dataclass(frozen=True, slots=True)
+class GenServeOptions:
+    preemption: bool = True  # pause started videos at step boundaries
+    elastic_sp: bool = True  # per-step SP degree (images and videos)
+    batching: bool = True  # dynamic image batching
+    admission_control: bool = False  # refuse infeasible requests up front
+    max_preemptions: int = 4  # per video; then it is never paused again
+    starvation_factor: float = 4.0  # force in after waiting this many SLOs
+    starvation_share: float = 0.25  # ...on at most this share of the devices
+    fixed_sp_degree: int = 4  # video degree when elastic_sp is off
+    chunk_ms: float = 0.0  # dispatch as many steps as fit (0: one step)
+    capacity_factor: float = 0.9  # share of device time the target pass counts on
+    patience: float = 0.25  # a request can wait with this share of its run time spare
+    max_image_degree: int = 4  # largest SP degree tried for an image batch
+    leftover_first: str = "grow"  # leftover devices: "fill" non-targets or "grow" runs
+    hold_s: float = 0.5  # keep idle devices for a video whose block frees this soon
+
+
+@dataclass(slots=True)
+class _Decision:
+    """Working state of one plan."""
+
+    snap: Snapshot
+    targets: frozenset
+    forced: set
+    tightness: float
+    wait_s: float  # until a busy device frees (what waiting costs at least)
+    patience: float
+    image_degrees: tuple
+    video_degrees: Callable
+    held: int = 0  # idle devices reserved for videos that cannot wait
+    claims: list = field(default_factory=list)
+
+
+class GenServePolicy:
+    """The GenServe policy; ablations switch off one mechanism each."""
+
+    def __init__(self, cluster: ClusterSpec, options: GenServeOptions | None = None,
+                 name: str = "genserve"):
+        self.cluster = cluster
+        self.options = options or GenServeOptions()
+        self.name = name
+        self._first_sight = FirstSight()
+        self._commitments = Commitments()
+
+    def plan(self, now_s: float, requests: list[RequestView] | tuple,
+             devices: list[DeviceView] | tuple, cost: CostModel) -> StepPlan:
+        snap = Snapshot(now_s, requests, devices, cost, self.cluster)
+        o = self.options
+        new_ids = self._first_sight.new_ids(requests)
+        ts = select_targets(snap, requests, o.capacity_factor, self.cluster.max_image_batch,
+                            self._commitments)
+        rejected = self._admission(snap, new_ids, ts)
+        if not snap.idle_mask:
+            return snap.finish_plan([], rejected)
+        gone = {r.req_id for r in rejected}
+        ready = [r for r in snap.ready if r.req_id not in gone]
+        dec = self._decision(snap, ts, ready)
+        self._joint(dec, ready)
+        pool = BlockPool(self.cluster.num_devices, snap.idle_mask & ~dec.held)
+        placed = place(pool, dec.claims)
+        placed += gv.leftover(dec, pool, ready, placed, o)
+        return snap.finish_plan(to_dispatches(snap, placed, o.chunk_ms / 1e3), rejected)
+
+    def _decision(self, snap: Snapshot, ts, ready: list) -> _Decision:
+        o = self.options
+        forced = forced_set(snap, ready, o.max_preemptions if o.preemption else 0,
+                            o.starvation_factor, ts.kept, o.starvation_share)
+        image_degrees = tuple(k for k in snap.degrees
+                              if k <= (o.max_image_degree if o.elastic_sp else 1))
+
+        def video_degrees(v):
+            return gv.fixed_video_degrees(snap, v, o.elastic_sp, o.fixed_sp_degree)
+
+        return _Decision(snap, ts.kept, forced, ts.tightness, gv.wait_until_free_s(snap),
+                         o.patience, image_degrees, video_degrees)
+
+    def _admission(self, snap: Snapshot, new_ids: set, ts) -> list:
+        if not self.options.admission_control or not new_ids:
+            return []
+        out = []
+        videos = [r for r in snap.requests if is_video(r)]
+        load_s = ts.image_work_s / snap.num_devices
+        for rid in sorted(new_ids):
+            r = snap.by_id[rid]
+            if r.steps_done or r.running or rid in ts.kept:
+                continue
+            if is_video(r) and rid not in ts.hopeless and self._commitments.try_commit(
+                    snap, r, videos, load_s):
+                continue  # fits without the newcomer's safety margin: admitted
+            est = max(ts.finish_estimate_s.get(rid, 0.0), snap.now_s + snap.best_remaining_s(r))
+            out.append(rejection(r, est))
+        return out
+
+    def _joint(self, dec: _Decision, ready: list[RequestView]) -> None:
+        snap, o = dec.snap, self.options
+        wanted = [r for r in ready if r.req_id in dec.targets or r.req_id in dec.forced]
+        images = sorted((r for r in wanted if is_image(r)),
+                        key=lambda r: (r.req_id not in dec.forced, r.deadline_s))
+        videos = gv.video_candidates(dec, [r for r in wanted if is_video(r)],
+                                     snap.idle_mask.bit_count())
+        dec.held = gv.held_devices(dec, videos, o.hold_s)
+        free = (snap.idle_mask & ~dec.held).bit_count()
+        img_pool = ImagePool(snap, images, self.cluster.max_image_batch,
+                             dec.image_degrees[-1], o.batching)
+        pool_options = gv.image_options(dec, img_pool, free)
+        contention = gv.contention_s(dec, img_pool)
+        video_options = [gv.video_options(dec, v, free, contention) for v in videos]
+        items = [[(w, val) for w, val, _ in pool_options]]
+        items += [[(w, val) for w, val, _ in opts] for opts in video_options]
+        picks = solve_mckp(items, free)
+        dec.claims = list(pool_options[picks[0]][2])
+        for opts, pick in zip(video_options, picks[1:]):
+            if opts[pick][2] is not None:
+                dec.claims.append(opts[pick][2])
+
+
+def make_genserve(cluster: ClusterSpec, name: str = "genserve", **options) -> GenServePolicy:
+    variants = {"genserve": {}, "genserve:no-preempt": {"preemption": False},
+                "genserve:no-elastic-sp": {"elastic_sp": False},
+                "genserve:no-batching": {"batching": False}}
+    opts = dict(options)
+    opts.update(variants[name])
+    return GenServePolicy(cluster, GenServeOptions(**opts), name)

@@ -1,0 +1,322 @@
+"""What each option of GenServe's joint search is worth (see genserve_policy.py).
+
+Laxity: a target request's laxity is its slack at the smallest degree that
+still meets its deadline. It *can wait* when its laxity exceeds the time it
+would wait for devices (a device or a block of that degree freeing) plus a
+patience share of its remaining time. Values:
+
+* ``ON_TIME`` for each target request that is kept on time: run now at an
+  allocation that finishes it in time if held to the end, or left waiting
+  while it can wait. A target that can wait gains only ``URGENT`` × how
+  little laxity it has when run now, so spare devices go least laxity first.
+* Small terms break ties: device time above the most efficient degree
+  (scaled by load), changing a started video's degree, and pausing a started
+  request (hysteresis: ``STICKY`` keeps two videos that cannot both run from
+  taking turns, which would make both late). A forced request outweighs
+  everything.
+"""
+from __future__ import annotations
+
+from .blocks import BlockPool
+from .imagepool import ImagePool, Unit
+from .placement import Claim, grow, place, step_gain
+from .snapshot import INF, Snapshot, is_image, is_video, slo_s
+
+ON_TIME = 1.0
+FORCED = 1e3  # a forced request outweighs any number of others
+URGENT = 0.05  # running a request that could wait, by how little laxity it has
+DEVICE = 0.01  # device time above the most efficient degree (scaled by load)
+PREEMPT = 0.02  # pausing a started request (hysteresis)
+RESHAPE = 0.03  # changing a started video's degree (churn breaks blocks apart)
+STICKY = 0.1  # keeping a started request running: beats any laxity difference
+IMAGE_FIRST = 0.15  # an image on time beats a video on time (far less work ahead)
+MARGIN = 0.02  # predicted finish must leave this share of the remaining time
+
+
+def wait_until_free_s(snap: Snapshot) -> float:
+    busy = [t for t in snap.free_time_s if t > snap.now_s]
+    return min(busy) - snap.now_s if busy else 0.0
+
+
+def block_free_s(snap: Snapshot, k: int) -> tuple[float, int]:
+    """(time from now until some aligned block of k devices is all free, block)."""
+    best, best_mask = INF, 0
+    for start in range(0, snap.num_devices - k + 1, k):
+        t = max(snap.free_time_s[start:start + k])
+        if t < best:
+            best, best_mask = t, ((1 << k) - 1) << start
+    return best - snap.now_s, best_mask
+
+
+def need_degree(snap: Snapshot, r, degrees) -> int:
+    """Smallest degree that meets r's deadline from now (the largest if none)."""
+    for k in degrees:
+        dur = snap.remaining_s(r, k)
+        if snap.now_s + dur <= r.deadline_s - MARGIN * dur:
+            return k
+    return degrees[-1]
+
+
+def laxity_s(snap: Snapshot, r, k: int) -> float:
+    return r.deadline_s - snap.now_s - snap.remaining_s(r, k)
+
+
+def urgency(snap: Snapshot, r, k: int) -> float:
+    """1 with no laxity left, 0 with a whole SLO of it."""
+    return 1.0 - min(max(laxity_s(snap, r, k) / slo_s(r), 0.0), 1.0)
+
+
+def can_wait(dec, r, k: int, wait_s: float) -> bool:
+    snap = dec.snap
+    return laxity_s(snap, r, k) >= wait_s + dec.patience * snap.remaining_s(r, k)
+
+
+# -- images -------------------------------------------------------------------
+def candidate_slots(free: int) -> list[int]:
+    """Device budgets to try for the image pool: all up to 8, then a
+    geometric ladder (1, 1.5, 2, 3, 4, 6, ... and ``free``)."""
+    if free <= 8:
+        return list(range(1, free + 1))
+    out, g = set(range(1, 5)), 4
+    while g <= free:
+        out.update((g, g + g // 2))
+        g *= 2
+    return sorted(x for x in out | {free} if x <= free)
+
+
+def image_options(dec, pool: ImagePool, free: int) -> list[tuple]:
+    """(devices, value, claims) for each device budget of the image pool."""
+    options = [(0, 0.0, [])]
+    seen = {0}
+    for g in candidate_slots(free):
+        units, used = pool.form(g, scan_limit=g * min(pool.max_batch, 8) + 16)
+        if used in seen:
+            continue
+        seen.add(used)
+        value = sum(_unit_value(dec, u) for u in units)
+        claims = [Claim(list(u.members), u.degree, _fallback(u.degree) if not u.pin else (),
+                        u.pin, u.prefer) for u in units]
+        options.append((used, value, claims))
+    return options
+
+
+def _unit_value(dec, unit: Unit) -> float:
+    snap = dec.snap
+    size, k = len(unit.members), unit.degree
+    value = 0.0
+    for r in unit.members:
+        if r.req_id in dec.forced:
+            value += FORCED
+        if r.req_id in dec.targets and snap.now_s + snap.remaining_s(r, k, size) <= r.deadline_s:
+            need = need_degree(snap, r, dec.image_degrees)
+            if not can_wait(dec, r, need, dec.wait_s):
+                value += ON_TIME + IMAGE_FIRST
+            value += URGENT * urgency(snap, r, need) + (STICKY if r.steps_done > 0 else 0.0)
+        if r.steps_done > 0:
+            value += PREEMPT
+    if k > 1:
+        r = unit.members[0]
+        extra = k * snap.remaining_s(r, k, size) - snap.remaining_s(r, 1, size)
+        value -= DEVICE * dec.tightness * extra / (snap.num_devices * slo_s(r))
+    return value
+
+
+# -- videos -------------------------------------------------------------------
+def video_candidates(dec, videos: list, free: int) -> list:
+    """Forced videos, then target videos least laxity first (at most 2·free + 4)."""
+    snap = dec.snap
+    chosen = [v for v in videos if v.req_id in dec.forced or v.req_id in dec.targets]
+    chosen.sort(key=lambda v: (v.req_id not in dec.forced,
+                               laxity_s(snap, v, need_degree(snap, v, snap.allowed_degrees(v)))))
+    limit = max(2 * free + 4, sum(1 for v in chosen if v.req_id in dec.forced))
+    return chosen[:limit]
+
+
+def held_devices(dec, videos: list, hold_s: float) -> int:
+    """EASY-style reservations: a target video that cannot wait and finds no
+    free block of the degree it needs keeps the idle devices of the block that
+    frees first, if it frees within ``hold_s`` (blocks disjoint, least laxity
+    first), so that nothing else starts there and pushes its start back."""
+    snap = dec.snap
+    held, reserved = 0, 0
+    for v in videos:
+        if v.req_id not in dec.targets or snap.pinned_mask(v):
+            continue
+        k = need_degree(snap, v, dec.video_degrees(v))
+        wait, block = _free_block(snap, k, reserved)
+        if wait <= 1e-9 or wait > hold_s or not block or can_wait(dec, v, k, wait):
+            continue
+        reserved |= block
+        held |= block & snap.idle_mask
+    return held
+
+
+def _free_block(snap: Snapshot, k: int, exclude: int) -> tuple[float, int]:
+    best, best_mask = INF, 0
+    for start in range(0, snap.num_devices - k + 1, k):
+        bm = ((1 << k) - 1) << start
+        if bm & exclude:
+            continue
+        t = max(snap.free_time_s[start:start + k])
+        if t < best:
+            best, best_mask = t, bm
+    return best - snap.now_s, best_mask
+
+
+def contention_s(dec, pool: ImagePool) -> float:
+    """How long target images that cannot wait will need devices (the longest
+    such image alone at the degree it needs); inf when none needs any now."""
+    snap = dec.snap
+    horizon = INF
+    for r, k in zip(pool.images, pool.need):
+        if k > 0 and r.req_id in dec.targets:
+            if not can_wait(dec, r, k, dec.wait_s):
+                dur = snap.remaining_s(r, k)
+                horizon = dur if horizon == INF else max(horizon, dur)
+    return horizon
+
+
+def two_phase_finish_s(snap: Snapshot, v, k: int, pace: int, horizon_s: float) -> float:
+    """Finish if v runs at degree k (0: paused) for ``horizon_s``, then at
+    degree ``pace`` to the end (k held to the end when k >= pace)."""
+    if k >= pace or horizon_s == INF:
+        return snap.now_s + (snap.remaining_s(v, k) if k else INF)
+    done = 0.0 if k == 0 else horizon_s / snap.step_s(v, k)
+    if done >= v.steps_left:
+        return snap.now_s + snap.remaining_s(v, k)
+    rest = (v.steps_left - done) * snap.step_s(v, pace) + snap.overhead_s(v, pace, v.steps_left)
+    return snap.now_s + horizon_s + rest
+
+
+def video_options(dec, v, free: int, contention: float) -> list[tuple]:
+    """Pause, or run at degree k now. Running is valued as held at k to the
+    end, or, while images that cannot wait need devices (``contention``
+    seconds), as slowed to k (or paused) for that long only and then at up to
+    twice the degree it needs (elastic SP: shrink for an image, then catch up)."""
+    snap = dec.snap
+    degrees = dec.video_degrees(v)
+    target = v.req_id in dec.targets
+    need = need_degree(snap, v, degrees)
+    efficient = need * snap.remaining_s(v, need)
+    slo = slo_s(v)
+    started = v.steps_done > 0
+    options = []
+    if not target:  # forced but past saving: the cheapest degree will do
+        degrees = degrees[:1]
+    catch_up = max(d for d in degrees if d <= 2 * need)  # pace after a slow-down
+    for k in degrees:
+        if k > free or (target and 2 * k < need):  # slow down at most to half
+            continue
+        dur = snap.remaining_s(v, k)
+        value = 0.0
+        if target and two_phase_finish_s(snap, v, k, catch_up, contention) <= (
+                v.deadline_s - MARGIN * dur):
+            value += ON_TIME + URGENT * urgency(snap, v, need) + (STICKY if started else 0.0)
+        value -= DEVICE * dec.tightness * max(k * dur - efficient, 0.0) / (snap.num_devices * slo)
+        if started and k != len(v.device_ids):
+            value -= RESHAPE
+        options.append((k, value, Claim([v], k, (), snap.pinned_mask(v), _mask(v.device_ids))))
+    pause = 0.0
+    if target:
+        wait = 0.0 if started else block_free_s(snap, need)[0]
+        if contention < INF:
+            ok = laxity_s(snap, v, catch_up) >= wait + contention + MARGIN * efficient / need
+        else:
+            ok = can_wait(dec, v, need, max(wait, dec.wait_s))
+        pause += ON_TIME if ok else 0.0
+    if started:
+        pause -= PREEMPT
+    if v.req_id in dec.forced:
+        pause -= FORCED
+    return [(0, pause, None)] + options
+
+
+def fixed_video_degrees(snap: Snapshot, v, elastic: bool, fixed: int) -> tuple[int, ...]:
+    if elastic or (v.steps_done > 0 and not snap.cluster.migratable):
+        return snap.allowed_degrees(v)
+    if v.steps_done > 0 and v.device_ids:
+        return (len(v.device_ids),)
+    return (max(k for k in snap.degrees if k <= max(fixed, 1)),)
+
+
+# -- leftover devices ---------------------------------------------------------
+def leftover(dec, pool: BlockPool, ready: list, placed: list, o) -> list:
+    """Use devices the joint search left idle (work conservation): speed up
+    placed runs, least laxity first, by doubling their blocks; then serve
+    non-target work, oldest first. Images grow, and non-target videos (long
+    steps that break blocks apart) run, only when no target video waits."""
+    waiting = bool(dec.held) or _video_behind(dec, placed)
+    out: list = []
+    for stage in (("fill", "grow") if o.leftover_first == "fill" else ("grow", "fill")):
+        if not pool.free:
+            break
+        if stage == "fill":
+            out += _fill(dec, pool, ready, placed + out, o, videos_too=not waiting)
+        elif o.elastic_sp:
+            _grow_all(dec, pool, placed + out, o.max_image_degree if not waiting else 1)
+    return out
+
+
+def _video_behind(dec, placed: list) -> bool:
+    """Some target video is not running, or runs below the degree it needs."""
+    snap = dec.snap
+    degree = {c.members[0].req_id: c.degree for c in placed}
+    for r in snap.requests:
+        if is_video(r) and r.req_id in dec.targets:
+            k = len(r.device_ids) if r.running else degree.get(r.req_id, 0)
+            if k < need_degree(snap, r, dec.video_degrees(r)):
+                return True
+    return False
+
+
+def _fill(dec, pool: BlockPool, ready: list, placed: list, o, videos_too: bool) -> list:
+    snap = dec.snap
+    taken = {r.req_id for c in placed for r in c.members}
+    rest = sorted((r for r in ready if r.req_id not in taken), key=lambda r: r.arrival_s)
+    # the oldest few fill every free device many times over
+    images = [r for r in rest if is_image(r)][:2 * pool.count() * snap.cluster.max_image_batch]
+    claims = []
+    if images:
+        img_pool = ImagePool(snap, images, snap.cluster.max_image_batch, 1, o.batching)
+        units, _ = img_pool.form(pool.count(), only_on_time=False)
+        claims += [Claim(list(u.members), u.degree, (), u.pin, u.prefer) for u in units]
+    if videos_too:  # on whole blocks where it can: short steps, no fragments
+        for v in rest:
+            if is_video(v):
+                allowed = dec.video_degrees(v)
+                degrees = [k for k in allowed if k <= 4] or [allowed[0]]
+                claims.append(Claim([v], degrees[-1], tuple(reversed(degrees[:-1])),
+                                    snap.pinned_mask(v), _mask(v.device_ids)))
+    claims.sort(key=lambda c: min(r.arrival_s for r in c.members))
+    return place(pool, claims)
+
+
+def _grow_all(dec, pool: BlockPool, claims: list, max_image_degree: int) -> None:
+    snap = dec.snap
+
+    def slack(c):
+        return min(r.deadline_s - snap.now_s - snap.remaining_s(r, c.degree, len(c.members))
+                   for r in c.members)
+
+    for c in sorted(claims, key=slack):
+        limit = max_image_degree if is_image(c.members[0]) else snap.degrees[-1]
+        if is_video(c.members[0]) and len(dec.video_degrees(c.members[0])) == 1:
+            continue
+        while (not c.pin and 2 * c.degree <= limit and step_gain(snap, c) > 0.01
+               and grow(pool, c, snap.num_devices)):
+            pass
+
+
+def _fallback(k: int) -> tuple[int, ...]:
+    out = []
+    while k > 1:
+        k //= 2
+        out.append(k)
+    return tuple(out)
+
+
+def _mask(device_ids) -> int:
+    m = 0
+    for d in device_ids:
+        m |= 1 << d
+    return m

@@ -1,0 +1,141 @@
+"""Running policies over workloads: the library behind ``genserve simulate``
+and the benchmark scripts (no argparse, no printing)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+from .latency import LatencyModel
+from .metrics import summarize
+from .policies import make_policy
+from .profile import Profile
+from .simulator import simulate
+from .types import IMAGE, ClusterSpec
+from .workload import Request, TraceRequest, WorkloadSpec, generate, resolve
+
+
+@dataclass(frozen=True, slots=True)
+class Experiment:
+    """One simulated experiment: a cluster, a planning profile, the hardware's
+    true behaviour, and the policy options shared by every policy."""
+
+    cluster: ClusterSpec
+    profile: Profile
+    true_profile: Profile | None = None  # None: the hardware follows ``profile``
+    true_scale: float = 1.0  # true step and decode times × this
+    noise_cv: float = 0.0
+    seed: int = 0
+    check: bool = True
+    policy_options: dict = field(default_factory=dict)
+
+
+def scaled_profile(profile: Profile, factor: float) -> Profile:
+    """The same profile with every step and decode time multiplied by ``factor``."""
+    models = tuple(replace(m, steps=tuple(replace(p, step_ms=p.step_ms * factor) for p in m.steps),
+                           decodes=tuple(replace(p, decode_ms=p.decode_ms * factor)
+                                         for p in m.decodes)) for m in profile.models)
+    return replace(profile, models=models, name=f"{profile.name}x{factor:g}")
+
+
+def image_work_share(requests: Sequence[Request], cost: LatencyModel, video_degree: int) -> float:
+    """Share of device time images need, images at degree 1 and videos at
+    ``video_degree``: the demand-matched split for the static baseline."""
+    work = {True: 0.0, False: 0.0}
+    for r in requests:
+        k = 1 if r.task == IMAGE else video_degree
+        ms = (cost.encode_ms(r.model) + r.num_steps * cost.step_ms(
+            r.model, r.width, r.height, r.num_frames, k, 1)
+            + cost.decode_ms(r.model, r.width, r.height, r.num_frames, k))
+        work[r.task == IMAGE] += k * ms
+    total = work[True] + work[False]
+    return work[True] / total if total else 0.5
+
+
+def resolve_workload(exp: Experiment, trace: Sequence[TraceRequest],
+                     slo_scale: float) -> tuple[Request, ...]:
+    cost = LatencyModel(exp.profile)
+    limit = min(exp.cluster.num_devices, exp.cluster.max_sp_degree)
+    return resolve(trace, cost, slo_scale, limit)
+
+
+def run_one(exp: Experiment, policy: str, requests: Sequence[Request]) -> dict:
+    """Summary (metrics.summarize) of one policy over resolved requests."""
+    plan_cost = LatencyModel(exp.profile)
+    true_profile = exp.true_profile or exp.profile
+    if exp.true_scale != 1.0:
+        true_profile = scaled_profile(true_profile, exp.true_scale)
+    true_cost = LatencyModel(true_profile) if true_profile is not exp.profile else plan_cost.fresh()
+    options = dict(exp.policy_options)
+    if policy == "static" and options.get("static_image_fraction") is None:
+        return _best_static(exp, requests, options)
+    pol = make_policy(policy, exp.cluster, **options)
+    result = simulate(pol, requests, exp.cluster, plan_cost, true_cost, exp.noise_cv,
+                      exp.seed, exp.check)
+    summary = summarize(result)
+    errors = plan_cost.prediction_error()
+    if errors:
+        n = sum(e.count for e in errors)
+        summary["prediction_mean_abs_rel_error"] = sum(
+            e.mean_abs_rel_error * e.count for e in errors) / n
+    return summary
+
+
+def _best_static(exp: Experiment, requests, options: dict) -> dict:
+    """The static baseline at its best split for this workload (an oracle: it
+    tries every image share of whole devices and keeps the best attainment)."""
+    n = exp.cluster.num_devices
+    shares = [i / n for i in range(1, n)] if n <= 16 else [i / 16 for i in range(1, 16)]
+    best = None
+    for share in shares or [0.5]:
+        trial = replace(exp, policy_options={**options, "static_image_fraction": share})
+        summary = run_one(trial, "static", requests)
+        summary["static_image_fraction"] = share
+        if best is None or summary["attainment"] > best["attainment"]:
+            best = summary
+    best["static_demand_share"] = image_work_share(requests, LatencyModel(exp.profile),
+                                                   options.get("fixed_sp_degree") or 4)
+    return best
+
+
+def _run_job(job):
+    exp, policy, requests = job
+    return run_one(exp, policy, requests)
+
+
+def run_policies(exp: Experiment, policies: Sequence[str], requests: Sequence[Request],
+                 jobs: int = 1) -> dict[str, dict]:
+    return dict(zip(policies, _map([(exp, p, requests) for p in policies], jobs)))
+
+
+def sweep(exp: Experiment, policies: Sequence[str], spec: WorkloadSpec | None,
+          trace: Sequence[TraceRequest] | None, param: str, values: Sequence[float],
+          slo_scale: float, jobs: int = 1) -> list[dict]:
+    """Summaries per point of a sweep over ``rate`` or ``slo_scale``; a trace
+    can only sweep ``slo_scale``."""
+    if param not in ("rate", "slo_scale"):
+        raise ValueError("param must be rate or slo_scale")
+    if param == "rate" and spec is None:
+        raise ValueError("a rate sweep needs a generated workload")
+    work, points = [], []
+    for x in values:
+        base = trace if trace is not None else generate(
+            replace(spec, rate_rps=x) if param == "rate" else spec)
+        requests = resolve_workload(exp, base, x if param == "slo_scale" else slo_scale)
+        points.append(x)
+        work += [(exp, p, requests) for p in policies]
+    results = _map(work, jobs)
+    out = []
+    for i, x in enumerate(points):
+        chunk = results[i * len(policies):(i + 1) * len(policies)]
+        out.append({"x": x, "policies": dict(zip(policies, chunk))})
+    return out
+
+
+def _map(work: list, jobs: int) -> list:
+    if jobs <= 1 or len(work) <= 1:
+        return [_run_job(w) for w in work]
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(min(jobs, len(work), os.cpu_count() or 1)) as pool:
+        return pool.map(_run_job, work)

@@ -1,0 +1,248 @@
+"""Discrete-event simulator: the same policy objects and latency model as the
+live server, on a simulated clock ("one scheduler, two clocks").
+
+Events are arrivals and dispatch completions. At every instant with events,
+completions are applied first, then arrivals, then the policy plans (when a
+device is idle or a request arrived) and the plan is checked and applied.
+A dispatch lasts the *true* time of its steps (``true_cost``, optionally with
+log-normal noise) plus encode for requests it starts, decode for requests it
+finishes and a state move for requests it moves; each step's true time is fed
+back to the *planning* model through ``observe_step`` (online calibration).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from .check import check_plan
+from .latency import LatencyModel
+from .types import ClusterSpec, DeviceView, Dispatch, RequestView, StepPlan
+from .workload import Request
+
+DONE, REJECTED, UNFINISHED = "done", "rejected", "unfinished"
+
+
+class PlanError(RuntimeError):
+    """A policy produced an invalid plan."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one request."""
+
+    req_id: str
+    task: str
+    model: str
+    arrival_s: float
+    deadline_s: float
+    status: str  # DONE, REJECTED or UNFINISHED
+    finish_s: float = math.nan
+    first_start_s: float = math.nan
+    num_preemptions: int = 0
+    max_sp_degree: int = 0
+    mean_batch: float = 0.0
+
+    @property
+    def met_slo(self) -> bool:
+        return self.status == DONE and self.finish_s <= self.deadline_s + 1e-9
+
+    @property
+    def latency_s(self) -> float:
+        return self.finish_s - self.arrival_s
+
+
+@dataclass(frozen=True, slots=True)
+class SimResult:
+    policy: str
+    num_devices: int
+    outcomes: tuple[Outcome, ...]
+    decision_ms: tuple[float, ...]
+    busy_device_s: float
+    start_s: float
+    end_s: float
+    wall_s: float
+    invalid_plans: int = 0
+
+
+@dataclass(slots=True)
+class _Req:
+    spec: Request
+    view: RequestView
+    first_start_s: float = math.nan
+    max_degree: int = 0
+    batch_sum: int = 0
+    dispatches: int = 0
+
+
+class Simulator:
+    """One run of one policy over one workload. Use ``simulate`` for the usual case."""
+
+    def __init__(self, policy, requests: Sequence[Request], cluster: ClusterSpec, plan_cost,
+                 true_cost=None, noise_cv: float = 0.0, seed: int = 0, check: bool = True,
+                 strict: bool = True):
+        self.policy, self.cluster, self.cost = policy, cluster, plan_cost
+        self.true_cost = true_cost or plan_cost
+        self.noise_cv, self.rng = noise_cv, random.Random(seed)
+        self.check, self.strict = check, strict
+        self.requests = sorted(requests, key=lambda r: r.arrival_s)
+        self.active: dict[str, _Req] = {}
+        self.outcomes: list[Outcome] = []
+        self.busy_until = [0.0] * cluster.num_devices
+        self.idle = [True] * cluster.num_devices
+        self.events: list = []
+        self.seq = 0
+        self.decision_ms: list[float] = []
+        self.busy_device_s = 0.0
+        self.invalid = 0
+        self.now = 0.0
+        # a LatencyModel takes repeated identical measurements in one call
+        self._counted = isinstance(plan_cost, LatencyModel)
+
+    def run(self) -> SimResult:
+        wall0 = time.perf_counter()
+        for r in self.requests:
+            self._push(r.arrival_s, 1, r)
+        while self.events:
+            self.now = self.events[0][0]
+            arrived = self._pop_instant()
+            if arrived or any(self.idle):
+                self._decide()
+        for st in self.active.values():  # stalled: nothing left to wake the policy
+            self.outcomes.append(self._outcome(st, UNFINISHED))
+        start = self.requests[0].arrival_s if self.requests else 0.0
+        return SimResult(self.policy.name, self.cluster.num_devices, tuple(self.outcomes),
+                         tuple(self.decision_ms), self.busy_device_s, start, self.now,
+                         time.perf_counter() - wall0, self.invalid)
+
+    def _push(self, t: float, kind: int, payload) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, kind, self.seq, payload))
+
+    def _pop_instant(self) -> bool:
+        """Apply every event at ``now`` (completions sort before arrivals)."""
+        arrived = False
+        while self.events and self.events[0][0] <= self.now + 1e-12:
+            _, kind, _, payload = heapq.heappop(self.events)
+            if kind == 0:
+                self._complete(*payload)
+            else:
+                arrived = True
+                self.active[payload.req_id] = _Req(payload, RequestView(
+                    payload.req_id, payload.task, payload.model, payload.width, payload.height,
+                    payload.num_frames, payload.num_steps, 0, payload.arrival_s,
+                    payload.deadline_s))
+        return arrived
+
+    def _decide(self) -> None:
+        views = [st.view for st in self.active.values()]
+        if not views:
+            return
+        devices = [DeviceView(d, self.idle[d], self.now if self.idle[d] else self.busy_until[d])
+                   for d in range(self.cluster.num_devices)]
+        t0 = time.perf_counter()
+        plan = self.policy.plan(self.now, views, devices, self.cost)
+        self.decision_ms.append((time.perf_counter() - t0) * 1e3)
+        if self.check:
+            errors = check_plan(plan, views, devices, self.cluster)
+            if errors:
+                self.invalid += 1
+                if self.strict:
+                    raise PlanError(f"{self.policy.name} at t={self.now:.6f}: " + "; ".join(errors))
+                return
+        self._apply(plan)
+
+    def _apply(self, plan: StepPlan) -> None:
+        for rej in plan.rejected:
+            st = self.active.pop(rej.req_id)
+            self.outcomes.append(self._outcome(st, REJECTED))
+        for rid in plan.preempted:
+            st = self.active[rid]
+            st.view = _view(st.view, paused=True, num_preemptions=st.view.num_preemptions + 1)
+        for disp in plan.dispatches:
+            self._start(disp)
+
+    def _start(self, disp: Dispatch) -> None:
+        members = [self.active[rid] for rid in disp.req_ids]
+        degree, batch = len(disp.device_ids), len(members)
+        v0 = members[0].view
+        ms = self.true_cost.step_ms(v0.model, v0.width, v0.height, v0.num_frames, degree, batch)
+        if self.noise_cv > 0:
+            step_ms = [ms * self._noise() for _ in range(disp.num_steps)]
+        else:
+            step_ms = [ms] * disp.num_steps
+        extra_ms = 0.0
+        for st in members:
+            v = st.view
+            if v.steps_done == 0:
+                extra_ms += self.true_cost.encode_ms(v.model)
+                st.first_start_s = self.now
+            elif tuple(v.device_ids) != tuple(disp.device_ids) and hasattr(self.true_cost, "move_ms"):
+                extra_ms += self.true_cost.move_ms(v.model)
+            if v.steps_done + disp.num_steps >= v.num_steps:
+                extra_ms = max(extra_ms, 0.0) + self.true_cost.decode_ms(
+                    v.model, v.width, v.height, v.num_frames, degree)
+            st.max_degree = max(st.max_degree, degree)
+            st.batch_sum += batch
+            st.dispatches += 1
+            st.view = _view(v, running=True, paused=False, device_ids=tuple(disp.device_ids))
+        end = self.now + (sum(step_ms) + extra_ms) / 1e3
+        for d in disp.device_ids:
+            self.idle[d] = False
+            self.busy_until[d] = end
+        self.busy_device_s += (end - self.now) * degree
+        self._push(end, 0, (disp, step_ms, batch))
+
+    def _complete(self, disp: Dispatch, step_ms: list[float], batch: int) -> None:
+        v0 = self.active[disp.req_ids[0]].view
+        degree = len(disp.device_ids)
+        if self.noise_cv <= 0 and self._counted:  # identical steps: one closed-form update
+            self.cost.observe_step(v0.model, v0.width, v0.height, v0.num_frames, degree, batch,
+                                   step_ms[0], count=len(step_ms))
+        else:
+            for ms in step_ms:
+                self.cost.observe_step(v0.model, v0.width, v0.height, v0.num_frames, degree,
+                                       batch, ms)
+        for d in disp.device_ids:
+            self.idle[d] = True
+        for rid in disp.req_ids:
+            st = self.active[rid]
+            done = st.view.steps_done + disp.num_steps
+            st.view = _view(st.view, steps_done=done, running=False)
+            if done >= st.view.num_steps:
+                del self.active[rid]
+                self.outcomes.append(self._outcome(st, DONE))
+
+    def _noise(self) -> float:
+        if self.noise_cv <= 0:
+            return 1.0
+        sigma = math.sqrt(math.log(1 + self.noise_cv ** 2))
+        return self.rng.lognormvariate(-sigma * sigma / 2, sigma)
+
+    def _outcome(self, st: _Req, status: str) -> Outcome:
+        v = st.view
+        return Outcome(v.req_id, v.task, v.model, v.arrival_s, v.deadline_s, status,
+                       self.now if status == DONE else math.nan, st.first_start_s,
+                       v.num_preemptions, st.max_degree,
+                       st.batch_sum / st.dispatches if st.dispatches else 0.0)
+
+
+def _view(v: RequestView, **change) -> RequestView:
+    """``dataclasses.replace`` without its introspection (hot in the loop)."""
+    return RequestView(
+        v.req_id, v.task, v.model, v.width, v.height, v.num_frames, v.num_steps,
+        change.get("steps_done", v.steps_done), v.arrival_s, v.deadline_s,
+        change.get("num_preemptions", v.num_preemptions),
+        change.get("device_ids", v.device_ids), change.get("running", v.running),
+        change.get("paused", v.paused))
+
+
+def simulate(policy, requests: Sequence[Request], cluster: ClusterSpec, plan_cost,
+             true_cost=None, noise_cv: float = 0.0, seed: int = 0,
+             check: bool = True) -> SimResult:
+    """Run ``policy`` over ``requests`` on ``cluster``; see the module docstring."""
+    return Simulator(policy, requests, cluster, plan_cost, true_cost, noise_cv, seed,
+                     check).run()

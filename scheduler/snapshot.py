@@ -1,0 +1,146 @@
+"""Per-decision context shared by every policy: who is where, what is free,
+and cached predictions of how long each request still needs.
+
+A ``Snapshot`` is built at the top of ``Policy.plan`` and thrown away at the
+end; it reads only its inputs (no clock, no I/O).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from .blocks import degrees_upto, mask_of
+from .check import expected_preempted
+from .types import (IMAGE, VIDEO, ClusterSpec, CostModel, DeviceView, Dispatch,
+                    Rejection, RequestView, StepPlan)
+
+INF = math.inf
+
+
+class Snapshot:
+    """Inputs of one decision, indexed, plus memoised remaining-time predictions."""
+
+    __slots__ = ("now_s", "cluster", "cost", "requests", "by_id", "idle_mask",
+                 "free_time_s", "ready", "running", "degrees", "_memo", "num_devices")
+
+    def __init__(self, now_s: float, requests: Sequence[RequestView],
+                 devices: Sequence[DeviceView], cost: CostModel, cluster: ClusterSpec):
+        self.now_s = now_s
+        self.cluster = cluster
+        self.cost = cost
+        self.num_devices = cluster.num_devices
+        self.requests = requests
+        self.by_id = {r.req_id: r for r in requests}
+        self.idle_mask = mask_of(d.device_id for d in devices if d.idle)
+        self.free_time_s = [now_s] * cluster.num_devices
+        for d in devices:
+            if not d.idle and d.device_id < cluster.num_devices:
+                self.free_time_s[d.device_id] = max(d.busy_until_s, now_s)
+        self.ready = [r for r in requests if not r.running]
+        self.running = [r for r in requests if r.running]
+        self.degrees = degrees_upto(min(cluster.max_sp_degree, cluster.num_devices))
+        self._memo: dict[tuple, float] = {}
+
+    # -- what a request may be given ----------------------------------------
+    def allowed_degrees(self, r: RequestView, limit: int | None = None) -> tuple[int, ...]:
+        """SP degrees ``r`` may run at next (pinned when state cannot move)."""
+        if r.steps_done > 0 and not self.cluster.migratable and r.device_ids:
+            return (len(r.device_ids),)
+        if limit is None:
+            return self.degrees
+        return tuple(k for k in self.degrees if k <= limit) or (1,)
+
+    def pinned_mask(self, r: RequestView) -> int:
+        """Devices ``r`` must run on (0: anywhere)."""
+        if r.steps_done > 0 and not self.cluster.migratable and r.device_ids:
+            return mask_of(r.device_ids)
+        return 0
+
+    # -- predictions ----------------------------------------------------------
+    def step_s(self, r: RequestView, degree: int, batch: int = 1) -> float:
+        key = (r.model, r.width, r.height, r.num_frames, degree, batch)
+        v = self._memo.get(key)
+        if v is None:
+            v = self.cost.step_ms(r.model, r.width, r.height, r.num_frames, degree, batch) / 1e3
+            self._memo[key] = v
+        return v
+
+    def overhead_s(self, r: RequestView, degree: int, steps: int) -> float:
+        """Encode (if not started) + decode (if ``steps`` finishes it), seconds."""
+        fresh = r.steps_done == 0 and not r.running
+        last = steps >= r.steps_left
+        if not fresh and not last:
+            return 0.0
+        key = (r.model, r.width, r.height, r.num_frames, degree, fresh, last)
+        v = self._memo.get(key)
+        if v is None:
+            v = self.cost.encode_ms(r.model) / 1e3 if fresh else 0.0
+            if last:
+                v += self.cost.decode_ms(r.model, r.width, r.height, r.num_frames, degree) / 1e3
+            self._memo[key] = v
+        return v
+
+    def remaining_s(self, r: RequestView, degree: int, batch: int = 1) -> float:
+        """Time to finish ``r`` from a start now at ``degree`` in a batch of ``batch``."""
+        # requests of one class with as many steps left share the answer
+        key = (r.model, r.width, r.height, r.num_frames, r.steps_left,
+               r.steps_done == 0 and not r.running, degree, batch)
+        v = self._memo.get(key)
+        if v is None:
+            v = (r.steps_left * self.step_s(r, degree, batch)
+                 + self.overhead_s(r, degree, r.steps_left))
+            self._memo[key] = v
+        return v
+
+    def dispatch_s(self, r: RequestView, degree: int, batch: int, steps: int) -> float:
+        return steps * self.step_s(r, degree, batch) + self.overhead_s(r, degree, steps)
+
+    def durations(self, r: RequestView, batch: int = 1) -> tuple[tuple[int, float], ...]:
+        """(degree, remaining_s) for each allowed degree, shared by the class."""
+        key = ("durs", r.model, r.width, r.height, r.num_frames, r.steps_left,
+               r.steps_done == 0 and not r.running, self.pinned_mask(r), batch)
+        v = self._memo.get(key)
+        if v is None:
+            v = tuple((k, self.remaining_s(r, k, batch)) for k in self.allowed_degrees(r))
+            self._memo[key] = v
+        return v
+
+    def best_remaining_s(self, r: RequestView) -> float:
+        key = ("best", r.model, r.width, r.height, r.num_frames, r.steps_left,
+               r.steps_done == 0 and not r.running, self.pinned_mask(r))
+        v = self._memo.get(key)
+        if v is None:
+            v = min(self.remaining_s(r, k) for k in self.allowed_degrees(r))
+            self._memo[key] = v
+        return v
+
+    def slack_s(self, r: RequestView, degree: int, batch: int = 1, start_s: float | None = None) -> float:
+        start = self.now_s if start_s is None else start_s
+        return r.deadline_s - start - self.remaining_s(r, degree, batch)
+
+    def hopeless(self, r: RequestView) -> bool:
+        """Cannot meet its deadline even alone at its best allowed degree."""
+        return r.deadline_s - self.now_s < self.best_remaining_s(r)
+
+    def class_key(self, r: RequestView) -> tuple:
+        return (r.model, r.width, r.height, r.num_frames)
+
+    def finish_plan(self, dispatches: list[Dispatch],
+                    rejected: Sequence[Rejection] = ()) -> StepPlan:
+        """Wrap dispatches in a plan, listing preemptions by the exact rule."""
+        dispatched = {rid for d in dispatches for rid in d.req_ids}
+        preempted = expected_preempted(self.requests, dispatched)
+        return StepPlan(dispatches=tuple(dispatches),
+                        preempted=tuple(sorted(preempted)), rejected=tuple(rejected))
+
+
+def slo_s(r: RequestView) -> float:
+    return max(r.deadline_s - r.arrival_s, 1e-6)
+
+
+def is_video(r: RequestView) -> bool:
+    return r.task == VIDEO
+
+
+def is_image(r: RequestView) -> bool:
+    return r.task == IMAGE

@@ -1,0 +1,285 @@
+"""Which requests to aim at, and when: a look-ahead plan.
+
+* Images: a fluid EDF pass (Moore–Hodgson). Each image that can meet its
+  deadline alone is given the least device-time that meets it (amortised
+  over the batch its class could form); in deadline order the accumulated
+  work must fit in the devices' capacity until each deadline, and when it
+  does not, the image with the most work so far is given up.
+* Videos: commitment (``Commitments``). A video joins the plan when a
+  virtual schedule of the plan plus it still finishes every committed video
+  on time; a committed video leaves only when it no longer fits. The virtual
+  schedule spreads the kept images' work over every device first (images are
+  short and urgent), then places the committed videos least slack first, each
+  on the earliest aligned block at the smallest degree that finishes it on
+  time.
+
+Given-up requests are still served, at lowest priority. ``Plan`` records
+the virtual start, degree and block of each kept video.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+from .snapshot import Snapshot, is_image, is_video
+
+MARGIN = 0.02  # a plan must leave this share of the remaining time
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    degree: int
+    start_s: float
+    finish_s: float
+    block: int  # device mask
+
+
+@dataclass(frozen=True, slots=True)
+class TargetSet:
+    """Result of the look-ahead pass."""
+
+    kept: frozenset[str]  # requests planned to meet their deadline
+    hopeless: frozenset[str]  # cannot meet it even alone
+    dropped: frozenset[str]  # feasible alone, given up for the others
+    tightness: float  # how loaded the plan is (0..1)
+    finish_estimate_s: dict  # req_id -> planned finish (kept and dropped)
+    plans: dict  # req_id -> Plan of kept videos
+    image_work_s: float = 0.0  # device-seconds the kept images need
+
+
+def min_work_s(snap: Snapshot, r, batch: int = 1) -> float:  # used by tests and docs
+    """Device-seconds of the cheapest degree that meets the deadline from now
+    alone (inf when none does), amortised over ``batch`` where a batch of
+    that size still meets it."""
+    best = float("inf")
+    budget = r.deadline_s - snap.now_s
+    batched = snap.durations(r, batch) if batch > 1 else None
+    for i, (k, dur) in enumerate(snap.durations(r)):
+        if dur > budget:
+            continue
+        work = k * dur
+        if batched is not None and batched[i][1] <= budget:
+            work = min(work, k * batched[i][1] / batch)
+        best = min(best, work)
+    return best
+
+
+def select_targets(snap: Snapshot, requests, capacity_factor: float = 0.9,
+                   max_batch: int = 8, commitments: "Commitments | None" = None) -> TargetSet:
+    images = [r for r in requests if is_image(r)]
+    videos = [r for r in requests if is_video(r)]
+    kept, hopeless, dropped, finish, work, tight = _images(snap, images, capacity_factor,
+                                                        max_batch)
+    commitments = commitments if commitments is not None else Commitments()
+    plans, v_hopeless, v_dropped, v_tight = commitments.update(snap, videos,
+                                                               work / snap.num_devices)
+    for rid, p in plans.items():
+        finish[rid] = p.finish_s
+    video_kept = {v.req_id for v in videos if v.req_id in plans}
+    return TargetSet(frozenset(kept | video_kept), frozenset(hopeless | v_hopeless),
+                     frozenset(dropped | v_dropped), max(tight, v_tight), finish, plans, work)
+
+
+def _images(snap: Snapshot, images, capacity_factor: float, max_batch: int):
+    counts: dict[tuple, int] = {}
+    for r in images:
+        key = snap.class_key(r)
+        counts[key] = counts.get(key, 0) + 1
+    entries, hopeless = [], set()
+    table: dict[tuple, tuple] = {}  # one duration table per class and progress
+    now = snap.now_s
+    for r in images:
+        key = (snap.class_key(r), r.steps_left, r.steps_done == 0 and not r.running,
+               snap.pinned_mask(r))
+        rows = table.get(key)
+        if rows is None:
+            batch = min(counts[key[0]], max_batch)
+            batched = snap.durations(r, batch)
+            rows = table[key] = tuple((k * dur, dur, k * bdur / batch, bdur) for (k, dur), (
+                _, bdur) in zip(snap.durations(r), batched))
+        budget = r.deadline_s - now
+        work = float("inf")
+        for solo_work, dur, batch_work, bdur in rows:
+            if dur <= budget:
+                work = min(work, batch_work if bdur <= budget else solo_work, solo_work)
+        if work == float("inf"):
+            hopeless.add(r.req_id)
+        else:
+            entries.append((r.deadline_s, work, r.req_id))
+    entries.sort()
+    n = snap.num_devices * capacity_factor
+    heap: list[tuple[float, str]] = []
+    total, tight = 0.0, 0.0
+    dropped: set[str] = set()
+    finish: dict[str, float] = {}
+    for deadline, work, rid in entries:
+        heapq.heappush(heap, (-work, rid))
+        total += work
+        capacity = n * max(deadline - snap.now_s, 1e-9)
+        while total > capacity and heap:
+            w, victim = heapq.heappop(heap)
+            total += w
+            dropped.add(victim)
+            finish[victim] = deadline
+        tight = max(tight, min(total / capacity, 1.0))
+        if rid not in dropped:
+            finish[rid] = snap.now_s + total / n
+    kept = {rid for _, _, rid in entries if rid not in dropped}
+    return kept, hopeless, dropped, finish, total, tight
+
+
+class Commitments:
+    """The videos a policy has taken on (see the module docstring). Keeping
+    them stable means a new arrival never silently displaces a video already
+    promised its deadline, and nothing thrashes between in and out."""
+
+    __slots__ = ("ids", "max_trials", "admit_margin")
+
+    def __init__(self, max_trials: int = 4, admit_margin: float = 0.3):
+        self.ids: set[str] = set()
+        self.max_trials = max_trials
+        self.admit_margin = admit_margin  # a newcomer must fit with this share spare
+
+    def update(self, snap: Snapshot, videos, load_s: float):
+        feasible, hopeless = [], set()
+        for v in videos:
+            if snap.now_s + snap.best_remaining_s(v) > v.deadline_s:
+                hopeless.add(v.req_id)
+            else:
+                feasible.append(v)
+        committed = [v for v in feasible if v.req_id in self.ids]
+        plans, failed, free = _schedule(snap, committed, load_s)
+        committed = [v for v in committed if v.req_id not in failed]
+        trials = 0
+        for v in sorted((v for v in feasible if v.req_id not in self.ids),
+                        key=lambda v: (_latest_start_s(snap, v), v.req_id)):
+            if trials >= self.max_trials:
+                break
+            if free.first() + snap.best_remaining_s(v) > v.deadline_s:
+                continue  # cannot start in time even on the first free device
+            after = free.copy()
+            plan = _fit(snap, v, after, self.admit_margin)
+            if plan is not None:  # fits after every committed video: nothing moves
+                committed.append(v)
+                plans[v.req_id], free = plan, after
+                continue
+            trials += 1  # it might fit ahead of looser videos: replan them all
+            trial = _schedule(snap, committed + [v], load_s, v.req_id, self.admit_margin)
+            if not trial[1]:
+                committed.append(v)
+                plans, _, free = trial
+        self.ids = {v.req_id for v in committed}
+        dropped = {v.req_id for v in feasible if v.req_id not in self.ids}
+        return plans, hopeless, dropped, _tightness(snap, plans)
+
+
+    def try_commit(self, snap: Snapshot, v, videos, load_s: float) -> bool:
+        """Commit v if the plan still holds with it (normal margin): the test
+        admission control applies to a newcomer it would otherwise refuse."""
+        committed = [x for x in videos if x.req_id in self.ids]
+        _, failed, _ = _schedule(snap, committed + [v], load_s)
+        if failed:
+            return False
+        self.ids.add(v.req_id)
+        return True
+
+
+def _tightness(snap: Snapshot, plans: dict) -> float:
+    busy_s = sum(p.degree * (p.finish_s - p.start_s) for p in plans.values())
+    horizon = max((p.finish_s for p in plans.values()), default=snap.now_s) - snap.now_s
+    return min(busy_s / (snap.num_devices * horizon), 1.0) if horizon > 0 else 0.0
+
+
+class _Free:
+    """Device free times of a virtual schedule, with every aligned block's
+    all-free time kept per degree, so the earliest block is one ``min``."""
+
+    __slots__ = ("dev", "blocks")
+
+    def __init__(self, times, degrees):
+        self.dev = list(times)
+        n = len(self.dev)
+        self.blocks = {k: [max(self.dev[s:s + k]) for s in range(0, n - k + 1, k)]
+                       for k in degrees}
+
+    def copy(self) -> "_Free":
+        other = object.__new__(_Free)
+        other.dev = list(self.dev)
+        other.blocks = {k: list(row) for k, row in self.blocks.items()}
+        return other
+
+    def earliest(self, k: int) -> tuple[float, int]:
+        row = self.blocks[k]
+        t = min(row)
+        return t, row.index(t) * k
+
+    def at(self, start: int, k: int) -> float:
+        return self.blocks[k][start // k]
+
+    def book(self, start: int, k: int, until: float) -> None:
+        dev = self.dev
+        for d in range(start, start + k):
+            dev[d] = until
+        for kk, row in self.blocks.items():
+            for s in range(start - start % kk, start + k, kk):
+                if s // kk < len(row):  # devices past the last whole block: none
+                    row[s // kk] = max(dev[s:s + kk])
+
+    def first(self) -> float:
+        return min(self.dev)
+
+
+def _schedule(snap: Snapshot, videos, load_s: float, newcomer: str = "",
+              margin: float = MARGIN):
+    """List schedule of videos, least slack first: (plans, videos that do not
+    fit, device free times after it)."""
+    free = _Free((t + load_s for t in snap.free_time_s), snap.degrees)
+    jobs = sorted(((_latest_start_s(snap, v), v.req_id, v) for v in videos),
+                  key=lambda j: (j[0], j[1]))
+    plans: dict = {}
+    failed = set()
+    for _, rid, v in jobs:
+        plan = _fit(snap, v, free, margin if rid == newcomer else MARGIN)
+        if plan is None:
+            failed.add(rid)
+        else:
+            plans[rid] = plan
+    return plans, failed, free
+
+
+def _latest_start_s(snap: Snapshot, v) -> float:
+    """Latest start at the cheapest degree that meets the deadline from now
+    (least slack first packs tight videos before loose ones)."""
+    best = None
+    for _, dur in snap.durations(v):
+        if snap.now_s + dur <= v.deadline_s:
+            return v.deadline_s - dur
+        best = v.deadline_s - dur
+    return best if best is not None else v.deadline_s
+
+
+def _fit(snap: Snapshot, v, free: _Free, margin: float = MARGIN):
+    """Smallest degree whose earliest aligned block finishes v on time (its
+    own block on a tie); books that block in ``free``."""
+    pin = snap.pinned_mask(v)
+    own = min(v.device_ids) if v.device_ids else -1
+    for k, dur in snap.durations(v):
+        if pin:
+            start = own
+            t = free.at(start, k)
+        else:
+            t, start = free.earliest(k)
+            if own >= 0 and own % k == 0 and own + k <= snap.num_devices and (
+                    free.at(own, k) <= t + 1e-9):
+                start = own
+        if t + dur <= v.deadline_s - margin * dur:
+            free.book(start, k, t + dur)
+            return Plan(k, t, t + dur, ((1 << k) - 1) << start)
+    return None
+
+
+def _mask(devices) -> int:
+    m = 0
+    for d in devices:
+        m |= 1 << d
+    return m

@@ -1,0 +1,206 @@
+"""Workloads: generated arrivals or trace files (JSON lines), torch-free.
+
+Shared by the simulator and the load generator. A trace line holds
+``arrival_s``, ``task`` (image|video), ``model`` ("": the profile's default
+model for the task), ``width``, ``height``, ``num_frames``,
+``num_inference_steps`` (0: the model's default) and ``slo_ms`` (0: the
+default SLO, slo_scale × isolated latency). Other keys are kept in ``extra``
+(a prompt, for instance) and written back.
+
+``generate`` draws arrivals (Poisson, or Gamma with a coefficient of
+variation for bursts), a class mix and a shape mix from a seeded RNG;
+``resolve`` fills in models, steps, SLOs and deadlines from a latency model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .types import IMAGE, TASKS, VIDEO
+
+TRACE_KEYS = ("arrival_s", "task", "model", "width", "height", "num_frames",
+              "num_inference_steps", "slo_ms")
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRequest:
+    """One request of a workload, before defaults are resolved."""
+
+    arrival_s: float
+    task: str
+    width: int
+    height: int
+    num_frames: int = 1
+    model: str = ""
+    num_inference_steps: int = 0
+    slo_ms: float = 0.0
+    extra: tuple[tuple[str, object], ...] = ()  # other trace keys, kept as read
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A resolved request: every default filled in."""
+
+    req_id: str
+    arrival_s: float
+    task: str
+    model: str
+    width: int
+    height: int
+    num_frames: int
+    num_steps: int
+    slo_ms: float
+
+    @property
+    def deadline_s(self) -> float:
+        return self.arrival_s + self.slo_ms / 1e3
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    width: int
+    height: int
+    num_frames: int = 1
+    weight: float = 1.0
+
+
+DEFAULT_IMAGE_SHAPES = (Shape(512, 512), Shape(768, 768), Shape(1024, 1024))
+DEFAULT_VIDEO_SHAPES = (Shape(832, 480, 33), Shape(832, 480, 81))
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadSpec:
+    """A generated workload. Give ``num_requests`` or ``duration_s`` (or both:
+    whichever ends first)."""
+
+    rate_rps: float = 0.5
+    arrival: str = "poisson"  # poisson | gamma
+    cv: float = 1.0  # gamma: coefficient of variation of inter-arrival times
+    image_fraction: float = 0.7
+    image_shapes: tuple[Shape, ...] = DEFAULT_IMAGE_SHAPES
+    video_shapes: tuple[Shape, ...] = DEFAULT_VIDEO_SHAPES
+    num_requests: int = 200
+    duration_s: float = 0.0
+    seed: int = 0
+    image_model: str = ""
+    video_model: str = ""
+
+    def __post_init__(self):
+        if self.rate_rps <= 0:
+            raise ValueError("rate_rps must be positive")
+        if self.arrival not in ("poisson", "gamma"):
+            raise ValueError("arrival must be poisson or gamma")
+        if self.arrival == "gamma" and self.cv <= 0:
+            raise ValueError("cv must be positive")
+        if not 0.0 <= self.image_fraction <= 1.0:
+            raise ValueError("image_fraction must be in [0, 1]")
+        if self.num_requests <= 0 and self.duration_s <= 0:
+            raise ValueError("give num_requests or duration_s")
+
+
+def generate(spec: WorkloadSpec) -> tuple[TraceRequest, ...]:
+    rng = random.Random(spec.seed)
+    out = []
+    t = 0.0
+    limit = spec.num_requests if spec.num_requests > 0 else math.inf
+    while len(out) < limit:
+        t += _gap_s(rng, spec)
+        if spec.duration_s > 0 and t > spec.duration_s:
+            break
+        is_image = rng.random() < spec.image_fraction
+        shapes = spec.image_shapes if is_image else spec.video_shapes
+        s = rng.choices(shapes, weights=[x.weight for x in shapes])[0]
+        out.append(TraceRequest(arrival_s=round(t, 6), task=IMAGE if is_image else VIDEO,
+                                width=s.width, height=s.height,
+                                num_frames=1 if is_image else s.num_frames,
+                                model=spec.image_model if is_image else spec.video_model))
+    return tuple(out)
+
+
+def _gap_s(rng: random.Random, spec: WorkloadSpec) -> float:
+    if spec.arrival == "poisson":
+        return rng.expovariate(spec.rate_rps)
+    shape = 1.0 / (spec.cv ** 2)
+    return rng.gammavariate(shape, 1.0 / (spec.rate_rps * shape))
+
+
+def resolve(trace: Iterable[TraceRequest], cost, slo_scale: float,
+            max_devices: int) -> tuple[Request, ...]:
+    """Fill in models (``cost.default_model``), steps (``cost.default_steps``)
+    and SLOs (slo_scale × ``cost.isolated_latency_ms`` at up to
+    ``max_devices``). ``cost`` is a LatencyModel (or anything with those)."""
+    out = []
+    for i, t in enumerate(sorted(trace, key=lambda x: x.arrival_s)):
+        model = t.model or cost.default_model(t.task)
+        steps = t.num_inference_steps or cost.default_steps(model)
+        slo = t.slo_ms or slo_scale * cost.isolated_latency_ms(
+            model, t.width, t.height, t.num_frames, steps, t.task, max_devices)
+        out.append(Request(f"r{i:06d}", t.arrival_s, t.task, model, t.width, t.height,
+                           t.num_frames, steps, slo))
+    return tuple(out)
+
+
+def to_json(t: TraceRequest) -> dict:
+    d = {"arrival_s": t.arrival_s, "task": t.task, "model": t.model, "width": t.width,
+         "height": t.height, "num_frames": t.num_frames,
+         "num_inference_steps": t.num_inference_steps, "slo_ms": t.slo_ms}
+    d.update(dict(t.extra))
+    return d
+
+
+def from_json(d: dict) -> TraceRequest:
+    task = d.get("task")
+    if task not in TASKS:
+        raise ValueError(f"trace line: task must be image or video, got {task!r}")
+    frames = int(d.get("num_frames", 1) or 1)
+    return TraceRequest(
+        arrival_s=float(d["arrival_s"]), task=task, width=int(d["width"]),
+        height=int(d["height"]), num_frames=1 if task == IMAGE else frames,
+        model=str(d.get("model", "") or ""),
+        num_inference_steps=int(d.get("num_inference_steps", 0) or 0),
+        slo_ms=float(d.get("slo_ms", 0) or 0),
+        extra=tuple(sorted((k, v) for k, v in d.items() if k not in TRACE_KEYS)))
+
+
+def read_trace(path: str | Path) -> tuple[TraceRequest, ...]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                out.append(from_json(json.loads(line)))
+            except (KeyError, ValueError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: {e}") from None
+    return tuple(out)
+
+
+def write_trace(path: str | Path, trace: Sequence[TraceRequest]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for t in trace:
+            f.write(json.dumps(to_json(t)) + "\n")
+
+
+def with_slo(trace: Sequence[TraceRequest], slo_ms: float) -> tuple[TraceRequest, ...]:
+    return tuple(replace(t, slo_ms=slo_ms) for t in trace)
+
+
+def parse_shapes(text: str, task: str) -> tuple[Shape, ...]:
+    """"512x512,1024x1024" (images) or "832x480x33,832x480x81" (videos);
+    an optional ":weight" suffix weights a shape."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        dims, _, weight = part.partition(":")
+        nums = [int(x) for x in dims.lower().split("x")]
+        if len(nums) not in (2, 3) or (task == VIDEO and len(nums) != 3):
+            raise ValueError(f"bad shape {part!r}")
+        frames = nums[2] if len(nums) == 3 else 1
+        out.append(Shape(nums[0], nums[1], frames, float(weight or 1.0)))
+    if not out:
+        raise ValueError("no shapes given")
+    return tuple(out)

@@ -1,0 +1,157 @@
+"""Property tests: every policy's plans keep the invariants, for any state.
+
+States are drawn from a seed: a cluster (any device count, SP limit,
+migratable or not, batch limit), in-flight groups on aligned blocks, and
+requests that are new, running, paused or waiting at a step boundary.
+"""
+import random
+from collections import Counter
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from genserve.scheduler import POLICY_NAMES, ClusterSpec, DeviceView, LatencyModel, RequestView, make_policy
+from genserve.scheduler.blocks import degrees_upto
+from genserve.scheduler.check import check_plan
+from genserve.scheduler.simulator import simulate
+from genserve.scheduler.workload import Request
+
+COST = LatencyModel.load("reference-h100")
+IMAGE_SHAPES = ((512, 512), (768, 768), (1024, 1024))
+VIDEO_FRAMES = (33, 81)
+
+
+def random_cluster(rng: random.Random) -> ClusterSpec:
+    n = rng.choice((1, 2, 3, 4, 6, 8, 12))
+    return ClusterSpec(n, rng.choice((1, 2, 4, 8)), rng.random() < 0.7, rng.choice((1, 2, 4, 16)))
+
+
+def _block(rng, cluster, free):
+    """An aligned block of the cluster among ``free`` devices, or None."""
+    sizes = [k for k in degrees_upto(min(cluster.num_devices, cluster.max_sp_degree))]
+    k = rng.choice(sizes)
+    starts = [s for s in range(0, cluster.num_devices - k + 1, k)
+              if all(d in free for d in range(s, s + k))]
+    if not starts:
+        return None
+    s = rng.choice(starts)
+    return tuple(range(s, s + k))
+
+
+def _request(rng, i, now, task, **kw):
+    if task == "image":
+        w, h = rng.choice(IMAGE_SHAPES)
+        frames, steps = 1, 28
+    else:
+        (w, h), frames, steps = (832, 480), rng.choice(VIDEO_FRAMES), 50
+    arrival = now - rng.uniform(0, 30)
+    slo = rng.uniform(0.2, 4.0) * COST.isolated_latency_ms(
+        COST.default_model(task), w, h, frames, steps, task, 8) / 1e3
+    return RequestView(f"q{i}", task, COST.default_model(task), w, h, frames, steps,
+                       kw.pop("steps_done", 0), arrival, arrival + slo, **kw)
+
+
+def random_state(seed: int):
+    rng = random.Random(seed)
+    cluster = random_cluster(rng)
+    now = 100.0
+    free = set(range(cluster.num_devices))
+    requests, busy = [], {}
+    for _ in range(rng.randint(0, cluster.num_devices)):  # work in flight
+        block = _block(rng, cluster, free)
+        if block is None:
+            continue
+        free -= set(block)
+        end = now + rng.uniform(0.01, 2.0)
+        busy.update({d: end for d in block})
+        task = "video" if rng.random() < 0.5 else "image"
+        model_req = _request(rng, len(requests), now, task)
+        batch = 1 if task == "video" else rng.randint(1, cluster.max_image_batch)
+        for _ in range(batch):
+            r = _request(rng, len(requests), now, task)
+            r = RequestView(r.req_id, r.task, r.model, model_req.width, model_req.height,
+                            model_req.num_frames, r.num_steps, rng.randint(0, r.num_steps - 1),
+                            r.arrival_s, r.deadline_s, rng.randint(0, 3), block, True)
+            requests.append(r)
+    for _ in range(rng.randint(0, 3 * cluster.num_devices + 2)):  # not running
+        task = "video" if rng.random() < 0.4 else "image"
+        r = _request(rng, len(requests), now, task)
+        if rng.random() < 0.5:  # started: its state lives on some aligned block
+            block = _block(rng, cluster, set(range(cluster.num_devices)))
+            if block is not None and (task == "video" or len(block) <= 4):
+                r = RequestView(r.req_id, r.task, r.model, r.width, r.height, r.num_frames,
+                                r.num_steps, rng.randint(1, r.num_steps - 1), r.arrival_s,
+                                r.deadline_s, rng.randint(0, 6), block, False,
+                                paused=rng.random() < 0.5)
+        requests.append(r)
+    rng.shuffle(requests)
+    devices = [DeviceView(d, d not in busy, busy.get(d, now)) for d in range(cluster.num_devices)]
+    return cluster, now, requests, devices
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), name=st.sampled_from(POLICY_NAMES),
+       admission=st.booleans())
+def test_every_plan_keeps_the_invariants(seed, name, admission):
+    cluster, now, requests, devices = random_state(seed)
+    policy = make_policy(name, cluster, admission_control=admission)
+    plan = policy.plan(now, requests, devices, COST.fresh())
+    assert check_plan(plan, requests, devices, cluster) == []
+    # spelled out: devices used once, only idle ones, a request in one group
+    used = Counter(d for disp in plan.dispatches for d in disp.device_ids)
+    assert all(c == 1 for c in used.values())
+    assert all(devices[d].idle for d in used)
+    placed = Counter(r for disp in plan.dispatches for r in disp.req_ids)
+    assert all(c == 1 for c in placed.values())
+    if not admission:
+        assert plan.rejected == ()
+
+
+class StepAudit:
+    """Wraps a policy and counts the steps dispatched to each request."""
+
+    def __init__(self, policy):
+        self.policy, self.name = policy, policy.name
+        self.steps = Counter()
+        self.preempted = Counter()
+
+    def plan(self, now_s, requests, devices, cost):
+        plan = self.policy.plan(now_s, requests, devices, cost)
+        for disp in plan.dispatches:
+            for rid in disp.req_ids:
+                self.steps[rid] += disp.num_steps
+        self.preempted.update(plan.preempted)
+        return plan
+
+
+def random_workload(rng: random.Random, n: int):
+    out, t = [], 0.0
+    for i in range(n):
+        t += rng.expovariate(1.5)
+        task = "image" if rng.random() < 0.7 else "video"
+        if task == "image":
+            (w, h), frames, steps = rng.choice(IMAGE_SHAPES), 1, rng.choice((4, 8))
+        else:
+            (w, h), frames, steps = (832, 480), rng.choice(VIDEO_FRAMES), rng.choice((3, 6))
+        slo = rng.uniform(0.5, 3.0) * COST.isolated_latency_ms(
+            COST.default_model(task), w, h, frames, steps, task, 4)
+        out.append(Request(f"w{i}", round(t, 3), task, COST.default_model(task), w, h, frames,
+                           steps, slo))
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), name=st.sampled_from(POLICY_NAMES))
+def test_simulation_loses_nothing_and_runs_every_step_once(seed, name):
+    rng = random.Random(seed)
+    cluster = random_cluster(rng)
+    workload = random_workload(rng, rng.randint(1, 14))
+    audit = StepAudit(make_policy(name, cluster))
+    result = simulate(audit, workload, cluster, COST.fresh(), check=True)  # raises on a bad plan
+    assert sorted(o.req_id for o in result.outcomes) == sorted(r.req_id for r in workload)
+    assert all(o.status == "done" for o in result.outcomes)  # nothing lost or stuck
+    for r in workload:  # never skipped or repeated
+        assert audit.steps[r.req_id] == r.num_steps
+    outcome = {o.req_id: o for o in result.outcomes}
+    for rid, n in audit.preempted.items():  # every preempted request resumed and finished
+        assert outcome[rid].status == "done" and outcome[rid].num_preemptions == n

@@ -1,0 +1,131 @@
+"""LatencyModel and profiles: interpolation, calibration, JSON round trip."""
+import json
+import math
+
+import pytest
+
+from genserve.scheduler import (LatencyModel, Profile, ProfileError, StepSample,
+                                DecodeSample, load_profile)
+from genserve.scheduler.profile import POINT_KINDS
+
+FLUX, WAN = "flux.1-dev", "wan2.1-t2v-1.3b"
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return load_profile("reference-h100")
+
+
+def test_reference_profile_models_and_defaults(ref):
+    assert ref.default_model("image") == FLUX
+    assert ref.default_model("video") == WAN
+    assert ref.model(FLUX).default_steps == 28 and ref.model(WAN).default_steps == 50
+
+
+def test_reference_profile_labels_every_entry(ref):
+    published = {(p.width, p.height, p.num_frames, p.sp_degree) for m in ref.models
+                 for p in m.steps if p.kind == "published"}
+    assert published == {(832, 480, 81, 1)}  # the one figure taken as is
+    for m in ref.models:
+        for p in (*m.steps, *m.decodes):
+            assert p.kind in POINT_KINDS
+            assert p.note, f"{m.name} {p} has no derivation note"
+        assert any(p.batch_size > 1 and p.kind == "model" for p in m.steps) == (m.task == "image")
+
+
+def test_reference_matches_published_totals(ref):
+    lm = LatencyModel(ref)
+    # FLUX.1-dev 1024^2, 28 steps: 6.71 s on 1 GPU, 4.38 / 4.24 s with Ulysses-2 / -4
+    for degree, total_ms in ((1, 6710), (2, 4380), (4, 4240)):
+        got = (lm.encode_ms(FLUX) + 28 * lm.step_ms(FLUX, 1024, 1024, 1, degree, 1)
+               + lm.decode_ms(FLUX, 1024, 1024, 1, degree))
+        assert got == pytest.approx(total_ms, rel=0.01)
+    assert lm.step_ms(WAN, 832, 480, 81, 1, 1) == pytest.approx(1040)
+
+
+def test_interpolation_is_monotone_and_sane(ref):
+    lm = LatencyModel(ref)
+    sizes = [256, 512, 640, 768, 896, 1024, 1280]
+    times = [lm.step_ms(FLUX, s, s, 1, 1, 1) for s in sizes]
+    assert times == sorted(times)
+    batch = [lm.step_ms(FLUX, 512, 512, 1, 1, b) for b in range(1, 33)]
+    assert batch == sorted(batch)
+    assert batch[1] < 2 * batch[0]  # batching amortises (modelled)
+    # video SP scales, and an unknown degree falls back without a speed-up
+    wan = [lm.step_ms(WAN, 832, 480, 81, k, 1) for k in (1, 2, 4, 8)]
+    assert wan == sorted(wan, reverse=True)
+    assert lm.step_ms(WAN, 832, 480, 49, 2, 1) < lm.step_ms(WAN, 832, 480, 81, 2, 1)
+
+
+def test_degree_and_batch_fallbacks():
+    prof = Profile.from_measurements("t", [
+        StepSample("m", "image", 64, 64, 1, 2, 1, 10.0),
+        StepSample("m", "image", 128, 128, 1, 2, 1, 30.0)])
+    lm = LatencyModel(prof)
+    assert lm.step_ms("m", 64, 64, 1, 4, 1) == pytest.approx(10.0)  # no speed-up assumed
+    assert lm.step_ms("m", 64, 64, 1, 1, 1) == pytest.approx(20.0)  # k0 / k slower
+    assert lm.step_ms("m", 64, 64, 1, 2, 3) == pytest.approx(30.0)  # b x step(1)
+    assert lm.step_ms("m", 96, 96, 1, 2, 1) == pytest.approx(10 * (96 / 64) ** (2 * math.log(3) / math.log(4)), rel=1e-6)
+
+
+def test_isolated_latency_uses_best_allowed_degree(ref):
+    lm = LatencyModel(ref)
+    one = lm.isolated_latency_ms(WAN, 832, 480, 81, 50, "video", 1)
+    eight = lm.isolated_latency_ms(WAN, 832, 480, 81, 50, "video", 8)
+    assert eight < one / 4
+    assert lm.isolated_latency_ms(WAN, 832, 480, 81, 50, None, 6) == lm.isolated_latency_ms(
+        WAN, 832, 480, 81, 50, None, 4)
+    with pytest.raises(ProfileError):
+        lm.isolated_latency_ms(WAN, 832, 480, 81, 50, "image", 1)
+
+
+def test_calibration_converges_and_is_bounded(ref):
+    lm = LatencyModel(ref, ewma_alpha=0.3)
+    base = lm.step_ms(FLUX, 512, 512, 1, 1, 1)
+    for _ in range(40):
+        lm.observe_step(FLUX, 512, 512, 1, 1, 1, 1.5 * base)
+    assert lm.step_ms(FLUX, 512, 512, 1, 1, 1) == pytest.approx(1.5 * base, rel=0.01)
+    # a shape never measured follows its model's level
+    other = LatencyModel(ref).step_ms(FLUX, 1024, 1024, 1, 2, 1)
+    assert lm.step_ms(FLUX, 1024, 1024, 1, 2, 1) == pytest.approx(1.5 * other, rel=0.05)
+    assert abs(lm.last_rel_error) < 0.01
+    for _ in range(100):
+        lm.observe_step(FLUX, 512, 512, 1, 1, 1, 1000 * base)  # outliers: clamped
+    assert lm.step_ms(FLUX, 512, 512, 1, 1, 1) <= 4.0 * base + 1e-9
+    lm.observe_step(FLUX, 512, 512, 1, 1, 1, float("nan"))  # ignored
+    stats = {(e.model, e.kind, e.width): e for e in lm.prediction_error()}
+    e = stats[(FLUX, "step", 512)]
+    assert e.count == 140 and e.mean_abs_rel_error > 0 and e.calibration_ratio == pytest.approx(4.0)
+
+
+def test_save_load_round_trip_keeps_calibration(tmp_path, ref):
+    lm = LatencyModel(ref)
+    for _ in range(10):
+        lm.observe_step(WAN, 832, 480, 33, 4, 1, 120.0)
+    path = tmp_path / "calibrated.json"
+    lm.save(path)
+    again = LatencyModel.load(path)
+    assert again.step_ms(WAN, 832, 480, 33, 4, 1) == pytest.approx(lm.step_ms(WAN, 832, 480, 33, 4, 1))
+    assert json.loads(path.read_text())["schema_version"] == 1
+    assert LatencyModel(again.profile).fresh().step_ms(WAN, 832, 480, 33, 4, 1) == pytest.approx(
+        LatencyModel(ref).step_ms(WAN, 832, 480, 33, 4, 1))
+
+
+def test_from_measurements_takes_medians_and_validates():
+    steps = [StepSample("tiny-img", "image", 64, 64, 1, 1, 1, ms) for ms in (9.0, 10.0, 50.0)]
+    steps += [StepSample("tiny-vid", "video", 64, 64, 9, 1, 1, 40.0)]
+    prof = Profile.from_measurements(
+        "cpu", steps, [DecodeSample("tiny-vid", 64, 64, 9, 1, 30.0)], {"tiny-img": 5.0},
+        default_models={"image": "tiny-img", "video": "tiny-vid"})
+    lm = LatencyModel(prof)
+    assert lm.step_ms("tiny-img", 64, 64, 1, 1, 1) == pytest.approx(10.0)
+    assert lm.decode_ms("tiny-vid", 64, 64, 9, 1) == pytest.approx(30.0)
+    assert lm.encode_ms("tiny-img") == 5.0 and lm.default_steps("tiny-vid") == 50
+    with pytest.raises(ProfileError):
+        Profile.from_dict({"models": {"x": {"task": "audio", "steps": []}}})
+    with pytest.raises(ProfileError):
+        Profile.from_measurements("bad", steps, default_models={"image": "tiny-vid"})
+    with pytest.raises(ProfileError):
+        load_profile("/no/such/profile.json")
+    with pytest.raises(ProfileError):
+        lm.step_ms("unknown", 64, 64, 1, 1, 1)

@@ -1,0 +1,144 @@
+"""Scenario tests: the paper's motivating case, a lone request, starvation,
+admission control, calibration, odd clusters."""
+import pytest
+
+from genserve.scheduler import (POLICY_NAMES, ClusterSpec, DeviceView, LatencyModel, RequestView,
+                                make_policy)
+from genserve.scheduler.runner import scaled_profile
+from genserve.scheduler.simulator import simulate
+from genserve.scheduler.workload import Request, WorkloadSpec, generate, resolve
+
+COST = LatencyModel.load("reference-h100")
+FLUX, WAN = "flux.1-dev", "wan2.1-t2v-1.3b"
+
+
+def iso_ms(task, w, h, frames, steps, devices):
+    model = COST.default_model(task)
+    return COST.isolated_latency_ms(model, w, h, frames, steps, task, devices)
+
+
+def motivating_workload():
+    """4 videos arrive together on 4 devices with room to spare (2x the time
+    each takes on one device); 3 images arrive a second later (SLO 2x)."""
+    out = []
+    video_alone_ms = (COST.encode_ms(WAN) + 50 * COST.step_ms(WAN, 832, 480, 33, 1, 1)
+                      + COST.decode_ms(WAN, 832, 480, 33, 1))
+    for i in range(4):
+        out.append(Request(f"v{i}", 0.0, "video", WAN, 832, 480, 33, 50, 2 * video_alone_ms))
+    for i, size in enumerate((512, 768, 1024)):
+        out.append(Request(f"i{i}", 1.0, "image", FLUX, size, size, 1, 28,
+                           2 * iso_ms("image", size, size, 1, 28, 4)))
+    return out
+
+
+def run(name, workload, cluster, **options):
+    return simulate(make_policy(name, cluster, **options), workload, cluster, COST.fresh())
+
+
+def test_motivating_case_fcfs_misses_images_genserve_meets_all():
+    cluster = ClusterSpec(4)
+    workload = motivating_workload()
+    fcfs = {o.req_id: o for o in run("fcfs", workload, cluster).outcomes}
+    assert not any(fcfs[f"i{i}"].met_slo for i in range(3))  # images wait behind videos
+    for fixed in (1, 2, 4):  # whatever fixed degree the videos run at
+        res = run("fcfs", workload, cluster, fixed_sp_degree=fixed)
+        assert not any(o.met_slo for o in res.outcomes if o.task == "image")
+    gen = run("genserve", workload, cluster)
+    assert all(o.met_slo for o in gen.outcomes), [(o.req_id, o.finish_s, o.deadline_s)
+                                                  for o in gen.outcomes if not o.met_slo]
+    assert sum(o.num_preemptions for o in gen.outcomes if o.task == "video") >= 1
+
+
+@pytest.mark.parametrize("task,shape", [("image", (1024, 1024, 1)), ("image", (512, 512, 1)),
+                                        ("video", (832, 480, 81)), ("video", (832, 480, 33))])
+def test_lone_request_runs_at_its_isolated_latency(task, shape):
+    cluster = ClusterSpec(8)
+    steps = 28 if task == "image" else 50
+    iso = iso_ms(task, *shape, steps, 8)
+    req = Request("solo", 5.0, task, COST.default_model(task), *shape, steps, 3 * iso)
+    for name in ("genserve", "edf-step"):
+        out = run(name, [req], cluster).outcomes[0]
+        assert out.latency_s * 1e3 == pytest.approx(iso, rel=1e-6), name
+
+
+def test_videos_do_not_starve_under_an_endless_image_stream():
+    """Images alone saturate the devices; a video still finishes within the
+    aging bound (starvation_factor x its SLO, then its run), and is paused at
+    most max_preemptions times."""
+    cluster = ClusterSpec(4)
+    factor, max_preemptions = 2.0, 3
+    images = [Request(f"img{i}", 0.4 * i, "image", FLUX, 768, 768, 1, 28,
+                      2 * iso_ms("image", 768, 768, 1, 28, 4)) for i in range(150)]
+    alone_s = 50 * COST.step_ms(WAN, 832, 480, 33, 1, 1) / 1e3 + 2.0  # degree 1, + slack
+    for slo_ms in (3 * iso_ms("video", 832, 480, 33, 50, 4), 3000.0):  # feasible, hopeless
+        video = Request("video", 1.0, "video", WAN, 832, 480, 33, 50, slo_ms)
+        res = run("genserve", [video] + images, cluster, starvation_factor=factor,
+                  max_preemptions=max_preemptions)
+        out = {o.req_id: o for o in res.outcomes}
+        assert sum(o.met_slo for o in res.outcomes if o.task == "image") < 120  # saturated
+        assert out["video"].status == "done"
+        assert out["video"].finish_s <= video.arrival_s + factor * slo_ms / 1e3 + alone_s
+        assert out["video"].finish_s < images[-1].arrival_s  # not just after the stream
+        assert out["video"].num_preemptions <= max_preemptions
+
+
+def _state_with_infeasible():
+    now = 10.0
+    ok = RequestView("ok", "image", FLUX, 512, 512, 1, 28, 0, now, now + 10.0)
+    bad = RequestView("bad", "video", WAN, 832, 480, 81, 50, 0, now, now + 2.0)  # < isolated
+    devices = [DeviceView(d, True, now) for d in range(8)]
+    return now, [ok, bad], devices
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_admission_control_rejects_infeasible(name):
+    now, requests, devices = _state_with_infeasible()
+    cluster = ClusterSpec(8)
+    plan = make_policy(name, cluster, admission_control=True).plan(now, requests, devices,
+                                                                   COST.fresh())
+    assert [r.req_id for r in plan.rejected] == ["bad"]
+    rej = plan.rejected[0]
+    assert rej.reason.startswith("RESOURCE_EXHAUSTED") and rej.estimated_finish_s > now + 2.0
+    assert "ok" in {rid for d in plan.dispatches for rid in d.req_ids}
+    served = make_policy(name, cluster).plan(now, requests, devices, COST.fresh())
+    assert served.rejected == ()  # without admission control it is served, last
+
+
+def test_admission_control_refuses_what_the_load_makes_late():
+    cluster = ClusterSpec(4)
+    isolated = iso_ms("video", 832, 480, 81, 50, 4)
+    busy = [Request(f"v{i}", 0.0, "video", WAN, 832, 480, 81, 50, 1.2 * isolated) for i in range(3)]
+    late = Request("late", 0.5, "video", WAN, 832, 480, 81, 50, 1.2 * isolated)
+    for name in ("genserve", "edf", "fcfs"):
+        res = run(name, busy + [late], cluster, admission_control=True)
+        status = {o.req_id: o.status for o in res.outcomes}
+        assert status["late"] == "rejected", name
+        assert status["v0"] == "done"
+    assert all(o.status == "done" for o in run("genserve", busy + [late], cluster).outcomes)
+
+
+def test_calibration_learns_a_slower_machine():
+    cluster = ClusterSpec(8)
+    trace = generate(WorkloadSpec(rate_rps=0.3, num_requests=40, seed=3))
+    workload = resolve(trace, COST, 3.0, 8)
+    plan_cost = COST.fresh()
+    true_cost = LatencyModel(scaled_profile(COST.profile, 1.3))
+    simulate(make_policy("genserve", cluster), workload, cluster, plan_cost, true_cost,
+             noise_cv=0.05, seed=1)
+    errors = plan_cost.prediction_error()
+    assert errors and abs(plan_cost.last_rel_error) < 0.15
+    early = max(e.mean_abs_rel_error for e in errors)
+    assert early > 0.05  # it started 30% off ...
+    assert plan_cost.step_ms(FLUX, 768, 768, 1, 1, 1) == pytest.approx(
+        1.3 * COST.step_ms(FLUX, 768, 768, 1, 1, 1), rel=0.1)  # ... and learned it
+
+
+@pytest.mark.parametrize("cluster", [ClusterSpec(6), ClusterSpec(5, max_sp_degree=2),
+                                     ClusterSpec(2, max_sp_degree=1, migratable=False,
+                                                 max_image_batch=2)])
+def test_every_policy_completes_on_odd_clusters(cluster):
+    trace = generate(WorkloadSpec(rate_rps=0.2, num_requests=24, seed=5))
+    workload = resolve(trace, COST, 4.0, min(cluster.num_devices, cluster.max_sp_degree))
+    for name in POLICY_NAMES:
+        res = run(name, workload, cluster)
+        assert all(o.status == "done" for o in res.outcomes), name

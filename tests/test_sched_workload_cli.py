@@ -1,0 +1,91 @@
+"""Workloads (generated and traces) and the ``simulate`` command."""
+import argparse
+import csv
+import json
+import statistics
+
+import pytest
+
+from genserve.scheduler import LatencyModel
+from genserve.scheduler.cli import add_simulate_parser, main
+from genserve.scheduler.workload import (TraceRequest, WorkloadSpec, generate, parse_shapes,
+                                         read_trace, resolve, write_trace)
+
+COST = LatencyModel.load("reference-h100")
+
+
+def test_generation_is_seeded_and_matches_its_spec():
+    spec = WorkloadSpec(rate_rps=2.0, num_requests=4000, seed=7, image_fraction=0.7)
+    a, b = generate(spec), generate(spec)
+    assert a == b and len(a) == 4000
+    gaps = [y.arrival_s - x.arrival_s for x, y in zip(a, a[1:])]
+    assert statistics.mean(gaps) == pytest.approx(0.5, rel=0.05)
+    assert sum(t.task == "image" for t in a) / len(a) == pytest.approx(0.7, abs=0.03)
+    assert {(t.width, t.num_frames) for t in a if t.task == "video"} == {(832, 33), (832, 81)}
+    bursty = generate(WorkloadSpec(rate_rps=2.0, num_requests=4000, seed=7, arrival="gamma",
+                                   cv=3.0))
+    gaps = [y.arrival_s - x.arrival_s for x, y in zip(bursty, bursty[1:])]
+    assert statistics.mean(gaps) == pytest.approx(0.5, rel=0.15)
+    assert statistics.pstdev(gaps) / statistics.mean(gaps) == pytest.approx(3.0, rel=0.2)
+    short = generate(WorkloadSpec(rate_rps=1.0, num_requests=0, duration_s=30.0, seed=1))
+    assert short and max(t.arrival_s for t in short) <= 30.0
+
+
+def test_trace_round_trip_and_defaults(tmp_path):
+    trace = [TraceRequest(0.5, "image", 512, 512),
+             TraceRequest(1.0, "video", 832, 480, 33, "", 20, 60000.0, (("prompt", "a cat"),))]
+    path = tmp_path / "trace.jsonl"
+    write_trace(path, trace)
+    assert read_trace(path) == tuple(trace)
+    assert json.loads(path.read_text().splitlines()[1])["prompt"] == "a cat"
+    img, vid = resolve(read_trace(path), COST, 2.0, 8)
+    assert img.model == "flux.1-dev" and img.num_steps == 28
+    assert img.slo_ms == pytest.approx(2.0 * COST.isolated_latency_ms(
+        "flux.1-dev", 512, 512, 1, 28, "image", 8))
+    assert vid.num_steps == 20 and vid.slo_ms == 60000.0 and vid.deadline_s == 61.0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"arrival_s": 0, "task": "audio", "width": 1, "height": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        read_trace(bad)
+    assert parse_shapes("512x512:2,1024x1024", "image")[0].weight == 2.0
+    with pytest.raises(ValueError):
+        parse_shapes("832x480", "video")
+
+
+def test_simulate_parser_mounts_under_a_main_cli():
+    parser = argparse.ArgumentParser(prog="genserve")
+    add_simulate_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["simulate", "--devices", "4", "--policy", "fcfs,genserve"])
+    assert args.devices == 4 and callable(args.func)
+
+
+def test_simulate_json_prints_one_object(capsys):
+    assert main(["simulate", "--devices", "4", "--num-requests", "20", "--rate", "0.3",
+                 "--policy", "genserve,fcfs,static", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"policies"} and set(out["policies"]) == {"genserve", "fcfs", "static"}
+    s = out["policies"]["genserve"]
+    for key in ("attainment", "attainment_image", "attainment_video", "goodput_rps",
+                "preemptions_per_video", "busy_fraction", "completed", "submitted"):
+        assert key in s
+    assert set(s["latency_ms"]) == {"image", "video"}
+    assert set(s["latency_ms"]["image"]) == {"p50", "p95", "p99"}
+    assert set(s["decision_ms"]) >= {"p50", "p99"}
+    assert 0.0 <= s["attainment"] <= 1.0 and s["submitted"] == 20
+
+
+def test_simulate_table_trace_and_sweep(tmp_path, capsys):
+    trace = tmp_path / "t.jsonl"
+    assert main(["simulate", "--devices", "4", "--num-requests", "15", "--policy", "edf",
+                 "--write-trace", str(trace)]) == 0
+    assert "edf" in capsys.readouterr().out and len(read_trace(trace)) == 15
+    assert main(["simulate", "--devices", "4", "--trace", str(trace), "--policy", "sjf"]) == 0
+    assert "sjf" in capsys.readouterr().out
+    assert main(["simulate", "--devices", "4", "--num-requests", "15", "--policy",
+                 "genserve,fcfs", "--sweep-slo-scales", "1.5,3", "--out", str(tmp_path),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = list(csv.DictReader(open(out["sweep"]["csv"])))
+    assert [r["policy"] for r in rows] == ["genserve", "fcfs"] * 2
+    assert out["sweep"]["png"] and (tmp_path / "sweep_slo_scale.png").stat().st_size > 1000
+    assert main(["simulate", "--policy", "nope"]) == 2
