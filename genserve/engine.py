@@ -453,5 +453,6 @@ class Engine:
                reason=f"worker {msg.device_id} crashed; restarting from step 0")
 
     def cluster_spec(self) -> ClusterSpec:
+        # Only the Wan adapter has a sequence-parallel path: images run on one device.
         return ClusterSpec(self.executor.num_devices, max_sp_degree=self.max_sp_degree, migratable=True,
-                           max_image_batch=self.config.max_image_batch)
+                           max_image_batch=self.config.max_image_batch, max_image_sp_degree=1)

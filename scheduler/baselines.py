@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from .blocks import BlockPool, block_mask, ids_of, tile_blocks
 from .guards import FirstSight, admit_in_order
 from .snapshot import Snapshot, is_image, is_video
-from .types import ClusterSpec, CostModel, DeviceView, Dispatch, RequestView, StepPlan
+from .types import ClusterSpec, CostModel, Dispatch, RequestView, StepPlan
 
 ORDERS = ("fcfs", "sjf", "edf")
 
@@ -87,8 +87,11 @@ class RequestLevelPolicy:
 
     # -- ordering and admission ---------------------------------------------
     def _degree(self, r: RequestView) -> int:
-        return self.video_degree if is_video(r) else (
-            self.video_degree if self.options.groups == "fixed-sp" else 1)
+        if is_video(r):
+            return self.video_degree
+        if self.options.groups == "fixed-sp":  # images take a whole group, as xDiT does
+            return min(self.video_degree, self.cluster.max_image_sp_degree)
+        return 1
 
     def _key(self, snap: Snapshot):
         order = self.options.order
@@ -168,8 +171,10 @@ class RequestLevelPolicy:
                 self.options.groups != "fixed-sp") else [r]
             taken.update(m.req_id for m in members)
             pool.take_exact(group[0])
-            out.append(Dispatch(tuple(m.req_id for m in members), ids_of(group[0]),
-                                r.steps_left))
+            block = ids_of(group[0])
+            if is_image(r):  # the group stays held; the image runs on what it can use
+                block = block[:min(len(block), self.cluster.max_image_sp_degree)]
+            out.append(Dispatch(tuple(m.req_id for m in members), block, r.steps_left))
         return out
 
     def _batch(self, snap: Snapshot, head: RequestView, groups: dict, taken: set,

@@ -75,6 +75,8 @@ def _check_members(where, num_steps, device_ids, members, cluster) -> list[str]:
             errors.append(f"{where}: {r.req_id} must resume on {r.device_ids}")
         if r.task == VIDEO and len(members) > 1:
             errors.append(f"{where}: video {r.req_id} batched")
+        if r.task == IMAGE and len(device_ids) > cluster.max_image_sp_degree:
+            errors.append(f"{where}: image {r.req_id} on {len(device_ids)} devices > max_image_sp_degree")
     return errors
 
 

@@ -30,6 +30,8 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("cluster and profile")
     g.add_argument("--devices", type=int, default=8, help="number of devices (default 8)")
     g.add_argument("--max-sp-degree", type=int, default=8)
+    g.add_argument("--max-image-sp-degree", type=int, default=8,
+                   help="largest block an image batch may use (1 models the live CPU server's SD3 adapter)")
     g.add_argument("--max-image-batch", type=int, default=16)
     g.add_argument("--profile", default="reference-h100", help="built-in profile name or JSON path")
     g.add_argument("--true-profile", help="profile the simulated hardware follows "
@@ -91,7 +93,8 @@ def _setup(args):
     bad = [p for p in policies if p not in POLICY_NAMES]
     if bad or not policies:
         raise ValueError(f"unknown policies {bad}; choose from {', '.join(POLICY_NAMES)}")
-    cluster = ClusterSpec(args.devices, args.max_sp_degree, True, args.max_image_batch)
+    cluster = ClusterSpec(args.devices, args.max_sp_degree, True, args.max_image_batch,
+                          args.max_image_sp_degree)
     options = {"admission_control": args.admission_control,
                "fixed_sp_degree": args.fixed_sp_degree,
                "static_image_fraction": args.static_image_fraction,

@@ -1,24 +1,25 @@
-"""GenServe: the joint, step-level, SLO-aware policy.
+"""GenServe: the joint, step-level, SLO-aware policy (docs/scheduler.md).
 
 At every decision point:
 
-1. *Targets* (targets.py): a fluid EDF pass keeps the largest set of requests
-   that can all meet their deadlines; the rest are served at lowest priority.
-2. *Options*: the image pool may take g devices (for each g, images are
-   batched and spread by imagepool.py, each batch at the smallest SP degree
-   that keeps it on time); each video may take degree k in {0 (pause), 1, 2,
-   4, 8}. An option is worth one per target request it keeps on time
-   (running now and on time, or able to wait), plus small terms: earlier
-   finishes, less device time, no reshape, and (for pausing a started video)
-   a preemption cost that grows as its slack shrinks — so the videos with
-   the most slack are preempted first, and only to keep more requests on time.
+1. *Targets* (targets.py): images kept by a fluid EDF pass; videos by
+   commitment to a virtual schedule on aligned blocks. The rest are served
+   at lowest priority.
+2. *Options* (genserve_values.py): the image pool may take g devices (for
+   each g, images are spread, then batched without pushing any member past
+   its deadline, each batch at the smallest SP degree that keeps it on time:
+   imagepool.py); each committed video may take degree k in {0 (pause), 1,
+   2, 4, 8}. An option is worth one per target kept on time, valued against
+   the time images that cannot wait need devices, so that a video is shrunk
+   or paused for them only when its laxity absorbs it (most slack first).
 3. *Joint search* (dp.py): a multiple-choice knapsack over the free devices.
 4. *Placement* (placement.py) on aligned blocks, preferring devices that hold
-   a request's state; leftover devices serve non-target work, then speed up
-   the most urgent runs (work conservation).
+   a request's state; holds for a video whose block frees shortly; leftover
+   devices speed up urgent runs and then serve non-target work.
 
-Starvation guard: a video paused ``max_preemptions`` times cannot be paused
-again, and any request waiting ``starvation_factor`` × its SLO is forced in.
+Starvation guard: a committed video paused ``max_preemptions`` times is not
+paused again, and a request waiting ``starvation_factor`` × its SLO is forced
+in (on a bounded share of the devices).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from .blocks import BlockPool
 from .dp import solve_mckp
 from .guards import FirstSight, forced_set, rejection
 from .imagepool import ImagePool
-from .placement import Claim, place, to_dispatches
+from .placement import place, to_dispatches
 from .snapshot import Snapshot, is_image, is_video
 from .targets import Commitments, select_targets
 from .types import ClusterSpec, CostModel, DeviceView, RequestView, StepPlan
@@ -104,8 +105,8 @@ class GenServePolicy:
         o = self.options
         forced = forced_set(snap, ready, o.max_preemptions if o.preemption else 0,
                             o.starvation_factor, ts.kept, o.starvation_share)
-        image_degrees = tuple(k for k in snap.degrees
-                              if k <= (o.max_image_degree if o.elastic_sp else 1))
+        image_cap = min(o.max_image_degree if o.elastic_sp else 1, self.cluster.max_image_sp_degree)
+        image_degrees = tuple(k for k in snap.degrees if k <= image_cap)
 
         def video_degrees(v):
             return gv.fixed_video_degrees(snap, v, o.elastic_sp, o.fixed_sp_degree)

@@ -299,7 +299,8 @@ def _grow_all(dec, pool: BlockPool, claims: list, max_image_degree: int) -> None
                    for r in c.members)
 
     for c in sorted(claims, key=slack):
-        limit = max_image_degree if is_image(c.members[0]) else snap.degrees[-1]
+        limit = (min(max_image_degree, snap.cluster.max_image_sp_degree) if is_image(c.members[0])
+                 else snap.degrees[-1])
         if is_video(c.members[0]) and len(dec.video_degrees(c.members[0])) == 1:
             continue
         while (not c.pin and 2 * c.degree <= limit and step_gain(snap, c) > 0.01

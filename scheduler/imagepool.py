@@ -41,6 +41,7 @@ class ImagePool:
         self.snap = snap
         self.images = images
         self.max_batch = max(1, max_batch if batching else 1)
+        max_degree = min(max_degree, snap.cluster.max_image_sp_degree)
         self.degrees = tuple(k for k in snap.degrees if k <= max_degree) or (1,)
         self.need = [self._need(r) for r in images]  # smallest on-time degree, or -1
 

@@ -46,6 +46,8 @@ class Snapshot:
         """SP degrees ``r`` may run at next (pinned when state cannot move)."""
         if r.steps_done > 0 and not self.cluster.migratable and r.device_ids:
             return (len(r.device_ids),)
+        if is_image(r):
+            limit = min(limit or self.cluster.max_image_sp_degree, self.cluster.max_image_sp_degree)
         if limit is None:
             return self.degrees
         return tuple(k for k in self.degrees if k <= limit) or (1,)

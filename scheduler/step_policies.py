@@ -87,7 +87,8 @@ class EdfStepPolicy(_StepBase):
                 claims.append(claim)
                 taken.update(m.req_id for m in members)
         for c in claims:  # deadline order: most urgent grows first
-            limit = o.max_image_degree if is_image(c.members[0]) else snap.degrees[-1]
+            limit = (min(o.max_image_degree, snap.cluster.max_image_sp_degree) if is_image(c.members[0])
+                     else snap.degrees[-1])
             while (not c.pin and 2 * c.degree <= limit and step_gain(snap, c) > 0.01
                    and grow(pool, c, snap.num_devices)):
                 pass

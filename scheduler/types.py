@@ -72,6 +72,9 @@ class ClusterSpec:
     # degree (its state is moved). When False, it must resume on device_ids.
     migratable: bool = True
     max_image_batch: int = 16  # largest image batch the executor accepts
+    # Largest block an image (batch) may run on: 1 when the image model has
+    # no sequence-parallel path (e.g. the live server's SD3 adapter).
+    max_image_sp_degree: int = 8
 
 
 @dataclass(frozen=True, slots=True)

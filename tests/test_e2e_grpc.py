@@ -139,3 +139,10 @@ def test_health_and_reflection(server):
                                             timeout=5)
         names = {s.name for r in replies for s in r.list_services_response.service}
     assert {"genserve.v1.GenServe", "grpc.health.v1.Health"} <= names
+
+
+def test_zz_policy_never_planned_what_the_workers_cannot_run(server, client):
+    """After all the traffic above (named to run last in this file)."""
+    assert client.generate("one more", task="image", steps=2).media.data
+    assert "invalid dispatch" not in server.output
+    assert "falling back to fcfs" not in server.output

@@ -23,12 +23,15 @@ VIDEO_FRAMES = (33, 81)
 
 def random_cluster(rng: random.Random) -> ClusterSpec:
     n = rng.choice((1, 2, 3, 4, 6, 8, 12))
-    return ClusterSpec(n, rng.choice((1, 2, 4, 8)), rng.random() < 0.7, rng.choice((1, 2, 4, 16)))
+    return ClusterSpec(n, rng.choice((1, 2, 4, 8)), rng.random() < 0.7, rng.choice((1, 2, 4, 16)),
+                       rng.choice((1, 2, 8)))
 
 
-def _block(rng, cluster, free):
-    """An aligned block of the cluster among ``free`` devices, or None."""
-    sizes = [k for k in degrees_upto(min(cluster.num_devices, cluster.max_sp_degree))]
+def _block(rng, cluster, free, task="video"):
+    """An aligned block of the cluster among ``free`` devices that ``task``
+    may run on, or None."""
+    cap = cluster.max_sp_degree if task == "video" else min(cluster.max_sp_degree, cluster.max_image_sp_degree)
+    sizes = [k for k in degrees_upto(min(cluster.num_devices, cap))]
     k = rng.choice(sizes)
     starts = [s for s in range(0, cluster.num_devices - k + 1, k)
               if all(d in free for d in range(s, s + k))]
@@ -58,13 +61,13 @@ def random_state(seed: int):
     free = set(range(cluster.num_devices))
     requests, busy = [], {}
     for _ in range(rng.randint(0, cluster.num_devices)):  # work in flight
-        block = _block(rng, cluster, free)
+        task = "video" if rng.random() < 0.5 else "image"
+        block = _block(rng, cluster, free, task)
         if block is None:
             continue
         free -= set(block)
         end = now + rng.uniform(0.01, 2.0)
         busy.update({d: end for d in block})
-        task = "video" if rng.random() < 0.5 else "image"
         model_req = _request(rng, len(requests), now, task)
         batch = 1 if task == "video" else rng.randint(1, cluster.max_image_batch)
         for _ in range(batch):
@@ -77,7 +80,7 @@ def random_state(seed: int):
         task = "video" if rng.random() < 0.4 else "image"
         r = _request(rng, len(requests), now, task)
         if rng.random() < 0.5:  # started: its state lives on some aligned block
-            block = _block(rng, cluster, set(range(cluster.num_devices)))
+            block = _block(rng, cluster, set(range(cluster.num_devices)), task)
             if block is not None and (task == "video" or len(block) <= 4):
                 r = RequestView(r.req_id, r.task, r.model, r.width, r.height, r.num_frames,
                                 r.num_steps, rng.randint(1, r.num_steps - 1), r.arrival_s,
