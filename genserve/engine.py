@@ -171,10 +171,12 @@ class Engine:
         t.emit(time.monotonic(), EventType.QUEUED, queue_position=position)
 
     def _default_slo_ms(self, req: Request) -> int:
+        """slo_scale × the request's predicted latency alone at its best
+        allowed allocation (as the simulator's workloads define it)."""
         p = req.params
-        alone_ms = (self.cost.encode_ms(req.model)
-                    + p.num_steps * self.cost.step_ms(req.model, p.width, p.height, p.num_frames, 1, 1)
-                    + self.cost.decode_ms(req.model, p.width, p.height, p.num_frames, 1))
+        devices = self.max_sp_degree if req.task == "video" else 1
+        alone_ms = self.cost.isolated_latency_ms(req.model, p.width, p.height, p.num_frames, p.num_steps,
+                                                 req.task, devices)
         return max(1, int(self.config.default_slo_scale * alone_ms))
 
     # ---- planning and dispatch -------------------------------------------

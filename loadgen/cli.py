@@ -68,8 +68,9 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--targets", default="", help="running servers: NAME=HOST:PORT,...")
     g.add_argument("--num-workers", type=int, default=2, help="workers of each started server")
     g.add_argument("--server-args", default="", help="extra `genserve serve` flags (one string)")
-    g.add_argument("--sim-max-sp-degree", type=int, default=1,
-                   help="simulated cluster's SP limit (the live CPU engine uses 1)")
+    g.add_argument("--sim-max-sp-degree", type=int, default=0,
+                   help="simulated cluster's SP limit (default: as the live engine, the largest "
+                        "power of two of --num-workers)")
 
 
 def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

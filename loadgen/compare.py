@@ -43,9 +43,13 @@ class CompareOptions:
     server_args: tuple[str, ...] = ()  # extra `genserve serve` flags
     profile: str = ""  # latency profile for the simulator ("": no simulation; "auto": measure it)
     sim_slo_scale: float = 3.0  # SLO of slo_ms=0 requests in the simulator
-    sim_max_sp_degree: int = 1  # the live CPU engine runs SP 1 (no migration)
-    sim_migratable: bool = False
+    # The simulated cluster mirrors the live engine: SP up to the largest
+    # power of two of its workers (0: derive it), state moves between
+    # devices, images on one device (the SD3 adapter has no SP), batches of 8.
+    sim_max_sp_degree: int = 0
+    sim_migratable: bool = True
     sim_max_image_batch: int = 8
+    sim_max_image_sp_degree: int = 1
     metrics: bool = True  # scrape launched servers' queue depth
 
 
@@ -92,9 +96,11 @@ def simulate_policy(items: Sequence[TraceRequest], policy: str, copts: CompareOp
     from genserve.scheduler.workload import resolve
 
     cost = LatencyModel.load(copts.profile)
-    cluster = ClusterSpec(copts.num_workers, max_sp_degree=copts.sim_max_sp_degree,
-                          migratable=copts.sim_migratable, max_image_batch=copts.sim_max_image_batch)
-    requests = resolve(items, cost, copts.sim_slo_scale, copts.sim_max_sp_degree)
+    max_sp = copts.sim_max_sp_degree or 1 << (max(copts.num_workers, 1).bit_length() - 1)
+    cluster = ClusterSpec(copts.num_workers, max_sp_degree=max_sp, migratable=copts.sim_migratable,
+                          max_image_batch=copts.sim_max_image_batch,
+                          max_image_sp_degree=copts.sim_max_image_sp_degree)
+    requests = resolve(items, cost, copts.sim_slo_scale, max_sp)
     try:
         result = simulate(make_policy(policy, cluster), requests, cluster, cost.fresh(), cost.fresh())
     except Exception as err:  # noqa: BLE001 - one policy's failure must not lose the live runs
