@@ -94,6 +94,11 @@ class Engine:
         """Requests accepted and not yet ended (read from any thread)."""
         return len(self.tracked) + self._inbox.qsize()
 
+    def abandon(self, req_id: str) -> None:
+        """Cancel without waiting for the answer (safe from any thread or an
+        event loop: the client that owned the request is gone)."""
+        self._post(("cancel", req_id, [False], threading.Event()))
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="genserve-engine", daemon=True)
         self._thread.start()
@@ -192,9 +197,11 @@ class Engine:
         t0 = time.perf_counter()
         try:
             plan: StepPlan = self.policy.plan(now, views, devices, self.cost)
-            if any(check_dispatch(d, [self.tracked.get(r) for r in d.req_ids], set(idle), self.max_sp_degree)
-                   for d in plan.dispatches):
-                raise ValueError("the plan holds a dispatch this executor cannot run")
+            for d in plan.dispatches:
+                problem = check_dispatch(d, [self.tracked.get(r) for r in d.req_ids], set(idle),
+                                         self.max_sp_degree)
+                if problem:
+                    raise ValueError(f"the plan holds a dispatch this executor cannot run: {d}: {problem}")
         except Exception:  # a policy bug must not strand requests: decide this one plainly
             log.exception("policy %s failed; falling back to fcfs for this decision", self.policy.name)
             self.num_invalid_dispatches += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from genserve.convert import Validator, card_to_pb, event_to_pb, result_to_pb
 from genserve.engine import Engine
+from genserve.security import current_tenant
 from genserve.types import Event, EventType, RequestError
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -25,6 +27,14 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenServe"].full_name
 
 def _code(status: str) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, status, grpc.StatusCode.UNKNOWN)
+
+
+TENANT_SEP = "\x1f"  # tenant-scoped engine ids: TENANT<sep>CLIENT_ID
+
+
+def client_id(req_id: str) -> str:
+    """The id the client knows (without the tenant scope)."""
+    return req_id.rpartition(TENANT_SEP)[2]
 
 
 RETRY_AFTER_MS = 1000  # hint sent with RESOURCE_EXHAUSTED (trailing metadata retry-after-ms)
@@ -46,6 +56,9 @@ class GenServeService(pb_grpc.GenServeServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica")
         try:
             req = self.validator.request(request)
+            tenant = current_tenant.get()
+            if tenant:  # ids are per tenant: nobody attaches to or cancels another's request
+                req = replace(req, req_id=f"{tenant}{TENANT_SEP}{req.req_id}")
             events: asyncio.Queue[Event] = asyncio.Queue()
             loop = asyncio.get_running_loop()
             self.engine.submit(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
@@ -53,39 +66,46 @@ class GenServeService(pb_grpc.GenServeServicer):
             await _abort(context, err.status, err.message)
         return req.req_id, events
 
-    async def _abandon(self, req_id: str) -> None:
-        """The client went away (deadline, cancel, dropped stream): free the work."""
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.cancel, req_id)
-
     async def Generate(self, request, context):
         req_id, events = await self._submit(request, context)
+        event = None
         try:
             while not (event := await events.get()).terminal:
                 pass
-        except asyncio.CancelledError:
-            await asyncio.shield(self._abandon(req_id))
-            raise
+        finally:
+            if event is None or not event.terminal:  # deadline or cancel: free the work
+                self.engine.abandon(req_id)
         if event.type == EventType.COMPLETED:
-            return result_to_pb(event.result)
+            reply = result_to_pb(event.result)
+            reply.request_id = client_id(req_id)
+            return reply
         await _abort(context, event.status, event.reason)
 
     async def GenerateStream(self, request, context):
         req_id, events = await self._submit(request, context)
+        finished = False
         try:
-            while True:
+            while not finished:
                 event = await events.get()
-                yield event_to_pb(event)
-                if event.terminal:
-                    return
-        except asyncio.CancelledError:
-            await asyncio.shield(self._abandon(req_id))
-            raise
+                finished = event.terminal
+                msg = event_to_pb(event)
+                msg.request_id = client_id(req_id)
+                if msg.HasField("response"):
+                    msg.response.request_id = msg.request_id
+                yield msg
+        finally:
+            # Cancelled, past its deadline, or closed by a client that stopped
+            # reading (GeneratorExit): the request ends with the stream.
+            if not finished:
+                self.engine.abandon(req_id)
 
     async def Cancel(self, request, context):
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
         loop = asyncio.get_running_loop()
-        cancelled = await loop.run_in_executor(None, self.engine.cancel, request.request_id)
+        tenant = current_tenant.get()
+        req_id = f"{tenant}{TENANT_SEP}{request.request_id}" if tenant else request.request_id
+        cancelled = await loop.run_in_executor(None, self.engine.cancel, req_id)
         return pb.CancelResponse(cancelled=cancelled)
 
     async def ListModels(self, request, context):

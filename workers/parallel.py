@@ -14,7 +14,7 @@ import io
 import logging
 import os
 import pickle
-import socket
+import tempfile
 from dataclasses import dataclass
 
 log = logging.getLogger("genserve.parallel")
@@ -24,29 +24,25 @@ log = logging.getLogger("genserve.parallel")
 class DistSpec:
     """How a worker joins the world. Plain data, pickled into the worker."""
 
-    init_method: str  # tcp://127.0.0.1:PORT
+    init_method: str  # file://PRIVATE_DIR/rendezvous (single host)
     world_size: int
     backend: str  # gloo | nccl
     max_block: int  # largest SP degree (power of two, <= world_size)
     timeout_s: float = 120.0  # a collective stuck this long fails instead of hanging
 
 
-def free_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def dist_spec(num_devices: int, device: str, max_sp_degree: int) -> DistSpec | None:
     """The world for ``num_devices`` workers, or None when SP is off (one
-    device, or max_sp_degree 1)."""
+    device, or max_sp_degree 1). Rendezvous goes through a file in a private
+    directory: unlike a TCP store, it listens on no network interface."""
     max_block = 1
     while max_block * 2 <= min(num_devices, max_sp_degree):
         max_block *= 2
     if max_block < 2:
         return None
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    return DistSpec(f"tcp://127.0.0.1:{free_loopback_port()}", num_devices, backend, max_block)
+    rendezvous = os.path.join(tempfile.mkdtemp(prefix="genserve-dist-"), "rendezvous")
+    return DistSpec(f"file://{rendezvous}", num_devices, backend, max_block)
 
 
 def aligned_blocks(num_devices: int, max_block: int) -> list[tuple[int, ...]]:
@@ -68,9 +64,9 @@ class Groups:
     def join(cls, spec: DistSpec, rank: int) -> "Groups":
         import torch.distributed as dist
 
-        # Keep the transport on loopback: state is pickled across it.
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+        # One host: keep the transport on loopback (state is pickled across it).
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        os.environ["NCCL_SOCKET_IFNAME"] = "lo"
         dist.init_process_group(spec.backend, init_method=spec.init_method, rank=rank,
                                 world_size=spec.world_size,
                                 timeout=datetime.timedelta(seconds=spec.timeout_s))

@@ -1,0 +1,418 @@
+"""TLS, mutual TLS, token auth and the per-client stream limit.
+
+Unit tests drive the token parser and the ``Gate`` interceptor on an
+in-process grpc.aio server with a fake servicer (fast, exact about when slots
+are given back). Live tests start two real servers: TLS + tokens + a stream
+limit of 2, and mutual TLS. Certificates are made at test time with the
+``openssl`` command (Debian's ``openssl`` package; tests skip without it).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import ServerProcess, wait_for
+from genserve.client import Client
+from genserve.config import Security
+from genserve.security import (BAD_TOKEN, MISSING_TOKEN, Gate, SecurityError, bearer_token,
+                               channel_credentials, client_key, current_tenant, load_security,
+                               parse_tokens)
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+
+TOKENS = "# tenants of the test server\n\ns3cret-alice alice\ns3cret-bob   bob  # trailing comment\n"
+CHEAP = dict(task="image", width=64, height=64, steps=1, seed=1)
+T = pb.GenerateEvent.Type
+Code = grpc.StatusCode
+
+
+# ---- certificates ---------------------------------------------------------
+def _openssl(*args: str, cwd: pathlib.Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _ca(d: pathlib.Path, name: str) -> None:
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN={name}",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+             cwd=d)
+
+
+def _leaf(d: pathlib.Path, name: str, ca: str, usage: str, serial: int) -> None:
+    ext = d / f"{name}.ext"
+    ext.write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+                   f"extendedKeyUsage={usage}\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+             "-set_serial", str(serial), "-days", "2", "-out", f"{name}.pem", "-extfile", ext.name, cwd=d)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> pathlib.Path:
+    """ca (signs server and client), rogue-ca (signs rogue-client)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates")
+    d = tmp_path_factory.mktemp("pki")
+    _ca(d, "ca")
+    _ca(d, "rogue-ca")
+    _leaf(d, "server", "ca", "serverAuth", 2)
+    _leaf(d, "client", "ca", "clientAuth", 3)
+    _leaf(d, "rogue-client", "rogue-ca", "clientAuth", 4)
+    return d
+
+
+def creds(pki: pathlib.Path, ca: str = "ca", client: str = "") -> grpc.ChannelCredentials:
+    return channel_credentials(str(pki / f"{ca}.pem"), str(pki / f"{client}.pem") if client else "",
+                               str(pki / f"{client}.key") if client else "")
+
+
+def code_of(fn) -> grpc.StatusCode:
+    try:
+        fn()
+    except grpc.RpcError as err:
+        return err.code()
+    return Code.OK
+
+
+# ---- tokens and config, no server ------------------------------------------
+def test_token_file_parses_comments_and_blanks():
+    table = parse_tokens(TOKENS)
+    assert len(table) == 2 and table.tenants == {"alice", "bob"}
+    assert table.tenant("s3cret-alice") == "alice" and table.tenant("s3cret-bob") == "bob"
+    assert table.tenant("s3cret-ali") is None and table.tenant("") is None
+    assert table.tenant("s3cret-alice ") is None  # exact match only
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("good alice\njust-a-token\n", "line 2: expected 'TOKEN TENANT', found 1 field(s)"),
+    ("a b c\n", "line 1: expected 'TOKEN TENANT', found 3 field(s)"),
+    ("# c\n\ntok\u00e9n carol\n", "line 3: the token must be printable ASCII"),
+    ("same alice\nsame bob\n", "line 2: duplicate token"),
+    ("# only comments\n\n", "no tokens"),
+])
+def test_token_file_errors_name_the_line(text, fragment):
+    with pytest.raises(SecurityError) as err:
+        parse_tokens(text, "tokens.txt")
+    assert fragment in str(err.value) and "tokens.txt" in str(err.value)
+    assert "same" not in str(err.value).replace("duplicate", "")  # a token is never echoed
+
+
+@pytest.mark.parametrize("metadata,token", [
+    ((("authorization", "Bearer abc"),), "abc"), ((("authorization", "bearer  abc "),), "abc"),
+    ((("authorization", "Basic abc"),), None), ((("authorization", "Bearer"),), None),
+    ((("x-other", "Bearer abc"),), None), ((), None), (None, None),
+    ((("authorization", b"Bearer abc"),), "abc"),
+])
+def test_bearer_token(metadata, token):
+    assert bearer_token(metadata) == token
+
+
+def test_security_config_validates_without_io():
+    Security(tls_cert="/no/such/cert", tls_key="/no/such/key", auth_tokens="/no/such/file").validate()
+    for bad in (Security(tls_cert="c"), Security(tls_key="k"), Security(tls_client_ca="ca"),
+                Security(max_streams_per_client=-1)):
+        with pytest.raises(ValueError):
+            bad.validate()
+
+
+def test_load_security_names_the_missing_file(tmp_path):
+    with pytest.raises(SecurityError, match="--auth-tokens /no/such/tokens"):
+        load_security(Security(auth_tokens="/no/such/tokens"))
+    with pytest.raises(SecurityError, match="--tls-key"):
+        load_security(Security(tls_cert=str(tmp_path), tls_key=str(tmp_path / "missing.key")))
+    assert load_security(Security()).credentials is None
+
+
+def test_client_key_uses_tenant_else_peer_host():
+    assert client_key("alice", "ipv4:10.0.0.1:5000") == "tenant:alice"
+    assert client_key("", "ipv4:10.0.0.1:5000") == client_key("", "ipv4:10.0.0.1:6000") == "peer:ipv4:10.0.0.1"
+    assert client_key("", "ipv6:[::1]:5000") == "peer:ipv6:[::1]"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--tls-cert", "c.pem"], "tls_cert and tls_key must be given together"),
+    (["--tls-client-ca", "ca.pem"], "tls_client_ca (mutual TLS) needs tls_cert and tls_key"),
+    (["--max-streams-per-client", "-1"], "max_streams_per_client must be >= 0"),
+])
+def test_serve_rejects_bad_flag_combinations(flags, message):
+    from genserve.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["serve", "--port", "0", *flags])
+    assert err.value.code == f"error: {message}" or message in str(err.value.code)
+
+
+def test_serve_rejects_a_malformed_token_file_at_start(tmp_path):
+    bad = tmp_path / "tokens.txt"
+    bad.write_text("good alice\nno-tenant-here\n")
+    proc = subprocess.run([sys.executable, "-m", "genserve", "serve", "--port", "0", "--auth-tokens", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"{bad} line 2: expected 'TOKEN TENANT'" in proc.stderr
+    assert "starting" not in proc.stderr  # refused before any worker started
+    assert "Traceback" not in proc.stderr
+
+
+# ---- the Gate on an in-process server with a fake servicer --------------------
+class FakeService(pb_grpc.GenServeServicer):
+    """Generate calls block until ``release`` is set; records tenants seen."""
+
+    def __init__(self):
+        self.release = asyncio.Event()
+        self.tenants: list[str] = []
+
+    async def Generate(self, request, context):
+        self.tenants.append(current_tenant.get())
+        if request.prompt == "fail":
+            await context.abort(Code.INVALID_ARGUMENT, "prompt: refused")
+        await self.release.wait()
+        return pb.GenerateResponse(request_id=request.request_id)
+
+    async def GenerateStream(self, request, context):
+        self.tenants.append(current_tenant.get())
+        yield pb.GenerateEvent(request_id=request.request_id, type=pb.GenerateEvent.QUEUED)
+        await self.release.wait()
+        yield pb.GenerateEvent(request_id=request.request_id, type=pb.GenerateEvent.COMPLETED)
+
+    async def ListModels(self, request, context):
+        return pb.ListModelsResponse()
+
+
+async def _gate_server(gate: Gate):
+    server, service = grpc.aio.server(interceptors=[gate]), FakeService()
+    pb_grpc.add_GenServeServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    return server, service, channel, pb_grpc.GenServeStub(channel), f"127.0.0.1:{port}"
+
+
+async def _code(awaitable) -> grpc.StatusCode:
+    try:
+        await awaitable
+    except grpc.RpcError as err:
+        return err.code()
+    return Code.OK
+
+
+def test_gate_auth_and_tenant():
+    async def main():
+        gate = Gate(parse_tokens(TOKENS), max_streams=0)
+        server, service, channel, stub, _ = await _gate_server(gate)
+        try:
+            for md, want in ((None, MISSING_TOKEN), ((("authorization", "Bearer nope"),), BAD_TOKEN)):
+                with pytest.raises(grpc.RpcError) as err:
+                    await stub.ListModels(pb.ListModelsRequest(), metadata=md)
+                assert err.value.code() == Code.UNAUTHENTICATED and err.value.details() == want
+                with pytest.raises(grpc.RpcError) as err:
+                    async for _ in stub.GenerateStream(pb.GenerateRequest(), metadata=md):
+                        pass
+                assert err.value.code() == Code.UNAUTHENTICATED and "nope" not in err.value.details()
+            garbage = channel.unary_unary("/genserve.v1.GenServe/Generate")  # raw bytes in and out
+            assert await _code(garbage(b"\x00", metadata=md)) == Code.UNAUTHENTICATED  # refused unparsed
+            with pytest.raises(grpc.RpcError) as err:
+                await garbage(b"\x00", metadata=(("authorization", "Bearer s3cret-bob"),))
+            assert err.value.code() == Code.INVALID_ARGUMENT and "does not parse" in err.value.details()
+            service.release.set()
+            await stub.Generate(pb.GenerateRequest(), metadata=(("authorization", "Bearer s3cret-bob"),))
+            assert service.tenants == ["bob"]
+        finally:
+            await channel.close()
+            await server.stop(None)
+    asyncio.run(main())
+
+
+def test_gate_stream_limit_is_released_however_calls_end():
+    async def main():
+        gate = Gate(parse_tokens(TOKENS), max_streams=2)
+        server, service, channel, stub, _ = await _gate_server(gate)
+        alice, bob = (("authorization", "Bearer s3cret-alice"),), (("authorization", "Bearer s3cret-bob"),)
+        held = lambda: gate.streams.active.get("tenant:alice", 0)  # noqa: E731
+        try:
+            unary = stub.Generate(pb.GenerateRequest(request_id="u"), metadata=alice)
+            stream = stub.GenerateStream(pb.GenerateRequest(request_id="s"), metadata=alice)
+            await stream.read()
+            await asyncio.sleep(0.1)
+            assert held() == 2
+            with pytest.raises(grpc.RpcError) as err:
+                await stub.Generate(pb.GenerateRequest(), metadata=alice)
+            assert err.value.code() == Code.RESOURCE_EXHAUSTED and "limit 2 per client" in err.value.details()
+            assert dict(err.value.trailing_metadata()).get("retry-after-ms") == "1000"
+            assert held() == 2  # a refusal takes no slot
+            other = stub.Generate(pb.GenerateRequest(request_id="b"), metadata=bob)  # bob has his own budget
+            await asyncio.sleep(0.1)
+            assert gate.streams.active["tenant:bob"] == 1
+            unary.cancel()
+            stream.cancel()
+            await asyncio.sleep(0.2)
+            assert held() == 0  # client cancels give slots back
+            assert await _code(stub.Generate(pb.GenerateRequest(), metadata=alice, timeout=0.2)) \
+                == Code.DEADLINE_EXCEEDED
+            assert await _code(stub.Generate(pb.GenerateRequest(prompt="fail"), metadata=alice)) \
+                == Code.INVALID_ARGUMENT
+            stream = stub.GenerateStream(pb.GenerateRequest(), metadata=alice, timeout=0.3)
+            assert await _code(stream.wait_for_connection()) == Code.OK
+            with pytest.raises(grpc.RpcError):
+                async for _ in stream:
+                    pass
+            await asyncio.sleep(0.2)
+            assert held() == 0  # deadlines and errors too
+            service.release.set()
+            await other
+            for _ in range(5):  # a client at its limit can go again as soon as a call returns
+                await asyncio.gather(*(stub.Generate(pb.GenerateRequest(), metadata=alice) for _ in range(2)))
+            async for _ in stub.GenerateStream(pb.GenerateRequest(), metadata=alice):
+                pass
+            assert gate.streams.active == {}
+        finally:
+            await channel.close()
+            await server.stop(None)
+    asyncio.run(main())
+
+
+def test_gate_without_tokens_limits_by_peer_host():
+    async def main():
+        gate = Gate(None, max_streams=1)
+        server, service, channel, stub, target = await _gate_server(gate)
+        try:
+            first = stub.Generate(pb.GenerateRequest())
+            await asyncio.sleep(0.1)
+            assert list(gate.streams.active) == ["peer:ipv4:127.0.0.1"]
+            other = grpc.aio.insecure_channel(target)  # another connection from the same host
+            assert await _code(pb_grpc.GenServeStub(other).Generate(pb.GenerateRequest())) == Code.RESOURCE_EXHAUSTED
+            assert await _code(stub.ListModels(pb.ListModelsRequest())) == Code.OK  # only generations count
+            service.release.set()
+            await first
+            await other.close()
+            assert gate.streams.active == {} and service.tenants == [""]
+        finally:
+            await channel.close()
+            await server.stop(None)
+    asyncio.run(main())
+
+
+# ---- live: TLS + tokens + stream limit ----------------------------------------
+@pytest.fixture(scope="module")
+def tls_server(pki):
+    tokens = pki / "tokens.txt"
+    tokens.write_text(TOKENS)
+    srv = ServerProcess("--num-workers", "1", "--tls-cert", str(pki / "server.pem"),
+                        "--tls-key", str(pki / "server.key"), "--auth-tokens", str(tokens),
+                        "--max-streams-per-client", "2")
+    yield srv
+    srv.stop()
+
+
+def test_tls_with_token_serves(tls_server, pki):
+    with Client(tls_server.target, credentials=creds(pki), token="s3cret-alice") as c:
+        resp = c.generate("a fox", **CHEAP)
+        assert resp.media.data and resp.media.width == 64
+        assert {m.name for m in c.models()} >= {"sd3-tiny", "wan-tiny"}
+    assert "mutual TLS" not in tls_server.output and "TLS, token auth (2 tenant(s))" in tls_server.output
+
+
+def test_tls_refuses_plaintext_and_unknown_ca(tls_server, pki):
+    with Client(tls_server.target, token="s3cret-alice") as c:  # plaintext to a TLS port
+        assert code_of(lambda: c.models()) == Code.UNAVAILABLE
+    with Client(tls_server.target, credentials=creds(pki, ca="rogue-ca"), token="s3cret-alice") as c:
+        assert code_of(lambda: c.models()) == Code.UNAVAILABLE
+
+
+def test_token_missing_wrong_right(tls_server, pki):
+    for token, want in ((None, MISSING_TOKEN), ("s3cret-mallory", BAD_TOKEN)):
+        with Client(tls_server.target, credentials=creds(pki), token=token) as c:
+            for call in (lambda: c.models(), lambda: c.generate("x", **CHEAP), lambda: c.cancel("r"),
+                         lambda: list(c.stream("x", **CHEAP))):
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() == Code.UNAUTHENTICATED and err.value.details() == want
+    with Client(tls_server.target, credentials=creds(pki), token="s3cret-bob") as c:
+        assert c.generate("x", **CHEAP).media.data
+
+
+def test_cli_client_flags(tls_server, pki):
+    """``genserve models`` with --tls-ca, and the token from $GENSERVE_TOKEN."""
+    cmd = [sys.executable, "-m", "genserve", "models", "--target", tls_server.target, "--tls-ca", str(pki / "ca.pem")]
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "GENSERVE_TOKEN": "s3cret-bob"})
+    assert ok.returncode == 0 and "sd3-tiny" in ok.stdout, ok.stderr
+    denied = subprocess.run(cmd + ["--token", "wrong"], capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in os.environ.items() if k != "GENSERVE_TOKEN"})
+    assert denied.returncode != 0 and "UNAUTHENTICATED: invalid bearer token" in denied.stderr
+
+
+def test_health_needs_no_token(tls_server, pki):
+    with grpc.secure_channel(tls_server.target, creds(pki)) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "genserve.v1.GenServe"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_stream_limit_per_tenant_live(tls_server, pki):
+    with Client(tls_server.target, credentials=creds(pki), token="s3cret-alice") as alice, \
+            Client(tls_server.target, credentials=creds(pki), token="s3cret-bob") as bob:
+        long = dict(task="video", width=64, height=64, num_frames=9, steps=50, seed=2)
+        streams = [alice.stream("a long video", **long) for _ in range(2)]
+        for s in streams:
+            assert next(s).type == pb.GenerateEvent.QUEUED  # both in flight
+        with pytest.raises(grpc.RpcError) as err:
+            alice.generate("one too many", **CHEAP)
+        assert err.value.code() == Code.RESOURCE_EXHAUSTED and "limit 2 per client" in err.value.details()
+        bobs = bob.stream("bob has his own budget", **CHEAP)
+        assert next(bobs).type == pb.GenerateEvent.QUEUED  # admitted; no need to wait for the result
+        for s in (*streams, bobs):
+            s.cancel()
+        # the server learns of the cancels asynchronously: allow it a moment
+        assert wait_for(lambda: code_of(lambda: alice.generate("again", **CHEAP, timeout_s=120)) == Code.OK,
+                        timeout_s=30, interval_s=0.2)
+        done = [alice.generate("sequential", **CHEAP) for _ in range(2)]  # slots come back after results too
+        assert all(r.media.data for r in done)
+
+
+# ---- live: mutual TLS ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mtls_server(pki):
+    srv = ServerProcess("--num-workers", "1", "--tls-cert", str(pki / "server.pem"),
+                        "--tls-key", str(pki / "server.key"), "--tls-client-ca", str(pki / "ca.pem"))
+    yield srv
+    srv.stop()
+
+
+def test_mtls_requires_a_client_certificate(mtls_server, pki):
+    assert "mutual TLS" in mtls_server.output
+    with Client(mtls_server.target, credentials=creds(pki)) as c:  # TLS, but no client certificate
+        assert code_of(lambda: c.models()) == Code.UNAVAILABLE
+    with Client(mtls_server.target, credentials=creds(pki, client="rogue-client")) as c:  # signed by another CA
+        assert code_of(lambda: c.models()) == Code.UNAVAILABLE
+    with Client(mtls_server.target, credentials=creds(pki, client="client")) as c:
+        assert c.generate("a certified fox", **CHEAP).media.data
+    t0 = time.monotonic()
+    with grpc.secure_channel(mtls_server.target, creds(pki)) as channel:  # probes need a certificate too
+        with pytest.raises(grpc.RpcError):
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert time.monotonic() - t0 < 10  # refused at the handshake, not by a timeout
+
+
+def test_request_ids_are_scoped_per_tenant(tls_server, pki):
+    """Bob can neither cancel nor attach to Alice's request by guessing its id."""
+    with Client(tls_server.target, credentials=creds(pki), token="s3cret-alice") as alice, \
+            Client(tls_server.target, credentials=creds(pki), token="s3cret-bob") as bob:
+        stream = alice.stream("alice's video", task="video", steps=30, request_id="shared-id")
+        events = iter(stream)
+        assert next(events).request_id == "shared-id"  # QUEUED, under the id alice chose
+        assert not bob.cancel("shared-id")
+        done = [e for e in events if e.type in (T.COMPLETED, T.FAILED, T.CANCELLED)]
+        assert done[-1].type == T.COMPLETED and done[-1].response.request_id == "shared-id"
+        again = alice.generate("again", request_id="shared-id", **CHEAP)
+        assert again.request_id == "shared-id"
