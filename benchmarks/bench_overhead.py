@@ -37,10 +37,12 @@ def bare_pipeline_ms(args) -> list[float]:
     out = []
     for i in range(args.warmup + args.requests):
         t0 = time.perf_counter()
-        p = GenParams(f"prompt {i}", "", args.size, args.size, 1, args.steps, 1.0, i)
+        p = GenParams(f"prompt {i}", "", args.size, args.size, 1, args.steps, args.guidance_scale, i)
         cond = model.encode_prompt(p)  # the pipeline's own text encoders are not in the tiny preset
-        pipe(prompt_embeds=cond.embeds, pooled_prompt_embeds=cond.pooled, height=args.size, width=args.size,
-             num_inference_steps=args.steps, guidance_scale=1.0, output_type="np",
+        pipe(prompt_embeds=cond.embeds, pooled_prompt_embeds=cond.pooled,
+             negative_prompt_embeds=cond.neg_embeds, negative_pooled_prompt_embeds=cond.neg_pooled,
+             height=args.size, width=args.size, num_inference_steps=args.steps,
+             guidance_scale=args.guidance_scale, output_type="np",
              generator=torch.Generator("cpu").manual_seed(i))
         if i >= args.warmup:
             out.append((time.perf_counter() - t0) * 1e3)
@@ -59,7 +61,8 @@ def server_ms(args) -> list[float]:
             for i in range(args.warmup + args.requests):
                 t0 = time.perf_counter()
                 client.generate(f"prompt {i}", task="image", model=args.model, width=args.size,
-                                height=args.size, steps=args.steps, seed=i, output_format="raw")
+                                height=args.size, steps=args.steps, seed=i, output_format="raw",
+                                guidance_scale=args.guidance_scale)
                 if i >= args.warmup:
                     out.append((time.perf_counter() - t0) * 1e3)
         return out
@@ -75,12 +78,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--model", default="sd3-tiny")
     parser.add_argument("--policy", default="genserve")
+    parser.add_argument("--guidance-scale", type=float, default=5.0,
+                        help="the same on both sides (> 1: classifier-free guidance, a batch of 2)")
     args = parser.parse_args()
     served = server_ms(args)
     bare = bare_pipeline_ms(args)
     s_med, b_med = statistics.median(served), statistics.median(bare)
     print(f"{args.requests} sequential {args.model} {args.size}x{args.size} requests, {args.steps} steps, "
-          f"policy {args.policy}")
+          f"guidance {args.guidance_scale:g}, policy {args.policy}")
     print(f"  server (gRPC end to end): median {s_med:8.2f} ms   mean {statistics.fmean(served):8.2f} ms")
     print(f"  bare diffusers pipeline : median {b_med:8.2f} ms   mean {statistics.fmean(bare):8.2f} ms")
     print(f"  overhead per step       : {(s_med - b_med) / args.steps:8.3f} ms")
