@@ -52,6 +52,25 @@ def degrees_upto(limit: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+_LAYOUTS: dict[tuple[int, int], tuple] = {}
+
+
+def _layout(num_devices: int, size: int) -> tuple:
+    """(block mask, enclosing buddy masks smallest first) of every aligned
+    block of ``size``; memoised per device count."""
+    key = (num_devices, size)
+    out = _LAYOUTS.get(key)
+    if out is None:
+        levels = degrees_upto(1 << max(num_devices - 1, 0).bit_length())
+        out = tuple(
+            (block_mask(start, size),
+             tuple(block_mask(start - start % lv, min(lv, num_devices - start + start % lv))
+                   for lv in levels if lv > size))
+            for start in range(0, num_devices - size + 1, size))
+        _LAYOUTS[key] = out
+    return out
+
+
 class BlockPool:
     """Free devices during the making of one plan; hands out aligned blocks.
 
@@ -60,34 +79,31 @@ class BlockPool:
     whole for later and larger requests.
     """
 
-    __slots__ = ("num_devices", "free", "_levels")
+    __slots__ = ("num_devices", "free")
 
     def __init__(self, num_devices: int, free_mask: int):
         self.num_devices = num_devices
         self.free = free_mask
-        self._levels = degrees_upto(1 << max(num_devices - 1, 0).bit_length())
 
     def count(self, within: int = -1) -> int:
         return (self.free & within).bit_count()
 
     def can_take(self, size: int, within: int = -1) -> bool:
         free = self.free & within
-        for start in range(0, self.num_devices - size + 1, size):
-            bm = block_mask(start, size)
-            if free & bm == bm:
-                return True
-        return False
+        return any(free & bm == bm for bm, _ in _layout(self.num_devices, size))
 
     def take(self, size: int, prefer: int = 0, within: int = -1) -> int:
         """Take a free aligned block of ``size`` inside ``within``; returns its
         mask (0 if none). Blocks overlapping ``prefer`` most win first."""
         free = self.free & within
+        if free.bit_count() < size:
+            return 0
         best, best_key = 0, None
-        for start in range(0, self.num_devices - size + 1, size):
-            bm = block_mask(start, size)
+        for bm, parents in _layout(self.num_devices, size):
             if free & bm != bm:
                 continue
-            key = (-(bm & prefer).bit_count(), self._fit(start, size), start)
+            key = (-(bm & prefer).bit_count(),
+                   tuple((self.free & pm).bit_count() for pm in parents))
             if best_key is None or key < best_key:
                 best, best_key = bm, key
         self.free &= ~best
@@ -101,17 +117,6 @@ class BlockPool:
 
     def give(self, mask: int) -> None:
         self.free |= mask
-
-    def _fit(self, start: int, size: int) -> tuple[int, ...]:
-        # free devices in each enclosing buddy, smallest first: fewer is a tighter fit
-        out = []
-        for level in self._levels:
-            if level <= size:
-                continue
-            parent = start - start % level
-            out.append((self.free & block_mask(parent, min(level, self.num_devices - parent)))
-                       .bit_count())
-        return tuple(out)
 
 
 def tile_blocks(num_devices: int, max_size: int, first: int = 0,

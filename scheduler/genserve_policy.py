@@ -33,7 +33,7 @@ from .guards import FirstSight, forced_set, rejection
 from .imagepool import ImagePool
 from .placement import place, to_dispatches
 from .snapshot import Snapshot, is_image, is_video
-from .targets import Commitments, select_targets
+from .targets import Commitments, ImageLoad, select_targets
 from .types import ClusterSpec, CostModel, DeviceView, RequestView, StepPlan
 
 
@@ -53,6 +53,9 @@ class GenServeOptions:
     max_image_degree: int = 4  # largest SP degree tried for an image batch
     leftover_first: str = "grow"  # leftover devices: "fill" non-targets or "grow" runs
     hold_s: float = 0.5  # keep idle devices for a video whose block frees this soon
+    admit_margin: float = 0.3  # a video is taken on with this share of its run time spare
+    fill_videos: bool = True  # serve given-up videos on idle devices (else only when aged)
+    fill_fallback: bool = True  # ... on blocks smaller than 4 too
 
 
 @dataclass(slots=True)
@@ -67,6 +70,7 @@ class _Decision:
     patience: float
     image_degrees: tuple
     video_degrees: Callable
+    fill_fallback: bool = True
     held: int = 0  # idle devices reserved for videos that cannot wait
     claims: list = field(default_factory=list)
 
@@ -80,13 +84,17 @@ class GenServePolicy:
         self.options = options or GenServeOptions()
         self.name = name
         self._first_sight = FirstSight()
-        self._commitments = Commitments()
+        self._commitments = Commitments(admit_margin=self.options.admit_margin)
+        self._image_load = ImageLoad()
 
     def plan(self, now_s: float, requests: list[RequestView] | tuple,
              devices: list[DeviceView] | tuple, cost: CostModel) -> StepPlan:
         snap = Snapshot(now_s, requests, devices, cost, self.cluster)
         o = self.options
         new_ids = self._first_sight.new_ids(requests)
+        self._image_load.observe(snap, [snap.by_id[rid] for rid in new_ids])
+        share = 1.0 - min(self._image_load.devices(now_s) / snap.num_devices, 0.8)
+        self._commitments.stretch = 1.0 / share
         ts = select_targets(snap, requests, o.capacity_factor, self.cluster.max_image_batch,
                             self._commitments)
         rejected = self._admission(snap, new_ids, ts)
@@ -112,7 +120,7 @@ class GenServePolicy:
             return gv.fixed_video_degrees(snap, v, o.elastic_sp, o.fixed_sp_degree)
 
         return _Decision(snap, ts.kept, forced, ts.tightness, gv.wait_until_free_s(snap),
-                         o.patience, image_degrees, video_degrees)
+                         o.patience, image_degrees, video_degrees, o.fill_fallback)
 
     def _admission(self, snap: Snapshot, new_ids: set, ts) -> list:
         if not self.options.admission_control or not new_ids:

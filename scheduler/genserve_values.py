@@ -5,14 +5,18 @@ still meets its deadline. It *can wait* when its laxity exceeds the time it
 would wait for devices (a device or a block of that degree freeing) plus a
 patience share of its remaining time. Values:
 
-* ``ON_TIME`` for each target request that is kept on time: run now at an
-  allocation that finishes it in time if held to the end, or left waiting
-  while it can wait. A target that can wait gains only ``URGENT`` × how
-  little laxity it has when run now, so spare devices go least laxity first.
-* Small terms break ties: device time above the most efficient degree
-  (scaled by load), changing a started video's degree, and pausing a started
-  request (hysteresis: ``STICKY`` keeps two videos that cannot both run from
-  taking turns, which would make both late). A forced request outweighs
+* ``ON_TIME`` for each target kept on time: run now at an allocation that
+  finishes it in time if held to the end, or left waiting while it can wait.
+  While images that cannot wait need devices (for ``contention`` seconds), a
+  video is valued as slowed (to at least half its degree) or paused for that
+  long and then caught up at up to twice its degree: it is shrunk or paused
+  for images only when its laxity absorbs it, the most slack first.
+* A target that can wait gains only ``URGENT`` × how little laxity it has
+  when run now, so spare devices go least laxity first.
+* Small terms break ties: an image before a video (far less work ahead),
+  keeping a started request running (``STICKY``: two videos that cannot both
+  run do not take turns, which would make both late), device time above the
+  efficient degree (scaled by load), reshaping. A forced request outweighs
   everything.
 """
 from __future__ import annotations
@@ -251,7 +255,8 @@ def leftover(dec, pool: BlockPool, ready: list, placed: list, o) -> list:
         if not pool.free:
             break
         if stage == "fill":
-            out += _fill(dec, pool, ready, placed + out, o, videos_too=not waiting)
+            out += _fill(dec, pool, ready, placed + out, o,
+                         videos_too=not waiting and o.fill_videos)
         elif o.elastic_sp:
             _grow_all(dec, pool, placed + out, o.max_image_degree if not waiting else 1)
     return out
@@ -285,8 +290,9 @@ def _fill(dec, pool: BlockPool, ready: list, placed: list, o, videos_too: bool) 
             if is_video(v):
                 allowed = dec.video_degrees(v)
                 degrees = [k for k in allowed if k <= 4] or [allowed[0]]
-                claims.append(Claim([v], degrees[-1], tuple(reversed(degrees[:-1])),
-                                    snap.pinned_mask(v), _mask(v.device_ids)))
+                fallback = tuple(reversed(degrees[:-1])) if dec.fill_fallback else ()
+                claims.append(Claim([v], degrees[-1], fallback, snap.pinned_mask(v),
+                                    _mask(v.device_ids)))
     claims.sort(key=lambda c: min(r.arrival_s for r in c.members))
     return place(pool, claims)
 

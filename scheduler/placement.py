@@ -36,6 +36,8 @@ def place(pool: BlockPool, claims: list[Claim]) -> list[Claim]:
     start_free = pool.free
     reserved = 0  # busy devices promised to a hold
     for i in order:
+        if not pool.free:
+            break  # nothing left to give (holds need an idle device too)
         c = claims[i]
         if c.pin and not c.may_hold:
             if pool.take_exact(c.pin):

@@ -19,6 +19,7 @@ the virtual start, degree and block of each kept video.
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from dataclasses import dataclass
 
 from .snapshot import Snapshot, is_image, is_video
@@ -133,12 +134,14 @@ class Commitments:
     them stable means a new arrival never silently displaces a video already
     promised its deadline, and nothing thrashes between in and out."""
 
-    __slots__ = ("ids", "max_trials", "admit_margin")
+    __slots__ = ("ids", "max_trials", "admit_margin", "stretch", "sticky")
 
-    def __init__(self, max_trials: int = 4, admit_margin: float = 0.3):
+    def __init__(self, max_trials: int = 4, admit_margin: float = 0.3, sticky: bool = True):
         self.ids: set[str] = set()
+        self.sticky = sticky  # keep a committed video until it is hopeless
         self.max_trials = max_trials
         self.admit_margin = admit_margin  # a newcomer must fit with this share spare
+        self.stretch = 1.0  # video run times x this: room left for images to come
 
     def update(self, snap: Snapshot, videos, load_s: float):
         feasible, hopeless = [], set()
@@ -148,8 +151,9 @@ class Commitments:
             else:
                 feasible.append(v)
         committed = [v for v in feasible if v.req_id in self.ids]
-        plans, failed, free = _schedule(snap, committed, load_s)
-        committed = [v for v in committed if v.req_id not in failed]
+        plans, failed, free = _schedule(snap, committed, load_s, stretch=self.stretch)
+        if not self.sticky:
+            committed = [v for v in committed if v.req_id not in failed]
         trials = 0
         for v in sorted((v for v in feasible if v.req_id not in self.ids),
                         key=lambda v: (_latest_start_s(snap, v), v.req_id)):
@@ -158,14 +162,15 @@ class Commitments:
             if free.first() + snap.best_remaining_s(v) > v.deadline_s:
                 continue  # cannot start in time even on the first free device
             after = free.copy()
-            plan = _fit(snap, v, after, self.admit_margin)
+            plan = _fit(snap, v, after, self.admit_margin, self.stretch)
             if plan is not None:  # fits after every committed video: nothing moves
                 committed.append(v)
                 plans[v.req_id], free = plan, after
                 continue
             trials += 1  # it might fit ahead of looser videos: replan them all
-            trial = _schedule(snap, committed + [v], load_s, v.req_id, self.admit_margin)
-            if not trial[1]:
+            trial = _schedule(snap, committed + [v], load_s, v.req_id, self.admit_margin,
+                              self.stretch)
+            if v.req_id not in trial[1] and trial[1] <= failed:  # no new casualty
                 committed.append(v)
                 plans, _, free = trial
         self.ids = {v.req_id for v in committed}
@@ -177,11 +182,39 @@ class Commitments:
         """Commit v if the plan still holds with it (normal margin): the test
         admission control applies to a newcomer it would otherwise refuse."""
         committed = [x for x in videos if x.req_id in self.ids]
-        _, failed, _ = _schedule(snap, committed + [v], load_s)
+        _, failed, _ = _schedule(snap, committed + [v], load_s, stretch=self.stretch)
         if failed:
             return False
         self.ids.add(v.req_id)
         return True
+
+
+class ImageLoad:
+    """Device-seconds of image work arriving per second, over a recent
+    window: the share of the devices that images still to come will need,
+    which a plan for videos must leave free."""
+
+    __slots__ = ("window_s", "events", "first_s")
+
+    def __init__(self, window_s: float = 60.0):
+        self.window_s = window_s
+        self.events: deque = deque()  # (arrival_s, device-seconds at degree 1)
+        self.first_s: float | None = None
+
+    def observe(self, snap: Snapshot, new_requests) -> None:
+        for r in new_requests:
+            if is_image(r):
+                self.events.append((r.arrival_s, snap.remaining_s(r, 1)))
+                if self.first_s is None or r.arrival_s < self.first_s:
+                    self.first_s = r.arrival_s
+
+    def devices(self, now_s: float) -> float:
+        while self.events and self.events[0][0] < now_s - self.window_s:
+            self.events.popleft()
+        if self.first_s is None:
+            return 0.0
+        span = max(min(self.window_s, now_s - self.first_s), 10.0)
+        return sum(w for _, w in self.events) / span
 
 
 def _tightness(snap: Snapshot, plans: dict) -> float:
@@ -230,7 +263,7 @@ class _Free:
 
 
 def _schedule(snap: Snapshot, videos, load_s: float, newcomer: str = "",
-              margin: float = MARGIN):
+              margin: float = MARGIN, stretch: float = 1.0):
     """List schedule of videos, least slack first: (plans, videos that do not
     fit, device free times after it)."""
     free = _Free((t + load_s for t in snap.free_time_s), snap.degrees)
@@ -239,7 +272,7 @@ def _schedule(snap: Snapshot, videos, load_s: float, newcomer: str = "",
     plans: dict = {}
     failed = set()
     for _, rid, v in jobs:
-        plan = _fit(snap, v, free, margin if rid == newcomer else MARGIN)
+        plan = _fit(snap, v, free, margin if rid == newcomer else MARGIN, stretch)
         if plan is None:
             failed.add(rid)
         else:
@@ -258,12 +291,13 @@ def _latest_start_s(snap: Snapshot, v) -> float:
     return best if best is not None else v.deadline_s
 
 
-def _fit(snap: Snapshot, v, free: _Free, margin: float = MARGIN):
+def _fit(snap: Snapshot, v, free: _Free, margin: float = MARGIN, stretch: float = 1.0):
     """Smallest degree whose earliest aligned block finishes v on time (its
-    own block on a tie); books that block in ``free``."""
+    own block on a tie), its run time × ``stretch``; books that block."""
     pin = snap.pinned_mask(v)
     own = min(v.device_ids) if v.device_ids else -1
     for k, dur in snap.durations(v):
+        dur *= stretch
         if pin:
             start = own
             t = free.at(start, k)
