@@ -386,6 +386,9 @@ class Engine:
         return t if t is not None and t.dispatch_id == dispatch_id else None
 
     def _complete(self, t: Tracked, fin: P.Finished, now: float) -> None:
+        if t.cancel_requested:  # Cancel already answered True: the result is not delivered
+            self._finish(t, EventType.CANCELLED, "CANCELLED", "cancelled")
+            return
         result = t.result(now, fin)
         self.tracked.pop(t.req.req_id, None)
         self.metrics.request_finished(t.req.task, t.req.model, "OK", result.latency_ms / 1e3,
