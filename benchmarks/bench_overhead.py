@@ -54,7 +54,8 @@ def server_ms(args) -> list[float]:
 
     from genserve.client import Client
 
-    srv = ServerProcess("--num-workers", "2", "--threads-per-worker", "1", "--policy", args.policy)
+    srv = ServerProcess("--num-workers", "2", "--threads-per-worker", "1", "--policy", args.policy,
+                        "--chunk-ms", str(args.chunk_ms))
     try:
         out = []
         with Client(srv.target) as client:
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--model", default="sd3-tiny")
     parser.add_argument("--policy", default="genserve")
+    parser.add_argument("--chunk-ms", type=float, default=0.0, help="the server's --chunk-ms")
     parser.add_argument("--guidance-scale", type=float, default=5.0,
                         help="the same on both sides (> 1: classifier-free guidance, a batch of 2)")
     args = parser.parse_args()

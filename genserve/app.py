@@ -86,7 +86,8 @@ class Server:
         cost = build_cost_model(c.engine.profile, ready)
         engine = Engine(c.engine, executor,
                         lambda spec: make_policy(c.engine.policy, spec,
-                                                 admission_control=c.engine.admission_control),
+                                                 admission_control=c.engine.admission_control,
+                                                 chunk_ms=c.engine.chunk_ms),
                         cost, self.metrics, cards, c.limits.max_queue)
         self.engine = engine
         engine.start()

@@ -41,12 +41,15 @@ class EngineConfig:
     default_slo_scale: float = 3.0  # slo_ms=0 → scale × predicted isolated latency
     admission_control: bool = False
     max_image_batch: int = 8
+    chunk_ms: float = 0.0  # step-level policies: dispatch up to this much work per decision (0: one step)
 
     def validate(self) -> None:
         if self.default_slo_scale <= 0:
             raise ValueError("default_slo_scale must be positive")
         if self.max_image_batch < 1:
             raise ValueError("max_image_batch must be at least 1")
+        if self.chunk_ms < 0:
+            raise ValueError("chunk_ms must not be negative")
 
 
 @dataclass(frozen=True, slots=True)

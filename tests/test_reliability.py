@@ -110,29 +110,33 @@ def test_worker_killed_under_load_every_request_ends():
 
 def test_sigterm_drains_in_flight_then_exits_zero():
     srv = ServerProcess("--num-workers", "1", "--grace-s", "60")
-    result = {}
+    events, started = [], threading.Event()
 
     def long_request():
         with Client(srv.target) as client:
             try:
-                result["resp"] = client.generate("finish me", task="video", width=128, height=128,
-                                                 num_frames=17, steps=20)
+                for event in client.stream("finish me", task="video", width=128, height=128,
+                                           num_frames=17, steps=50):
+                    events.append(event)
+                    if event.type == T.STEP:
+                        started.set()
             except grpc.RpcError as err:
-                result["err"] = err
+                events.append(err)
+            started.set()
 
     try:
         thread = threading.Thread(target=long_request)
         thread.start()
-        time.sleep(1.5)
-        srv.proc.send_signal(signal.SIGTERM)
+        assert started.wait(60)
+        srv.proc.send_signal(signal.SIGTERM)  # with ~49 steps and a decode still to go
         assert wait_for(lambda: health(srv.target) == health_pb2.HealthCheckResponse.NOT_SERVING, 10)
         with Client(srv.target) as client:
             with pytest.raises(grpc.RpcError) as err:
                 client.generate("too late", task="image", steps=2)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         thread.join(120)
-        assert "resp" in result, result.get("err")
-        assert result["resp"].media.num_frames == 17
+        assert events and not isinstance(events[-1], grpc.RpcError), events[-1]
+        assert events[-1].type == T.COMPLETED and events[-1].response.media.num_frames == 17
         assert srv.proc.wait(60) == 0
     finally:
         srv.stop()
