@@ -11,12 +11,8 @@ ratio server / bare (goal: <= 1.10).
 from __future__ import annotations
 
 import argparse
-import pathlib
 import statistics
-import sys
 import time
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
 
 
 def bare_pipeline_ms(args) -> list[float]:
@@ -50,12 +46,11 @@ def bare_pipeline_ms(args) -> list[float]:
 
 
 def server_ms(args) -> list[float]:
-    from conftest import ServerProcess
-
     from genserve.client import Client
+    from genserve.loadgen.launch import LaunchedServer
 
-    srv = ServerProcess("--num-workers", "2", "--threads-per-worker", "1", "--policy", args.policy,
-                        "--chunk-ms", str(args.chunk_ms))
+    srv = LaunchedServer(args.policy, num_workers=2, metrics=False,
+                         args=("--threads-per-worker", "1", "--chunk-ms", str(args.chunk_ms)))
     try:
         out = []
         with Client(srv.target) as client:

@@ -1,9 +1,9 @@
-"""Start a ``genserve serve`` subprocess for one policy (compare mode).
+"""Start a ``genserve serve`` subprocess (compare mode, tests, benchmarks).
 
-Like the test suite's ``ServerProcess``: ``--port 0``, wait for the line
-``GenServe listening on HOST:PORT``; a free metrics port is picked here so
-queue depth can be scraped. The server's output is kept (``output``) and can
-be written next to the run's results.
+``--port 0``, then wait for the line ``GenServe listening on HOST:PORT``; with
+``metrics`` a free metrics port is picked so queue depth can be scraped. The
+server's output is kept (``output``) and can be written next to a run's
+results. The test suite's ``ServerProcess`` is this class.
 """
 from __future__ import annotations
 
@@ -29,22 +29,27 @@ def free_port(host: str = "127.0.0.1") -> int:
 class LaunchedServer:
     """A server subprocess; ``target`` is its gRPC HOST:PORT, ``metrics_url`` its /metrics."""
 
-    def __init__(self, policy: str, *, num_workers: int = 2, args: Sequence[str] = (),
-                 timeout_s: float = 300.0, metrics: bool = True):
+    def __init__(self, policy: str = "", *, num_workers: int | None = 2, args: Sequence[str] = (),
+                 timeout_s: float = 300.0, metrics: bool = True, env: dict | None = None):
+        """``policy`` and ``num_workers`` (None/empty: the server's defaults) come
+        before ``args``, the other ``genserve serve`` flags."""
         metrics_port = free_port() if metrics else 0
-        cmd = [sys.executable, "-m", "genserve", "serve", "--port", "0", "--policy", policy,
-               "--num-workers", str(num_workers), "--metrics-port", str(metrics_port), *args]
+        cmd = [sys.executable, "-m", "genserve", "serve", "--port", "0"]
+        cmd += ["--policy", policy] if policy else []
+        cmd += ["--num-workers", str(num_workers)] if num_workers is not None else []
+        cmd += ["--metrics-port", str(metrics_port)] if metrics_port else []
         self.policy = policy
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else ""
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=dict(os.environ), start_new_session=True)
+        self.proc = subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env={**os.environ, **(env or {})}, start_new_session=True)
         self.lines: list[str] = []
         self.target = ""
         found = threading.Event()
         threading.Thread(target=self._pump, args=(found,), daemon=True).start()
         if not found.wait(timeout_s) or not self.target:
             self.stop()
-            raise RuntimeError(f"server ({policy}) did not start:\n" + "".join(self.lines[-40:]))
+            raise RuntimeError(f"server ({policy or 'default policy'}) did not start:\n"
+                               + "".join(self.lines[-40:]))
 
     def _pump(self, found: threading.Event) -> None:
         for line in self.proc.stdout:

@@ -1,55 +1,18 @@
 """Shared fixtures: a real server process on loopback with 2 CPU workers."""
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 
 import pytest
 
+from genserve.loadgen.launch import LaunchedServer
 
-class ServerProcess:
-    """``genserve serve`` in a subprocess; ``target`` is its HOST:PORT."""
+
+class ServerProcess(LaunchedServer):
+    """``genserve serve ARGS`` in a subprocess; ``target`` is its HOST:PORT."""
 
     def __init__(self, *args: str, env: dict | None = None, timeout_s: float = 300.0):
-        cmd = [sys.executable, "-m", "genserve", "serve", "--port", "0", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
-        self.lines: list[str] = []
-        self.target = ""
-        found = threading.Event()
-
-        def pump():
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                m = re.search(r"listening on (\S+:\d+)", line)
-                if m and not found.is_set():
-                    self.target = m.group(1)
-                    found.set()
-            found.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not found.wait(timeout_s) or not self.target:
-            self.stop()
-            raise RuntimeError("server did not start:\n" + "".join(self.lines[-50:]))
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self, sig=signal.SIGTERM, timeout_s: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
+        super().__init__(num_workers=None, args=args, timeout_s=timeout_s, metrics=False, env=env)
 
 
 @pytest.fixture(scope="session")
