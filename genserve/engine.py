@@ -38,6 +38,7 @@ class _InFlight:
     sent_s: float
     predicted_step_ms: float
     pending: set[int]  # members whose DispatchDone has not arrived
+    extra_ms: tuple[float, float] = (0.0, 0.0)  # predicted encode, decode (the leader's)
     moving: dict[str, bytes | None] = field(default_factory=dict)  # state moves awaited (req -> bytes)
 
     @property
@@ -213,7 +214,9 @@ class Engine:
         fl = self.inflight.get(self.busy.get(device_id, -1))
         if fl is None:  # down: never idle soon
             return now + 3600.0
-        return fl.sent_s + fl.dispatch.num_steps * fl.predicted_step_ms / 1e3
+        encode_ms, decode_ms = fl.extra_ms
+        ms = encode_ms + fl.dispatch.num_steps * fl.predicted_step_ms
+        return fl.sent_s + (ms + (decode_ms if device_id == fl.leader else 0.0)) / 1e3
 
     def _apply(self, plan: StepPlan, idle: set[int], now: float) -> None:
         for rej in plan.rejected:
@@ -242,7 +245,10 @@ class Engine:
         dispatch_id = next(self._ids)
         model, p = ts[0].req.model, ts[0].req.params
         predicted = self.cost.step_ms(model, p.width, p.height, p.num_frames, len(d.device_ids), len(ts))
-        fl = _InFlight(d, model, now, predicted, set(d.device_ids))
+        fl = _InFlight(d, model, now, predicted, set(d.device_ids), extra_ms=(
+            self.cost.encode_ms(model) if any(t.started_s is None for t in ts) else 0.0,
+            sum(self.cost.decode_ms(model, p.width, p.height, p.num_frames, len(d.device_ids))
+                for t in ts if t.steps_done + d.num_steps >= t.req.params.num_steps)))
         self.inflight[dispatch_id] = fl
         for device_id in d.device_ids:
             self.busy[device_id] = dispatch_id

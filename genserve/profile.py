@@ -66,21 +66,26 @@ def default_grid(card: P.ModelCard, max_block: int, max_batch: int):
 
 
 def run_profile(executor: Executor, cards: dict[str, P.ModelCard], name: str, hardware: str,
-                steps: int = 6, max_batch: int = 8, progress=print) -> Profile:
+                steps: int = 6, max_batch: int = 8, progress=print, repeats: int = 3) -> Profile:
+    """Measure every grid point ``repeats`` times, interleaved (a whole pass
+    over the grid per repeat), so a burst of interference on the machine
+    lands on one sample of many points rather than on every sample of one."""
     prof = Profiler(executor, cards)
     step_samples, decode_samples, encode = [], [], {}
-    for card in cards.values():
-        for width, height, frames, degrees, batches in default_grid(card, executor.max_sp_degree, max_batch):
-            for degree in degrees:
-                for batch in batches:
-                    times, enc, dec = prof.measure(card.name, width, height, frames, tuple(range(degree)),
-                                                   batch, steps)
-                    step_samples += [StepSample(card.name, card.task, width, height, frames, degree, batch, t)
-                                     for t in times]
-                    decode_samples.append(DecodeSample(card.name, width, height, frames, 1, dec))
-                    encode.setdefault(card.name, []).append(enc)
-                    progress(f"{card.name} {width}x{height}x{frames} sp={degree} batch={batch}: "
-                             f"step {statistics.median(times):.1f} ms, decode {dec:.1f} ms")
+    points = [(card, width, height, frames, degree, batch)
+              for card in cards.values()
+              for width, height, frames, degrees, batches in default_grid(card, executor.max_sp_degree, max_batch)
+              for degree in degrees for batch in batches]
+    for rep in range(max(1, repeats)):
+        for card, width, height, frames, degree, batch in points:
+            times, enc, dec = prof.measure(card.name, width, height, frames, tuple(range(degree)), batch, steps)
+            step_samples += [StepSample(card.name, card.task, width, height, frames, degree, batch, t)
+                             for t in times]
+            if degree == 1:  # the leader decodes alone, whatever the block
+                decode_samples.append(DecodeSample(card.name, width, height, frames, 1, dec))
+            encode.setdefault(card.name, []).append(enc)
+            progress(f"[{rep + 1}/{repeats}] {card.name} {width}x{height}x{frames} sp={degree} batch={batch}: "
+                     f"step {statistics.median(times):.1f} ms, decode {dec:.1f} ms")
     return Profile.from_measurements(
         name, step_samples, decode_samples,
         encode_ms={m: statistics.median(v) for m, v in encode.items()},
@@ -103,7 +108,8 @@ def cmd_profile(args) -> None:
     try:
         cards = {c.name: c for c in ready[0].models}
         hardware = f"{len(specs)} x {device} ({platform.processor() or platform.machine()}), {threads} thread(s) each"
-        profile = run_profile(executor, cards, args.name, hardware, args.steps, args.max_batch)
+        profile = run_profile(executor, cards, args.name, hardware, args.steps, args.max_batch,
+                              repeats=args.repeats)
     finally:
         executor.shutdown()
     save_profile(profile, args.out)
@@ -125,6 +131,8 @@ def add_profile_parser(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--steps", type=int, default=6, help="steps per measurement (the first is not counted)")
     p.add_argument("--max-batch", type=int, default=8, help="largest image batch measured")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="passes over the grid; each point's figure is the median of all its samples")
     p.set_defaults(func=lambda a: cmd_profile(_with_default_models(a, DEFAULT_MODELS)))
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from .blocks import BlockPool
 from .imagepool import ImagePool, Unit
-from .placement import Claim, grow, place, step_gain
+from .placement import Claim, grow, place, step_gain, worth_growing
 from .snapshot import INF, Snapshot, is_image, is_video, slo_s
 
 ON_TIME = 1.0
@@ -70,9 +70,15 @@ def urgency(snap: Snapshot, r, k: int) -> float:
     return 1.0 - min(max(laxity_s(snap, r, k) / slo_s(r), 0.0), 1.0)
 
 
+# A predicted wait for a busy device is counted this many times over: a
+# device's free time is a prediction (a decode or a step can run long on a
+# loaded machine), and a request that bets on it and loses misses outright.
+WAIT_MARGIN = 2.0
+
+
 def can_wait(dec, r, k: int, wait_s: float) -> bool:
     snap = dec.snap
-    return laxity_s(snap, r, k) >= wait_s + dec.patience * snap.remaining_s(r, k)
+    return laxity_s(snap, r, k) >= WAIT_MARGIN * wait_s + dec.patience * snap.remaining_s(r, k)
 
 
 # -- images -------------------------------------------------------------------
@@ -309,7 +315,7 @@ def _grow_all(dec, pool: BlockPool, claims: list, max_image_degree: int) -> None
                  else snap.degrees[-1])
         if is_video(c.members[0]) and len(dec.video_degrees(c.members[0])) == 1:
             continue
-        while (not c.pin and 2 * c.degree <= limit and step_gain(snap, c) > 0.01
+        while (not c.pin and 2 * c.degree <= limit and worth_growing(snap, c)
                and grow(pool, c, snap.num_devices)):
             pass
 

@@ -113,6 +113,26 @@ def to_dispatches(snap: Snapshot, claims: list[Claim], chunk_s: float) -> list[D
     return out
 
 
+# Growing a run onto idle devices moves its state and ties its step to every
+# device of the block: worth it only for a clear saving, not for profile noise.
+MIN_GROW_GAIN = 0.05
+
+
+def worth_growing(snap: Snapshot, claim: Claim) -> bool:
+    """Doubling the claim's block saves time; for requests that already hold
+    state (which must move), at least ``MIN_GROW_GAIN`` of a step and more
+    over its remaining steps than moving the state there and back."""
+    gain = step_gain(snap, claim)
+    if all(not m.steps_done or len(m.device_ids) >= 2 * claim.degree for m in claim.members):
+        return gain > 0.01  # nothing to move: fresh, or back to a block it ran on
+    if gain < MIN_GROW_GAIN:
+        return False
+    r = claim.members[0]
+    move_s = snap.cost.move_ms(r.model) / 1e3 if hasattr(snap.cost, "move_ms") else 0.0
+    saved_s = gain * snap.step_s(r, claim.degree, len(claim.members)) * min(m.steps_left for m in claim.members)
+    return saved_s > 2 * move_s
+
+
 def step_gain(snap: Snapshot, claim: Claim) -> float:
     """Relative step-time saving from doubling the claim's degree."""
     r = claim.members[0]

@@ -6,7 +6,8 @@ completions are applied first, then arrivals, then the policy plans (when a
 device is idle or a request arrived) and the plan is checked and applied.
 A dispatch lasts the *true* time of its steps (``true_cost``, optionally with
 log-normal noise) plus encode for requests it starts, decode for requests it
-finishes and a state move for requests it moves; each step's true time is fed
+finishes (on the block's first device only, as the workers do: the others are
+released when the steps end) and a state move for requests it moves; each step's true time is fed
 back to the *planning* model through ``observe_step`` (online calibration).
 """
 from __future__ import annotations
@@ -174,7 +175,7 @@ class Simulator:
             step_ms = [ms * self._noise() for _ in range(disp.num_steps)]
         else:
             step_ms = [ms] * disp.num_steps
-        extra_ms = 0.0
+        extra_ms, decode_ms = 0.0, 0.0
         for st in members:
             v = st.view
             if v.steps_done == 0:
@@ -183,20 +184,27 @@ class Simulator:
             elif tuple(v.device_ids) != tuple(disp.device_ids) and hasattr(self.true_cost, "move_ms"):
                 extra_ms += self.true_cost.move_ms(v.model)
             if v.steps_done + disp.num_steps >= v.num_steps:
-                extra_ms = max(extra_ms, 0.0) + self.true_cost.decode_ms(
-                    v.model, v.width, v.height, v.num_frames, degree)
+                decode_ms += self.true_cost.decode_ms(v.model, v.width, v.height, v.num_frames,
+                                                      degree)
             st.max_degree = max(st.max_degree, degree)
             st.batch_sum += batch
             st.dispatches += 1
             st.view = _view(v, running=True, paused=False, device_ids=tuple(disp.device_ids))
-        end = self.now + (sum(step_ms) + extra_ms) / 1e3
+        steps_end = self.now + (sum(step_ms) + extra_ms) / 1e3
+        end = steps_end + decode_ms / 1e3
         for d in disp.device_ids:
             self.idle[d] = False
             self.busy_until[d] = end
-        self.busy_device_s += (end - self.now) * degree
+        self.busy_device_s += (steps_end - self.now) * degree + (end - steps_end)
+        if decode_ms > 0 and degree > 1:  # the leader decodes; the others let go
+            self._push(steps_end, 0, (disp.device_ids[1:],))
         self._push(end, 0, (disp, step_ms, batch))
 
-    def _complete(self, disp: Dispatch, step_ms: list[float], batch: int) -> None:
+    def _complete(self, disp, step_ms: list[float] | None = None, batch: int = 0) -> None:
+        if step_ms is None:  # a block's other devices, released at the start of its decode
+            for d in disp:
+                self.idle[d] = True
+            return
         v0 = self.active[disp.req_ids[0]].view
         degree = len(disp.device_ids)
         if self.noise_cv <= 0 and self._counted:  # identical steps: one closed-form update

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from .blocks import BlockPool
 from .dp import solve_mckp
 from .guards import FirstSight, admit_in_order, is_forced
-from .placement import Claim, grow, place, step_gain, to_dispatches
+from .placement import Claim, grow, place, step_gain, worth_growing, to_dispatches
 from .snapshot import Snapshot, is_image, is_video, slo_s
 from .types import ClusterSpec, CostModel, RequestView, StepPlan
 
@@ -89,7 +89,7 @@ class EdfStepPolicy(_StepBase):
         for c in claims:  # deadline order: most urgent grows first
             limit = (min(o.max_image_degree, snap.cluster.max_image_sp_degree) if is_image(c.members[0])
                      else snap.degrees[-1])
-            while (not c.pin and 2 * c.degree <= limit and step_gain(snap, c) > 0.01
+            while (not c.pin and 2 * c.degree <= limit and worth_growing(snap, c)
                    and grow(pool, c, snap.num_devices)):
                 pass
         return snap.finish_plan(to_dispatches(snap, claims, o.chunk_ms / 1e3), rejected)
