@@ -28,29 +28,41 @@ class Profiler:
 
     def measure(self, model: str, width: int, height: int, frames: int, block: tuple[int, ...],
                 batch: int, steps: int) -> tuple[list[float], float, float]:
-        """Run ``batch`` fresh requests ``steps`` steps to the end on ``block``:
-        (step times after the first, mean encode ms, decode ms of the leader)."""
+        """Run ``batch`` fresh requests ``steps`` steps to the end on ``block``
+        and, at the same time, on every other disjoint block of its size, so
+        the devices are as busy as when serving (CPU workers share cores,
+        caches and memory bandwidth): (step times after the first, mean
+        encode ms, decode ms of the leaders)."""
+        k, n = len(block), self.executor.num_devices
+        blocks = [tuple(range(s, s + k)) for s in range(0, n - k + 1, k)] or [block]
         lim = self.cards[model].limits
-        req_ids = tuple(f"profile-{next(self._ids)}" for _ in range(batch))
-        new = tuple(P.NewRequest(r, model, GenParams("profiling prompt", "", width, height, frames, steps,
-                                                     lim.default_guidance_scale, i), "raw", 8)
-                    for i, r in enumerate(req_ids))
-        dispatch_id = next(self._ids)
-        for member in block:
-            self.executor.send(member, P.RunSteps(dispatch_id, model, req_ids, steps, new, block))
-        step_ms, done = [], {}
+        runs = {}
+        for b in blocks:
+            req_ids = tuple(f"profile-{next(self._ids)}" for _ in range(batch))
+            new = tuple(P.NewRequest(r, model, GenParams("profiling prompt", "", width, height, frames, steps,
+                                                         lim.default_guidance_scale, i), "raw", 8)
+                        for i, r in enumerate(req_ids))
+            dispatch_id = next(self._ids)
+            runs[dispatch_id] = b
+            for member in b:
+                self.executor.send(member, P.RunSteps(dispatch_id, model, req_ids, steps, new, b))
+        step_ms: dict[int, list[float]] = {d: [] for d in runs}
+        done: dict[tuple[int, int], P.DispatchDone] = {}
+        expected = sum(len(b) for b in runs.values())
         deadline = time.monotonic() + 3600
-        while len(done) < len(block) and time.monotonic() < deadline:
+        while len(done) < expected and time.monotonic() < deadline:
             for device_id, msg in self.executor.wait(60):
-                if isinstance(msg, P.StepDone) and msg.dispatch_id == dispatch_id:
-                    step_ms.append(msg.step_ms)
-                elif isinstance(msg, P.DispatchDone) and msg.dispatch_id == dispatch_id:
-                    done[device_id] = msg
-        lead = done[block[0]]
-        if lead.failed:
-            raise RuntimeError(f"profiling {model} failed: {lead.failed[0].message}")
-        decode_ms = statistics.fmean(f.decode_ms for f in lead.finished)
-        return step_ms[1:] or step_ms, lead.encode_ms / batch, decode_ms
+                if isinstance(msg, P.StepDone) and msg.dispatch_id in runs:
+                    step_ms[msg.dispatch_id].append(msg.step_ms)
+                elif isinstance(msg, P.DispatchDone) and msg.dispatch_id in runs:
+                    done[(msg.dispatch_id, device_id)] = msg
+        leads = [done[(d, b[0])] for d, b in runs.items()]
+        for lead in leads:
+            if lead.failed:
+                raise RuntimeError(f"profiling {model} failed: {lead.failed[0].message}")
+        decode_ms = statistics.fmean(f.decode_ms for lead in leads for f in lead.finished)
+        times = [t for ts in step_ms.values() for t in (ts[1:] or ts)]
+        return times, statistics.fmean(lead.encode_ms for lead in leads) / batch, decode_ms
 
 
 def default_grid(card: P.ModelCard, max_block: int, max_batch: int):

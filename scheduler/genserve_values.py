@@ -119,7 +119,9 @@ def _unit_value(dec, unit: Unit) -> float:
             value += FORCED
         if r.req_id in dec.targets and snap.now_s + snap.remaining_s(r, k, size) <= r.deadline_s:
             need = need_degree(snap, r, dec.image_degrees)
-            if not can_wait(dec, r, need, dec.wait_s):
+            # a started image finishes: its few steps left are cheap, and a
+            # pause bets its deadline on a prediction of when it resumes
+            if r.steps_done > 0 or not can_wait(dec, r, need, dec.wait_s):
                 value += ON_TIME + IMAGE_FIRST
             value += URGENT * urgency(snap, r, need) + (STICKY if r.steps_done > 0 else 0.0)
         if r.steps_done > 0:
