@@ -219,6 +219,9 @@ class Engine:
         return fl.sent_s + (ms + (decode_ms if device_id == fl.leader else 0.0)) / 1e3
 
     def _apply(self, plan: StepPlan, idle: set[int], now: float) -> None:
+        if log.isEnabledFor(logging.DEBUG) and (plan.dispatches or plan.preempted):
+            log.debug("plan idle=%s dispatch=%s preempt=%s", sorted(idle),
+                      [(d.req_ids, d.device_ids, d.num_steps) for d in plan.dispatches], plan.preempted)
         for rej in plan.rejected:
             t = self.tracked.get(rej.req_id)
             if t is not None and not t.running:
