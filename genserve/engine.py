@@ -39,6 +39,7 @@ class _InFlight:
     predicted_step_ms: float
     pending: set[int]  # members whose DispatchDone has not arrived
     extra_ms: tuple[float, float] = (0.0, 0.0)  # predicted encode, decode (the leader's)
+    fresh: int = 0  # requests the dispatch starts (their prompts are encoded first)
     moving: dict[str, bytes | None] = field(default_factory=dict)  # state moves awaited (req -> bytes)
 
     @property
@@ -248,8 +249,9 @@ class Engine:
         dispatch_id = next(self._ids)
         model, p = ts[0].req.model, ts[0].req.params
         predicted = self.cost.step_ms(model, p.width, p.height, p.num_frames, len(d.device_ids), len(ts))
-        fl = _InFlight(d, model, now, predicted, set(d.device_ids), extra_ms=(
-            self.cost.encode_ms(model) if any(t.started_s is None for t in ts) else 0.0,
+        fresh = sum(1 for t in ts if t.started_s is None)
+        fl = _InFlight(d, model, now, predicted, set(d.device_ids), fresh=fresh, extra_ms=(
+            fresh * self.cost.encode_ms(model),
             sum(self.cost.decode_ms(model, p.width, p.height, p.num_frames, len(d.device_ids))
                 for t in ts if t.steps_done + d.num_steps >= t.req.params.num_steps)))
         self.inflight[dispatch_id] = fl
@@ -370,6 +372,8 @@ class Engine:
             if device_id != fl.leader:  # only the leader reports outcomes
                 return
         now = time.monotonic()
+        if fl is not None:
+            self._observe_extras(fl, msg)
         for req_id in msg.paused:
             t = self._current(req_id, msg.dispatch_id)
             if t is None:
@@ -393,6 +397,18 @@ class Engine:
         """The request, if ``dispatch_id`` is still its latest dispatch."""
         t = self.tracked.get(req_id)
         return t if t is not None and t.dispatch_id == dispatch_id else None
+
+    def _observe_extras(self, fl: _InFlight, msg: P.DispatchDone) -> None:
+        """Calibrate encode and decode predictions as steps are (a loaded
+        machine slows them too)."""
+        if fl.fresh and msg.encode_ms > 0:
+            self.cost.observe_encode(fl.model, msg.encode_ms / fl.fresh)
+        degree = len(fl.dispatch.device_ids)
+        for fin in msg.finished:
+            t = self.tracked.get(fin.req_id)
+            if t is not None and fin.decode_ms > 0:
+                q = t.req.params
+                self.cost.observe_decode(fl.model, q.width, q.height, q.num_frames, degree, fin.decode_ms)
 
     def _complete(self, t: Tracked, fin: P.Finished, now: float) -> None:
         if t.cancel_requested:  # Cancel already answered True: the result is not delivered

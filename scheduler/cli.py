@@ -37,7 +37,7 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--true-profile", help="profile the simulated hardware follows "
                                           "(default: --profile)")
     g.add_argument("--true-scale", type=float, default=1.0,
-                   help="true step and decode times x this (exercises calibration)")
+                   help="true step, decode and encode times x this (exercises calibration)")
     g.add_argument("--noise-cv", type=float, default=0.0, help="log-normal noise on step times")
     g = p.add_argument_group("policies")
     g.add_argument("--policy", default=",".join(DEFAULT_POLICIES),

@@ -31,6 +31,7 @@ class Unit:
     cap_s: float = INF  # largest step time keeping every member on time
     pin: int = 0  # devices it must run on (state cannot move); 0: anywhere
     prefer: int = 0  # devices holding some member's state
+    serial_s: float = 0.0  # members' encodes and decodes: run one after another
 
 
 class ImagePool:
@@ -106,9 +107,10 @@ class ImagePool:
             if size >= self.max_batch:
                 break
             cap = min(unit.cap_s, self.cap_s(r, unit.degree) if on_time else INF)
-            if self.snap.step_s(r, unit.degree, size + 1) <= cap:
+            if self.snap.step_s(r, unit.degree, size + 1) <= cap and self._fits(unit, r, on_time):
                 unit.members.append(r)
                 unit.cap_s = cap
+                unit.serial_s += self.snap.overhead_s(r, unit.degree, r.steps_left)
                 unit.prefer |= _prefer(r)
                 tried[-1] = (size + 1, seq, unit)
                 joined = True
@@ -116,6 +118,23 @@ class ImagePool:
         for entry in tried:
             heapq.heappush(heap, entry)
         return joined
+
+
+    def _fits(self, unit: Unit, r: RequestView, on_time: bool) -> bool:
+        """No member on time without r is late with it, nor r itself if it
+        can be on time: a worker encodes each new member and decodes each
+        finished one in turn, so each waits for the others' encodes and
+        decodes (``cap_s`` counts only its own)."""
+        snap, k, size = self.snap, unit.degree, len(unit.members)
+        if not unit.serial_s:
+            unit.serial_s = sum(snap.overhead_s(m, k, m.steps_left) for m in unit.members)
+        before, after = snap.step_s(r, k, size), snap.step_s(r, k, size + 1)
+        serial = unit.serial_s + snap.overhead_s(r, k, r.steps_left)
+        for m in unit.members:
+            left = m.deadline_s - snap.now_s
+            if m.steps_left * before + unit.serial_s <= left < m.steps_left * after + serial:
+                return False
+        return not on_time or r.steps_left * after + serial <= r.deadline_s - snap.now_s
 
 
 def _prefer(r: RequestView) -> int:

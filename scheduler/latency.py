@@ -29,6 +29,7 @@ from .profile import Profile, ProfileError, load_profile, save_profile
 
 STEP = "step"
 DECODE = "decode"
+ENCODE = "encode"
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +181,7 @@ class LatencyModel:
         return base * self._ratio_of(key)
 
     def encode_ms(self, model: str) -> float:
-        return self._table(model).spec.encode_ms
+        return self._table(model).spec.encode_ms * self._ratio_of(_encode_key(model))
 
     def decode_ms(self, model: str, width: int, height: int, num_frames: int,
                   sp_degree: int) -> float:
@@ -229,6 +230,12 @@ class LatencyModel:
         self._observe((model, DECODE, width, height, num_frames, sp_degree, 1),
                       predicted, measured_ms)
 
+    def observe_encode(self, model: str, measured_ms: float) -> None:
+        """Feed a measured prompt encode (and latent set-up) of one request."""
+        key = _encode_key(model)
+        self._base[key] = self._table(model).spec.encode_ms
+        self._observe(key, self.encode_ms(model), measured_ms)
+
     def prediction_error(self) -> tuple[ErrorStats, ...]:
         """Per-key error statistics of every key observed so far."""
         out = []
@@ -273,3 +280,8 @@ class LatencyModel:
             raise ProfileError(f"profile {self.profile.name!r} has no model {model!r} "
                                f"(known: {', '.join(self._tables)})")
         return table
+
+
+def _encode_key(model: str) -> tuple:
+    """Calibration key of a model's prompt encode (the step key's shape)."""
+    return (model, ENCODE, 0, 0, 0, 1, 1)

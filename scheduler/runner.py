@@ -31,10 +31,11 @@ class Experiment:
 
 
 def scaled_profile(profile: Profile, factor: float) -> Profile:
-    """The same profile with every step and decode time multiplied by ``factor``."""
+    """The same profile with every step, decode and encode time multiplied by ``factor``."""
     models = tuple(replace(m, steps=tuple(replace(p, step_ms=p.step_ms * factor) for p in m.steps),
                            decodes=tuple(replace(p, decode_ms=p.decode_ms * factor)
-                                         for p in m.decodes)) for m in profile.models)
+                                         for p in m.decodes),
+                           encode_ms=m.encode_ms * factor) for m in profile.models)
     return replace(profile, models=models, name=f"{profile.name}x{factor:g}")
 
 

@@ -77,6 +77,7 @@ class _Req:
     max_degree: int = 0
     batch_sum: int = 0
     dispatches: int = 0
+    measured: tuple = ()  # (kind, ms) of the running dispatch's encode and decode, to calibrate
 
 
 class Simulator:
@@ -178,14 +179,18 @@ class Simulator:
         extra_ms, decode_ms = 0.0, 0.0
         for st in members:
             v = st.view
+            st.measured = ()
             if v.steps_done == 0:
-                extra_ms += self.true_cost.encode_ms(v.model)
+                enc = self.true_cost.encode_ms(v.model)
+                extra_ms += enc
+                st.measured += (("encode", enc),)
                 st.first_start_s = self.now
             elif tuple(v.device_ids) != tuple(disp.device_ids) and hasattr(self.true_cost, "move_ms"):
                 extra_ms += self.true_cost.move_ms(v.model)
             if v.steps_done + disp.num_steps >= v.num_steps:
-                decode_ms += self.true_cost.decode_ms(v.model, v.width, v.height, v.num_frames,
-                                                      degree)
+                dec = self.true_cost.decode_ms(v.model, v.width, v.height, v.num_frames, degree)
+                decode_ms += dec
+                st.measured += (("decode", dec),)
             st.max_degree = max(st.max_degree, degree)
             st.batch_sum += batch
             st.dispatches += 1
@@ -218,11 +223,20 @@ class Simulator:
             self.idle[d] = True
         for rid in disp.req_ids:
             st = self.active[rid]
+            if self._counted:
+                self._calibrate_extras(st.view, degree, st.measured)
             done = st.view.steps_done + disp.num_steps
             st.view = _view(st.view, steps_done=done, running=False)
             if done >= st.view.num_steps:
                 del self.active[rid]
                 self.outcomes.append(self._outcome(st, DONE))
+
+    def _calibrate_extras(self, v: RequestView, degree: int, measured: tuple) -> None:
+        for kind, ms in measured:
+            if kind == "encode":
+                self.cost.observe_encode(v.model, ms)
+            else:
+                self.cost.observe_decode(v.model, v.width, v.height, v.num_frames, degree, ms)
 
     def _noise(self) -> float:
         if self.noise_cv <= 0:

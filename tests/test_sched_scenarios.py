@@ -131,6 +131,10 @@ def test_calibration_learns_a_slower_machine():
     assert early > 0.05  # it started 30% off ...
     assert plan_cost.step_ms(FLUX, 768, 768, 1, 1, 1) == pytest.approx(
         1.3 * COST.step_ms(FLUX, 768, 768, 1, 1, 1), rel=0.1)  # ... and learned it
+    # encodes and decodes slow down with the machine too, and are learned the same way
+    assert plan_cost.encode_ms(FLUX) == pytest.approx(1.3 * COST.encode_ms(FLUX), rel=0.05)
+    assert plan_cost.decode_ms(FLUX, 768, 768, 1, 1) == pytest.approx(
+        1.3 * COST.decode_ms(FLUX, 768, 768, 1, 1), rel=0.1)
 
 
 @pytest.mark.parametrize("cluster", [ClusterSpec(6), ClusterSpec(5, max_sp_degree=2),
