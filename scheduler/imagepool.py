@@ -119,7 +119,6 @@ class ImagePool:
             heapq.heappush(heap, entry)
         return joined
 
-
     def _fits(self, unit: Unit, r: RequestView, on_time: bool) -> bool:
         """No member on time without r is late with it, nor r itself if it
         can be on time: a worker encodes each new member and decodes each

@@ -129,7 +129,8 @@ def worth_growing(snap: Snapshot, claim: Claim) -> bool:
         return False
     r = claim.members[0]
     move_s = snap.cost.move_ms(r.model) / 1e3 if hasattr(snap.cost, "move_ms") else 0.0
-    saved_s = gain * snap.step_s(r, claim.degree, len(claim.members)) * min(m.steps_left for m in claim.members)
+    steps_left = min(m.steps_left for m in claim.members)
+    saved_s = gain * snap.step_s(r, claim.degree, len(claim.members)) * steps_left
     return saved_s > 2 * move_s
 
 
