@@ -197,15 +197,17 @@ class Simulator:
             st.view = _view(v, running=True, paused=False, device_ids=tuple(disp.device_ids))
         steps_end = self.now + (sum(step_ms) + extra_ms) / 1e3
         end = steps_end + decode_ms / 1e3
+        early = disp.device_ids[1:] if decode_ms > 0 else ()  # the leader decodes; the others let go
         for d in disp.device_ids:
             self.idle[d] = False
-            self.busy_until[d] = end
+            self.busy_until[d] = steps_end if d in early else end
         self.busy_device_s += (steps_end - self.now) * degree + (end - steps_end)
-        if decode_ms > 0 and degree > 1:  # the leader decodes; the others let go
-            self._push(steps_end, 0, (disp.device_ids[1:],))
-        self._push(end, 0, (disp, step_ms, batch))
+        if early:
+            self._push(steps_end, 0, (early,))
+        self._push(end, 0, (disp, step_ms, batch, early))
 
-    def _complete(self, disp, step_ms: list[float] | None = None, batch: int = 0) -> None:
+    def _complete(self, disp, step_ms: list[float] | None = None, batch: int = 0,
+                  released: tuple = ()) -> None:
         if step_ms is None:  # a block's other devices, released at the start of its decode
             for d in disp:
                 self.idle[d] = True
@@ -220,7 +222,8 @@ class Simulator:
                 self.cost.observe_step(v0.model, v0.width, v0.height, v0.num_frames, degree,
                                        batch, ms)
         for d in disp.device_ids:
-            self.idle[d] = True
+            if d not in released:  # released ones may run something else by now
+                self.idle[d] = True
         for rid in disp.req_ids:
             st = self.active[rid]
             if self._counted:
