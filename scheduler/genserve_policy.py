@@ -14,8 +14,10 @@ At every decision point:
    or paused for them only when its laxity absorbs it (most slack first).
 3. *Joint search* (dp.py): a multiple-choice knapsack over the free devices.
 4. *Placement* (placement.py) on aligned blocks, preferring devices that hold
-   a request's state; holds for a video whose block frees shortly; leftover
-   devices speed up urgent runs and then serve non-target work.
+   a request's state; holds for a video, and then for an image, whose
+   block frees shortly (devices free one at a time: work started on the
+   first would keep the block from ever being whole); leftover devices speed
+   up urgent runs and then serve non-target work.
 
 Starvation guard: a committed video paused ``max_preemptions`` times is not
 paused again, and a request waiting ``starvation_factor`` × its SLO is forced
@@ -72,6 +74,7 @@ class _Decision:
     video_degrees: Callable
     fill_fallback: bool = True
     held: int = 0  # idle devices reserved for videos that cannot wait
+    img_pool: ImagePool | None = None
     claims: list = field(default_factory=list)
 
 
@@ -106,6 +109,7 @@ class GenServePolicy:
         self._joint(dec, ready)
         pool = BlockPool(self.cluster.num_devices, snap.idle_mask & ~dec.held)
         placed = place(pool, dec.claims)
+        pool.free &= ~gv.image_holds(dec, pool, placed, o.hold_s)
         placed += gv.leftover(dec, pool, ready, placed, o)
         return snap.finish_plan(to_dispatches(snap, placed, o.chunk_ms / 1e3), rejected)
 
@@ -150,6 +154,7 @@ class GenServePolicy:
         free = (snap.idle_mask & ~dec.held).bit_count()
         img_pool = ImagePool(snap, images, self.cluster.max_image_batch,
                              dec.image_degrees[-1], o.batching)
+        dec.img_pool = img_pool
         pool_options = gv.image_options(dec, img_pool, free)
         contention = gv.contention_s(dec, img_pool)
         video_options = [gv.video_options(dec, v, free, contention) for v in videos]

@@ -163,13 +163,58 @@ def held_devices(dec, videos: list, hold_s: float) -> int:
     return held
 
 
-def _free_block(snap: Snapshot, k: int, exclude: int) -> tuple[float, int]:
+def image_holds(dec, pool: BlockPool, placed: list, hold_s: float) -> int:
+    """Reservations for target images the joint search could not place for
+    want of a free block of the degree they need: the idle devices of the
+    block that frees first, if it frees within ``hold_s`` and the image is
+    still on time starting then, so that leftover work (a one-step fill of a
+    given-up video, a grown run) does not take them and keep the block from
+    ever being whole (devices free one at a time)."""
+    snap, img = dec.snap, dec.img_pool
+    if img is None or not pool.free:
+        return 0
+    taken = {r.req_id for c in placed for r in c.members}
+    claimed = snap.idle_mask & ~pool.free  # idle at the snapshot, taken by this plan
+    avail = None
+    held = 0
+    for r, k in zip(img.images, img.need):
+        if k <= 0 or r.req_id in taken or r.req_id not in dec.targets or pool.can_take(k):
+            continue
+        if snap.pinned_mask(r):
+            continue
+        if avail is None:
+            avail = _available_s(dec)
+        wait, block = _free_block(snap, k, held | claimed, avail)
+        if not block or wait > hold_s or laxity_s(snap, r, k) < WAIT_MARGIN * wait:
+            continue
+        held |= block
+    return held & pool.free
+
+
+def _available_s(dec) -> list[float]:
+    """When each device is free for new work: a busy device running a target
+    that has steps left after this one is taken until that target finishes
+    (it keeps its devices); others when their dispatch ends."""
+    snap = dec.snap
+    out = list(snap.free_time_s)
+    for r in snap.running:
+        if r.req_id in dec.targets and r.device_ids:
+            end = snap.now_s + snap.remaining_s(r, len(r.device_ids))
+            for d in r.device_ids:
+                if not snap.idle_mask >> d & 1:
+                    out[d] = max(out[d], end)
+    return out
+
+
+def _free_block(snap: Snapshot, k: int, exclude: int,
+                free_time_s: list | None = None) -> tuple[float, int]:
+    free_time_s = snap.free_time_s if free_time_s is None else free_time_s
     best, best_mask = INF, 0
     for start in range(0, snap.num_devices - k + 1, k):
         bm = ((1 << k) - 1) << start
         if bm & exclude:
             continue
-        t = max(snap.free_time_s[start:start + k])
+        t = max(free_time_s[start:start + k])
         if t < best:
             best, best_mask = t, bm
     return best - snap.now_s, best_mask

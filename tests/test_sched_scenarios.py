@@ -82,6 +82,31 @@ def test_videos_do_not_starve_under_an_endless_image_stream():
         assert out["video"].num_preemptions <= max_preemptions
 
 
+def test_image_keeps_the_block_it_waits_for_from_leftover_work():
+    """A device frees while its buddy finishes a step; an image that needs
+    both (degree 1 would miss) is held the free one, instead of a given-up
+    video taking it for a step long enough to make the image miss."""
+    now = 100.0
+    late = dict(task="video", model=WAN, width=832, height=480, num_frames=81, num_steps=50,
+                arrival_s=0.0, deadline_s=50.0)
+    running = RequestView("running-late", steps_done=30, device_ids=(1,), running=True, **late)
+    paused = RequestView("paused-late", steps_done=10, device_ids=(0,), num_preemptions=1,
+                         paused=True, **late)
+    deg1 = iso_ms("image", 1024, 1024, 1, 28, 1) / 1e3
+    deg2 = iso_ms("image", 1024, 1024, 1, 28, 2) / 1e3
+    image = RequestView("img", "image", FLUX, 1024, 1024, 1, 28, 0, now, now + (deg1 + deg2) / 2)
+    assert deg2 + 0.1 < (deg1 + deg2) / 2 < deg1  # on time at degree 2 only
+    devices = [DeviceView(0, True, now), DeviceView(1, False, now + 0.1)]
+    plan = make_policy("genserve", ClusterSpec(2)).plan(now, [running, paused, image], devices,
+                                                        COST.fresh())
+    assert plan.dispatches == ()
+    # with the buddy free the image takes the block at once
+    devices = [DeviceView(0, True, now), DeviceView(1, True, now)]
+    plan = make_policy("genserve", ClusterSpec(2)).plan(now, [running, paused, image], devices,
+                                                        COST.fresh())
+    assert [(d.req_ids, d.device_ids) for d in plan.dispatches] == [(("img",), (0, 1))]
+
+
 def _state_with_infeasible():
     now = 10.0
     ok = RequestView("ok", "image", FLUX, 512, 512, 1, 28, 0, now, now + 10.0)
