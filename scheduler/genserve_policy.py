@@ -75,6 +75,7 @@ class _Decision:
     fill_fallback: bool = True
     held: int = 0  # idle devices reserved for videos that cannot wait
     img_pool: ImagePool | None = None
+    avail: list | None = None  # per device: when free for new work (genserve_values)
     claims: list = field(default_factory=list)
 
 

@@ -155,7 +155,7 @@ def held_devices(dec, videos: list, hold_s: float) -> int:
         if v.req_id not in dec.targets or snap.pinned_mask(v):
             continue
         k = need_degree(snap, v, dec.video_degrees(v))
-        wait, block = _free_block(snap, k, reserved)
+        wait, block = _free_block(snap, k, reserved, _available_s(dec))
         if wait <= 1e-9 or wait > hold_s or not block or can_wait(dec, v, k, wait):
             continue
         reserved |= block
@@ -175,28 +175,36 @@ def image_holds(dec, pool: BlockPool, placed: list, hold_s: float) -> int:
         return 0
     taken = {r.req_id for c in placed for r in c.members}
     claimed = snap.idle_mask & ~pool.free  # idle at the snapshot, taken by this plan
-    avail = None
     held = 0
     for r, k in zip(img.images, img.need):
         if k <= 0 or r.req_id in taken or r.req_id not in dec.targets or pool.can_take(k):
             continue
         if snap.pinned_mask(r):
             continue
-        if avail is None:
-            avail = _available_s(dec)
-        wait, block = _free_block(snap, k, held | claimed, avail)
+        wait, block = _free_block(snap, k, held | claimed, _available_s(dec))
         if not block or wait > hold_s or laxity_s(snap, r, k) < WAIT_MARGIN * wait:
             continue
         held |= block
     return held & pool.free
 
 
+def _resume_wait_s(dec, k: int) -> float:
+    """How long a request paused now waits for a block of k devices: the
+    devices idle now go to others in this plan (that is what the pause is
+    for), so only busy devices' availability counts."""
+    snap = dec.snap
+    avail = [INF if snap.idle_mask >> d & 1 else t for d, t in enumerate(_available_s(dec))]
+    return _free_block(snap, k, 0, avail)[0]
+
+
 def _available_s(dec) -> list[float]:
     """When each device is free for new work: a busy device running a target
     that has steps left after this one is taken until that target finishes
     (it keeps its devices); others when their dispatch ends."""
+    if dec.avail is not None:
+        return dec.avail
     snap = dec.snap
-    out = list(snap.free_time_s)
+    out = dec.avail = list(snap.free_time_s)
     for r in snap.running:
         if r.req_id in dec.targets and r.device_ids:
             end = snap.now_s + snap.remaining_s(r, len(r.device_ids))
@@ -257,6 +265,7 @@ def video_options(dec, v, free: int, contention: float) -> list[tuple]:
     efficient = need * snap.remaining_s(v, need)
     slo = slo_s(v)
     started = v.steps_done > 0
+    running = started and not v.paused  # ran its last step: a pause now is a preemption
     options = []
     if not target:  # forced but past saving: the cheapest degree will do
         degrees = degrees[:1]
@@ -268,18 +277,18 @@ def video_options(dec, v, free: int, contention: float) -> list[tuple]:
         value = 0.0
         if target and two_phase_finish_s(snap, v, k, catch_up, contention) <= (
                 v.deadline_s - MARGIN * dur):
-            value += ON_TIME + URGENT * urgency(snap, v, need) + (STICKY if started else 0.0)
+            value += ON_TIME + URGENT * urgency(snap, v, need) + (STICKY if running else 0.0)
         value -= DEVICE * dec.tightness * max(k * dur - efficient, 0.0) / (snap.num_devices * slo)
         if started and k != len(v.device_ids):
             value -= RESHAPE
         options.append((k, value, Claim([v], k, (), snap.pinned_mask(v), _mask(v.device_ids))))
     pause = 0.0
     if target:
-        wait = 0.0 if started else block_free_s(snap, need)[0]
         if contention < INF:
+            wait = 0.0 if started else block_free_s(snap, need)[0]
             ok = laxity_s(snap, v, catch_up) >= wait + contention + MARGIN * efficient / need
         else:
-            ok = can_wait(dec, v, need, max(wait, dec.wait_s))
+            ok = can_wait(dec, v, need, max(_resume_wait_s(dec, need), dec.wait_s))
         pause += ON_TIME if ok else 0.0
     if started:
         pause -= PREEMPT

@@ -7,7 +7,9 @@
   does not, the image with the most work so far is given up.
 * Videos: commitment (``Commitments``). A video joins the plan when a
   virtual schedule of the plan plus it still finishes every committed video
-  on time; a committed video leaves only when it no longer fits. The virtual
+  on time; a committed video stays a target until it cannot meet its
+  deadline even alone (whether the virtual schedule fits it at this instant
+  or not: targets must not flip in and out from one step to the next). The virtual
   schedule spreads the kept images' work over every device first (images are
   short and urgent), then places the committed videos least slack first, each
   on the earliest aligned block at the smallest degree that finishes it on
@@ -76,7 +78,10 @@ def select_targets(snap: Snapshot, requests, capacity_factor: float = 0.9,
                                                                work / snap.num_devices)
     for rid, p in plans.items():
         finish[rid] = p.finish_s
-    video_kept = {v.req_id for v in videos if v.req_id in plans}
+    # every committed video still feasible alone is aimed at, planned or not:
+    # one the virtual schedule cannot fit at this instant (a block busy a
+    # moment longer) stays a target rather than flip out and back each step
+    video_kept = {v.req_id for v in videos if v.req_id in commitments.ids}
     return TargetSet(frozenset(kept | video_kept), frozenset(hopeless | v_hopeless),
                      frozenset(dropped | v_dropped), max(tight, v_tight), finish, plans, work)
 
