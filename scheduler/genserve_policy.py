@@ -57,7 +57,7 @@ class GenServeOptions:
     hold_s: float = 0.5  # keep idle devices for a video whose block frees this soon
     admit_margin: float = 0.3  # a video is taken on with this share of its run time spare
     fill_videos: bool = True  # serve given-up videos on idle devices (else only when aged)
-    fill_fallback: bool = True  # ... on blocks smaller than 4 too
+    fill_min_degree: int = 2  # ... on blocks smaller than 4 down to this size
 
 
 @dataclass(slots=True)
@@ -72,7 +72,7 @@ class _Decision:
     patience: float
     image_degrees: tuple
     video_degrees: Callable
-    fill_fallback: bool = True
+    fill_min_degree: int = 2
     held: int = 0  # idle devices reserved for videos that cannot wait
     img_pool: ImagePool | None = None
     avail: list | None = None  # per device: when free for new work (genserve_values)
@@ -125,7 +125,7 @@ class GenServePolicy:
             return gv.fixed_video_degrees(snap, v, o.elastic_sp, o.fixed_sp_degree)
 
         return _Decision(snap, ts.kept, forced, ts.tightness, gv.wait_until_free_s(snap),
-                         o.patience, image_degrees, video_degrees, o.fill_fallback)
+                         o.patience, image_degrees, video_degrees, o.fill_min_degree)
 
     def _admission(self, snap: Snapshot, new_ids: set, ts) -> list:
         if not self.options.admission_control or not new_ids:

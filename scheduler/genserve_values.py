@@ -347,12 +347,15 @@ def _fill(dec, pool: BlockPool, ready: list, placed: list, o, videos_too: bool) 
         img_pool = ImagePool(snap, images, snap.cluster.max_image_batch, 1, o.batching)
         units, _ = img_pool.form(pool.count(), only_on_time=False)
         claims += [Claim(list(u.members), u.degree, (), u.pin, u.prefer) for u in units]
-    if videos_too:  # on whole blocks where it can: short steps, no fragments
+    # on whole blocks where it can, never below ``fill_min_degree``: a given-up
+    # video's step on one device is long, and the block it breaks is the one
+    # an image that cannot wait needs next
+    if videos_too:
         for v in rest:
             if is_video(v):
                 allowed = dec.video_degrees(v)
                 degrees = [k for k in allowed if k <= 4] or [allowed[0]]
-                fallback = tuple(reversed(degrees[:-1])) if dec.fill_fallback else ()
+                fallback = tuple(k for k in reversed(degrees[:-1]) if k >= dec.fill_min_degree)
                 claims.append(Claim([v], degrees[-1], fallback, snap.pinned_mask(v),
                                     _mask(v.device_ids)))
     claims.sort(key=lambda c: min(r.arrival_s for r in c.members))

@@ -107,6 +107,27 @@ def test_image_keeps_the_block_it_waits_for_from_leftover_work():
     assert [(d.req_ids, d.device_ids) for d in plan.dispatches] == [(("img",), (0, 1))]
 
 
+def test_given_up_video_fills_whole_blocks_only():
+    """Leftover devices serve a given-up video on a block of 2 or more, not
+    on one device alone (a step there is long and breaks the block)."""
+    now = 100.0
+    late = dict(task="video", model=WAN, width=832, height=480, num_frames=81, num_steps=50,
+                arrival_s=0.0, deadline_s=50.0)
+    running = RequestView("running-late", steps_done=30, device_ids=(1,), running=True, **late)
+    paused = RequestView("paused-late", steps_done=10, device_ids=(0,), num_preemptions=1,
+                         paused=True, **late)
+    devices = [DeviceView(0, True, now), DeviceView(1, False, now + 1.0)]
+    cluster = ClusterSpec(2)
+    plan = make_policy("genserve", cluster).plan(now, [running, paused], devices, COST.fresh())
+    assert plan.dispatches == ()
+    plan = make_policy("genserve", cluster, fill_min_degree=1).plan(
+        now, [running, paused], devices, COST.fresh())
+    assert [(d.req_ids, d.device_ids) for d in plan.dispatches] == [(("paused-late",), (0,))]
+    devices = [DeviceView(0, True, now), DeviceView(1, True, now)]
+    plan = make_policy("genserve", cluster).plan(now, [paused], devices, COST.fresh())
+    assert [(d.req_ids, d.device_ids) for d in plan.dispatches] == [(("paused-late",), (0, 1))]
+
+
 def _state_with_infeasible():
     now = 10.0
     ok = RequestView("ok", "image", FLUX, 512, 512, 1, 28, 0, now, now + 10.0)
