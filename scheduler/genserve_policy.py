@@ -76,6 +76,7 @@ class _Decision:
     held: int = 0  # idle devices reserved for videos that cannot wait
     img_pool: ImagePool | None = None
     avail: list | None = None  # per device: when free for new work (genserve_values)
+    resume_wait: dict = field(default_factory=dict)  # degree -> wait of a pause (cached)
     claims: list = field(default_factory=list)
 
 

@@ -192,9 +192,12 @@ def _resume_wait_s(dec, k: int) -> float:
     """How long a request paused now waits for a block of k devices: the
     devices idle now go to others in this plan (that is what the pause is
     for), so only busy devices' availability counts."""
-    snap = dec.snap
-    avail = [INF if snap.idle_mask >> d & 1 else t for d, t in enumerate(_available_s(dec))]
-    return _free_block(snap, k, 0, avail)[0]
+    wait = dec.resume_wait.get(k)
+    if wait is None:
+        snap = dec.snap
+        avail = [INF if snap.idle_mask >> d & 1 else t for d, t in enumerate(_available_s(dec))]
+        wait = dec.resume_wait[k] = _free_block(snap, k, 0, avail)[0]
+    return wait
 
 
 def _available_s(dec) -> list[float]:
