@@ -14,8 +14,9 @@ patience share of its remaining time. Values:
 * A target that can wait gains only ``URGENT`` × how little laxity it has
   when run now, so spare devices go least laxity first.
 * Small terms break ties: an image before a video (far less work ahead),
-  keeping a started request running (``STICKY``: two videos that cannot both
-  run do not take turns, which would make both late), device time above the
+  keeping a started request running (``STICKY``; for a video only if it ran
+  its last step, not one paused earlier: two videos that cannot both run do
+  not take turns, which would make both late), device time above the
   efficient degree (scaled by load), reshaping. A forced request outweighs
   everything.
 """
