@@ -82,16 +82,23 @@ def test_videos_do_not_starve_under_an_endless_image_stream():
         assert out["video"].num_preemptions <= max_preemptions
 
 
-def test_image_keeps_the_block_it_waits_for_from_leftover_work():
-    """A device frees while its buddy finishes a step; an image that needs
-    both (degree 1 would miss) is held the free one, instead of a given-up
-    video taking it for a step long enough to make the image miss."""
-    now = 100.0
+def _given_up_videos():
+    """Two videos long past their deadlines: one running a step on device 1,
+    one paused with its state on device 0."""
     late = dict(task="video", model=WAN, width=832, height=480, num_frames=81, num_steps=50,
                 arrival_s=0.0, deadline_s=50.0)
     running = RequestView("running-late", steps_done=30, device_ids=(1,), running=True, **late)
     paused = RequestView("paused-late", steps_done=10, device_ids=(0,), num_preemptions=1,
                          paused=True, **late)
+    return running, paused
+
+
+def test_image_keeps_the_block_it_waits_for_from_leftover_work():
+    """A device frees while its buddy finishes a step; an image that needs
+    both (degree 1 would miss) is held the free one, instead of a given-up
+    video taking it for a step long enough to make the image miss."""
+    now = 100.0
+    running, paused = _given_up_videos()
     deg1 = iso_ms("image", 1024, 1024, 1, 28, 1) / 1e3
     deg2 = iso_ms("image", 1024, 1024, 1, 28, 2) / 1e3
     image = RequestView("img", "image", FLUX, 1024, 1024, 1, 28, 0, now, now + (deg1 + deg2) / 2)
@@ -111,11 +118,7 @@ def test_given_up_video_fills_whole_blocks_only():
     """Leftover devices serve a given-up video on a block of 2 or more, not
     on one device alone (a step there is long and breaks the block)."""
     now = 100.0
-    late = dict(task="video", model=WAN, width=832, height=480, num_frames=81, num_steps=50,
-                arrival_s=0.0, deadline_s=50.0)
-    running = RequestView("running-late", steps_done=30, device_ids=(1,), running=True, **late)
-    paused = RequestView("paused-late", steps_done=10, device_ids=(0,), num_preemptions=1,
-                         paused=True, **late)
+    running, paused = _given_up_videos()
     devices = [DeviceView(0, True, now), DeviceView(1, False, now + 1.0)]
     cluster = ClusterSpec(2)
     plan = make_policy("genserve", cluster).plan(now, [running, paused], devices, COST.fresh())
