@@ -43,16 +43,6 @@ def wait_until_free_s(snap: Snapshot) -> float:
     return min(busy) - snap.now_s if busy else 0.0
 
 
-def block_free_s(snap: Snapshot, k: int) -> tuple[float, int]:
-    """(time from now until some aligned block of k devices is all free, block)."""
-    best, best_mask = INF, 0
-    for start in range(0, snap.num_devices - k + 1, k):
-        t = max(snap.free_time_s[start:start + k])
-        if t < best:
-            best, best_mask = t, ((1 << k) - 1) << start
-    return best - snap.now_s, best_mask
-
-
 def need_degree(snap: Snapshot, r, degrees) -> int:
     """Smallest degree that meets r's deadline from now (the largest if none)."""
     for k in degrees:
@@ -156,7 +146,7 @@ def held_devices(dec, videos: list, hold_s: float) -> int:
         if v.req_id not in dec.targets or snap.pinned_mask(v):
             continue
         k = need_degree(snap, v, dec.video_degrees(v))
-        wait, block = _free_block(snap, k, reserved, _available_s(dec))
+        wait, block = block_free_s(snap, k, reserved, _available_s(dec))
         if wait <= 1e-9 or wait > hold_s or not block or can_wait(dec, v, k, wait):
             continue
         reserved |= block
@@ -182,7 +172,7 @@ def image_holds(dec, pool: BlockPool, placed: list, hold_s: float) -> int:
             continue
         if snap.pinned_mask(r):
             continue
-        wait, block = _free_block(snap, k, held | claimed, _available_s(dec))
+        wait, block = block_free_s(snap, k, held | claimed, _available_s(dec))
         if not block or wait > hold_s or laxity_s(snap, r, k) < WAIT_MARGIN * wait:
             continue
         held |= block
@@ -197,7 +187,7 @@ def _resume_wait_s(dec, k: int) -> float:
     if wait is None:
         snap = dec.snap
         avail = [INF if snap.idle_mask >> d & 1 else t for d, t in enumerate(_available_s(dec))]
-        wait = dec.resume_wait[k] = _free_block(snap, k, 0, avail)[0]
+        wait = dec.resume_wait[k] = block_free_s(snap, k, 0, avail)[0]
     return wait
 
 
@@ -218,8 +208,11 @@ def _available_s(dec) -> list[float]:
     return out
 
 
-def _free_block(snap: Snapshot, k: int, exclude: int,
-                free_time_s: list | None = None) -> tuple[float, int]:
+def block_free_s(snap: Snapshot, k: int, exclude: int = 0,
+                 free_time_s: list | None = None) -> tuple[float, int]:
+    """(time from now until some aligned block of k devices, none in
+    ``exclude``, is all free, its mask); free times ``snap.free_time_s``
+    unless given."""
     free_time_s = snap.free_time_s if free_time_s is None else free_time_s
     best, best_mask = INF, 0
     for start in range(0, snap.num_devices - k + 1, k):
