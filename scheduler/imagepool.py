@@ -88,7 +88,8 @@ class ImagePool:
                 k = self.allowed(r)[0]
             key = (r.model, r.width, r.height, r.num_frames, pin)
             if used + k <= slots:  # spread while devices remain
-                unit = Unit(key, k, [r], self.cap_s(r, k) if on_time else INF, pin, _prefer(r))
+                unit = Unit(key, k, [r], self.cap_s(r, k) if on_time else INF, pin, _prefer(r),
+                            self.snap.overhead_s(r, k, r.steps_left))
                 units.append(unit)
                 heapq.heappush(by_key.setdefault(key, []), (1, len(units), unit))
                 used += k
@@ -125,8 +126,6 @@ class ImagePool:
         finished one in turn, so each waits for the others' encodes and
         decodes (``cap_s`` counts only its own)."""
         snap, k, size = self.snap, unit.degree, len(unit.members)
-        if not unit.serial_s:
-            unit.serial_s = sum(snap.overhead_s(m, k, m.steps_left) for m in unit.members)
         before, after = snap.step_s(r, k, size), snap.step_s(r, k, size + 1)
         serial = unit.serial_s + snap.overhead_s(r, k, r.steps_left)
         for m in unit.members:
