@@ -18,7 +18,7 @@ from typing import Callable
 from genserve.config import EngineConfig
 from genserve.dispatch import check_dispatch, member_messages, needs_move
 from genserve.scheduler import make_policy as _make_named_policy
-from genserve.scheduler.types import ClusterSpec, DeviceView, Dispatch, StepPlan
+from genserve.scheduler.types import IDLE_REPLAN_S, ClusterSpec, DeviceView, Dispatch, StepPlan
 from genserve.tracked import Sink, Tracked
 from genserve.types import EventType, Request, RequestError
 from genserve.workers import protocol as P
@@ -149,7 +149,7 @@ class Engine:
         # Results, arrivals and worker deaths all wake the wait; poll only when
         # requests wait with nothing running (a worker restarting, or a policy
         # holding work back), so a time-based decision is not missed.
-        return 0.05 if self.tracked and not self.inflight else None
+        return IDLE_REPLAN_S if self.tracked and not self.inflight else None
 
     def _take_inbox(self) -> None:
         while True:

@@ -4,6 +4,9 @@ live server, on a simulated clock ("one scheduler, two clocks").
 Events are arrivals and dispatch completions. At every instant with events,
 completions are applied first, then arrivals, then the policy plans (when a
 device is idle or a request arrived) and the plan is checked and applied.
+When requests wait with nothing running and nothing left to arrive, the
+policy is asked again every ``IDLE_REPLAN_S``, as the engine does (for at
+most ``max_idle_s`` of simulated time: then what is left is unfinished).
 A dispatch lasts the *true* time of its steps (``true_cost``, optionally with
 log-normal noise) plus encode for requests it starts, decode for requests it
 finishes (on the block's first device only, as the workers do: the others are
@@ -21,7 +24,7 @@ from typing import Sequence
 
 from .check import check_plan
 from .latency import LatencyModel
-from .types import ClusterSpec, DeviceView, Dispatch, RequestView, StepPlan
+from .types import IDLE_REPLAN_S, ClusterSpec, DeviceView, Dispatch, RequestView, StepPlan
 from .workload import Request
 
 DONE, REJECTED, UNFINISHED = "done", "rejected", "unfinished"
@@ -85,11 +88,12 @@ class Simulator:
 
     def __init__(self, policy, requests: Sequence[Request], cluster: ClusterSpec, plan_cost,
                  true_cost=None, noise_cv: float = 0.0, seed: int = 0, check: bool = True,
-                 strict: bool = True):
+                 strict: bool = True, max_idle_s: float = 600.0):
         self.policy, self.cluster, self.cost = policy, cluster, plan_cost
         self.true_cost = true_cost or plan_cost
         self.noise_cv, self.rng = noise_cv, random.Random(seed)
         self.check, self.strict = check, strict
+        self.max_idle_s = max_idle_s
         self.requests = sorted(requests, key=lambda r: r.arrival_s)
         self.active: dict[str, _Req] = {}
         self.outcomes: list[Outcome] = []
@@ -108,12 +112,18 @@ class Simulator:
         wall0 = time.perf_counter()
         for r in self.requests:
             self._push(r.arrival_s, 1, r)
+        idle_since = None
         while self.events:
             self.now = self.events[0][0]
             arrived = self._pop_instant()
             if arrived or any(self.idle):
                 self._decide()
-        for st in self.active.values():  # stalled: nothing left to wake the policy
+            if self.events or not self.active:
+                idle_since = None
+            elif idle_since is None or self.now - idle_since < self.max_idle_s:
+                idle_since = self.now if idle_since is None else idle_since
+                self._push(self.now + IDLE_REPLAN_S, 2, None)  # the engine's timed re-plan
+        for st in self.active.values():  # stalled: the policy never ran them
             self.outcomes.append(self._outcome(st, UNFINISHED))
         start = self.requests[0].arrival_s if self.requests else 0.0
         return SimResult(self.policy.name, self.cluster.num_devices, tuple(self.outcomes),
@@ -131,6 +141,8 @@ class Simulator:
             _, kind, _, payload = heapq.heappop(self.events)
             if kind == 0:
                 self._complete(*payload)
+            elif kind == 2:
+                pass  # a timed re-plan: wakes the policy only
             else:
                 arrived = True
                 self.active[payload.req_id] = _Req(payload, RequestView(

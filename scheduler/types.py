@@ -19,6 +19,10 @@ from typing import Protocol, Sequence
 IMAGE = "image"
 VIDEO = "video"
 TASKS = (IMAGE, VIDEO)
+# With requests waiting and nothing running, nothing else wakes a policy: the
+# engine and the simulator both re-plan after this long (a policy may be
+# waiting for time to pass, e.g. for a request to become late)
+IDLE_REPLAN_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)

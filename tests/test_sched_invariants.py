@@ -7,13 +7,15 @@ requests that are new, running, paused or waiting at a step boundary.
 import random
 from collections import Counter
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from genserve.scheduler import POLICY_NAMES, ClusterSpec, DeviceView, LatencyModel, RequestView, make_policy
 from genserve.scheduler.blocks import degrees_upto
 from genserve.scheduler.check import check_plan
-from genserve.scheduler.simulator import simulate
+from genserve.scheduler.simulator import Simulator, simulate
+from genserve.scheduler.types import Dispatch, StepPlan
 from genserve.scheduler.workload import Request
 
 COST = LatencyModel.load("reference-h100")
@@ -120,11 +122,42 @@ class StepAudit:
 
     def plan(self, now_s, requests, devices, cost):
         plan = self.policy.plan(now_s, requests, devices, cost)
+        if requests and all(d.idle for d in devices):  # else nothing may ever wake it
+            assert plan.dispatches or plan.rejected, f"{self.name} idles at t={now_s}"
         for disp in plan.dispatches:
             for rid in disp.req_ids:
                 self.steps[rid] += disp.num_steps
         self.preempted.update(plan.preempted)
         return plan
+
+
+class Dawdler:
+    """Runs a request one step at a time, each only 0.2 s after it arrived."""
+
+    name = "dawdler"
+
+    def __init__(self, give_up: bool = False):
+        self.give_up = give_up
+
+    def plan(self, now_s, requests, devices, cost):
+        idle = [d.device_id for d in devices if d.idle]
+        ready = [r for r in requests if not r.running and now_s >= r.arrival_s + 0.2]
+        if self.give_up or not idle or not ready:
+            return StepPlan()
+        return StepPlan(dispatches=(Dispatch((ready[0].req_id,), (idle[0],)),))
+
+
+def test_simulator_re_plans_when_a_policy_waits_for_time():
+    """Nothing running, nothing to arrive: the simulator asks again after a
+    tick, as the engine does, and gives up only after ``max_idle_s``."""
+    cluster = ClusterSpec(1)
+    workload = [Request("a", 1.0, "image", COST.default_model("image"), 512, 512, 1, 2, 60e3)]
+    done = simulate(Dawdler(), workload, cluster, COST.fresh())
+    assert [o.status for o in done.outcomes] == ["done"]
+    assert done.outcomes[0].first_start_s == pytest.approx(1.2, abs=0.06)
+    stuck = Simulator(Dawdler(give_up=True), workload, cluster, COST.fresh(), max_idle_s=1.0).run()
+    assert [o.status for o in stuck.outcomes] == ["unfinished"]
+    assert 1.0 <= stuck.end_s - 1.0 <= 1.1
 
 
 def random_workload(rng: random.Random, n: int):
