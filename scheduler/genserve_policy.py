@@ -56,6 +56,7 @@ class GenServeOptions:
     leftover_first: str = "grow"  # leftover devices: "fill" non-targets or "grow" runs
     hold_s: float = 0.5  # keep idle devices for a video whose block frees this soon
     admit_margin: float = 0.3  # a video is taken on with this share of its run time spare
+    admit_margin_share: float = 0.2  # ... when images need this share of the devices (less: less)
     fill_videos: bool = True  # serve given-up videos on idle devices (else only when aged)
     fill_min_degree: int = 2  # ... on blocks smaller than 4 down to this size
 
@@ -98,8 +99,11 @@ class GenServePolicy:
         o = self.options
         new_ids = self._first_sight.new_ids(requests)
         self._image_load.observe(snap, [snap.by_id[rid] for rid in new_ids])
-        share = 1.0 - min(self._image_load.devices(now_s) / snap.num_devices, 0.8)
-        self._commitments.stretch = 1.0 / share
+        image_share = min(self._image_load.devices(now_s) / snap.num_devices, 0.8)
+        self._commitments.stretch = 1.0 / (1.0 - image_share)
+        # the margin keeps room for images still to come: none needed without them
+        self._commitments.admit_margin = o.admit_margin * min(
+            image_share / o.admit_margin_share, 1.0) if o.admit_margin_share > 0 else o.admit_margin
         ts = select_targets(snap, requests, o.capacity_factor, self.cluster.max_image_batch,
                             self._commitments)
         rejected = self._admission(snap, new_ids, ts)

@@ -36,6 +36,7 @@ RESHAPE = 0.03  # changing a started video's degree (churn breaks blocks apart)
 STICKY = 0.1  # keeping a started request running: beats any laxity difference
 IMAGE_FIRST = 0.15  # an image on time beats a video on time (far less work ahead)
 MARGIN = 0.02  # predicted finish must leave this share of the remaining time
+CLOSE = 0.5  # on time only without the margin: a target's last chance, worth less
 
 
 def wait_until_free_s(snap: Snapshot) -> float:
@@ -272,9 +273,11 @@ def video_options(dec, v, free: int, contention: float) -> list[tuple]:
             continue
         dur = snap.remaining_s(v, k)
         value = 0.0
-        if target and two_phase_finish_s(snap, v, k, catch_up, contention) <= (
-                v.deadline_s - MARGIN * dur):
+        finish = two_phase_finish_s(snap, v, k, catch_up, contention) if target else INF
+        if finish <= v.deadline_s - MARGIN * dur:
             value += ON_TIME + URGENT * urgency(snap, v, need) + (STICKY if running else 0.0)
+        elif finish <= v.deadline_s:  # not hopeless yet: left waiting it would be
+            value += CLOSE + (STICKY if running else 0.0)
         value -= DEVICE * dec.tightness * max(k * dur - efficient, 0.0) / (snap.num_devices * slo)
         if started and k != len(v.device_ids):
             value -= RESHAPE

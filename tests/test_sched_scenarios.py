@@ -131,6 +131,25 @@ def test_given_up_video_fills_whole_blocks_only():
     assert [(d.req_ids, d.device_ids) for d in plan.dispatches] == [(("paused-late",), (0, 1))]
 
 
+@pytest.mark.parametrize("spare", [0.15, 0.0])
+def test_video_admission_margin_follows_the_image_load(spare):
+    """Two videos arrive together with no images in sight, the first needing
+    all 8 devices; the second is on time only after it, with less than the
+    full admission margin (30% of its run time) spare, or none at all (when
+    its turn comes it is on time only without the 2% planning margin, and
+    must still be run, not left idle). The admission margin is room for
+    images to come, so without images the second is taken on, and both are
+    on time; with the full margin the first is refused (5% spare) and misses."""
+    cluster = ClusterSpec(8)
+    run8_ms = iso_ms("video", 832, 480, 81, 50, 8)
+    first = Request("v1", 0.0, "video", WAN, 832, 480, 81, 50, 1.05 * run8_ms)
+    second = Request("v2", 0.0, "video", WAN, 832, 480, 81, 50, (2 + spare) * run8_ms)
+    met = {o.req_id: o.met_slo for o in run("genserve", [first, second], cluster).outcomes}
+    assert met == {"v1": True, "v2": True}
+    full = run("genserve", [first, second], cluster, admit_margin_share=0.0)
+    assert {o.req_id: o.met_slo for o in full.outcomes} == {"v1": False, "v2": True}
+
+
 def _state_with_infeasible():
     now = 10.0
     ok = RequestView("ok", "image", FLUX, 512, 512, 1, 28, 0, now, now + 10.0)
