@@ -41,6 +41,8 @@ class _InFlight:
     extra_ms: tuple[float, float] = (0.0, 0.0)  # predicted encode, decode (the leader's)
     fresh: int = 0  # requests the dispatch starts (their prompts are encoded first)
     moving: dict[str, bytes | None] = field(default_factory=dict)  # state moves awaited (req -> bytes)
+    compute_ms: float = 0.0  # the leader's reported step times so far
+    turnaround_ms: float = 0.0  # from the replies that freed its devices to the decision to send it
 
     @property
     def leader(self) -> int:
@@ -59,6 +61,8 @@ class Engine:
         self.tracked: dict[str, Tracked] = {}
         self.inflight: dict[int, _InFlight] = {}  # dispatch id -> work
         self.busy: dict[int, int] = {}  # device id -> dispatch id
+        self._woke_s = 0.0  # when the last wait for replies returned
+        self._freed_s: dict[int, float] = {}  # device id -> when its last dispatch ended
         self.down: set[int] = set()  # devices whose worker is restarting
         self._ids = itertools.count(1)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -132,6 +136,7 @@ class Engine:
             self._schedule()
             self._export_queue()
         replies = self.executor.wait(self._wait_timeout())
+        self._woke_s = time.monotonic()
         for device_id, msg in replies:
             self._on_reply(device_id, msg)
         if not replies and self.tracked:
@@ -216,8 +221,11 @@ class Engine:
         if fl is None:  # down: never idle soon
             return now + 3600.0
         encode_ms, decode_ms = fl.extra_ms
-        ms = encode_ms + fl.dispatch.num_steps * fl.predicted_step_ms
+        ms = encode_ms + fl.dispatch.num_steps * fl.predicted_step_ms + self._dispatch_ms()
         return fl.sent_s + (ms + (decode_ms if device_id == fl.leader else 0.0)) / 1e3
+
+    def _dispatch_ms(self) -> float:
+        return self.cost.dispatch_ms() if hasattr(self.cost, "dispatch_ms") else 0.0
 
     def _apply(self, plan: StepPlan, idle: set[int], now: float) -> None:
         if log.isEnabledFor(logging.DEBUG) and (plan.dispatches or plan.preempted):
@@ -250,7 +258,10 @@ class Engine:
         model, p = ts[0].req.model, ts[0].req.params
         predicted = self.cost.step_ms(model, p.width, p.height, p.num_frames, len(d.device_ids), len(ts))
         fresh = sum(1 for t in ts if t.started_s is None)
-        fl = _InFlight(d, model, now, predicted, set(d.device_ids), fresh=fresh, extra_ms=(
+        # sent at once after the replies that freed its block: the engine's turnaround counts
+        freed = all(self._freed_s.get(x, -1.0) >= self._woke_s for x in d.device_ids)
+        fl = _InFlight(d, model, now, predicted, set(d.device_ids), fresh=fresh,
+                       turnaround_ms=max(now - self._woke_s, 0.0) * 1e3 if freed else 0.0, extra_ms=(
             fresh * self.cost.encode_ms(model),
             sum(self.cost.decode_ms(model, p.width, p.height, p.num_frames, len(d.device_ids))
                 for t in ts if t.steps_done + d.num_steps >= t.req.params.num_steps)))
@@ -325,6 +336,7 @@ class Engine:
         degree = len(fl.dispatch.device_ids)
         predicted = self.cost.step_ms(fl.model, p.width, p.height, p.num_frames, degree, len(msg.req_ids))
         self.cost.observe_step(fl.model, p.width, p.height, p.num_frames, degree, len(msg.req_ids), msg.step_ms)
+        fl.compute_ms += msg.step_ms
         self.metrics.step(ts[0].req.task, fl.model, degree, len(msg.req_ids), msg.step_ms / 1e3,
                           predicted / 1e3, fl.dispatch.device_ids)
         step_ms = self.cost.step_ms(fl.model, p.width, p.height, p.num_frames, degree, len(msg.req_ids))
@@ -365,6 +377,7 @@ class Engine:
         fl = self.inflight.get(msg.dispatch_id)
         if self.busy.get(device_id) == msg.dispatch_id:
             self.busy.pop(device_id)
+            self._freed_s[device_id] = time.monotonic()
         if fl is not None:
             fl.pending.discard(device_id)
             if not fl.pending:
@@ -374,6 +387,7 @@ class Engine:
         now = time.monotonic()
         if fl is not None:
             self._observe_extras(fl, msg)
+            self._observe_overhead(fl, msg, now)
         for req_id in msg.paused:
             t = self._current(req_id, msg.dispatch_id)
             if t is None:
@@ -397,6 +411,17 @@ class Engine:
         """The request, if ``dispatch_id`` is still its latest dispatch."""
         t = self.tracked.get(req_id)
         return t if t is not None and t.dispatch_id == dispatch_id else None
+
+    def _observe_overhead(self, fl: _InFlight, msg: P.DispatchDone, now: float) -> None:
+        """What the dispatch cost beyond the compute its leader reports (a
+        state move in between is not overhead: such dispatches are skipped)."""
+        if fl.moving or msg.failed:
+            return
+        compute_ms = fl.compute_ms + msg.encode_ms + sum(f.decode_ms for f in msg.finished)
+        overhead_ms = fl.turnaround_ms + (now - fl.sent_s) * 1e3 - compute_ms
+        if hasattr(self.cost, "observe_dispatch"):
+            self.cost.observe_dispatch(max(overhead_ms, 0.0))
+        self.metrics.dispatch_overhead(overhead_ms / 1e3)
 
     def _observe_extras(self, fl: _InFlight, msg: P.DispatchDone) -> None:
         """Calibrate encode and decode predictions as steps are (a loaded

@@ -110,6 +110,9 @@ FAMILIES: tuple[Family, ...] = (
            "Worker processes restarted after a failure."),
     Family("genserve_scheduler_decision_seconds", "histogram", (),
            "Wall time of one scheduling decision (policy plan call)."),
+    Family("genserve_dispatch_overhead_seconds", "histogram", (),
+           "Wall time of a dispatch beyond the compute its workers report (round trip and engine "
+           "turnaround)."),
     Family("genserve_build_info", "gauge", ("version", "policy", "device_kind"),
            "Constant 1, labelled with the server build and setup."),
     Family("genserve_workers", "gauge", ("state",),
@@ -125,6 +128,7 @@ _BUCKETS = {
     "genserve_step_latency_seconds": STEP_BUCKETS_S,
     "genserve_step_prediction_error_ratio": RATIO_BUCKETS,
     "genserve_scheduler_decision_seconds": DECISION_BUCKETS_S,
+    "genserve_dispatch_overhead_seconds": DECISION_BUCKETS_S,
 }
 
 
@@ -271,6 +275,10 @@ class Metrics:
     def decision(self, seconds: float) -> None:
         """Observe the wall time of one scheduling decision."""
         self._m["genserve_scheduler_decision_seconds"].observe(seconds)
+
+    def dispatch_overhead(self, seconds: float) -> None:
+        """Observe one dispatch's wall time beyond its workers' compute."""
+        self._m["genserve_dispatch_overhead_seconds"].observe(max(seconds, 0.0))
 
     def worker_restarted(self, device: int | str) -> None:
         """Count one restart of the worker process on ``device``."""

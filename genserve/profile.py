@@ -3,7 +3,8 @@ write a latency profile for the scheduler.
 
 It starts the same worker processes the server uses (so SP steps run over the
 same process groups) and drives them directly with dispatches: step time per
-(shape, SP degree, batch size), decode time per shape, prompt-encode time.
+(shape, SP degree, batch size), decode time per shape, prompt-encode time,
+and the overhead of one dispatch beyond its compute.
 """
 from __future__ import annotations
 
@@ -65,6 +66,53 @@ class Profiler:
         return times, statistics.fmean(lead.encode_ms for lead in leads) / batch, decode_ms
 
 
+    def measure_dispatch(self, model: str, rounds: int = 20) -> list[float]:
+        """Per-dispatch overhead as a step-level policy meets it: every device
+        runs a request of its own one step per dispatch, all at once, each
+        round sent as soon as the last round's replies are in; the overhead of
+        a dispatch is its round trip less the compute its worker reports, plus
+        the turnaround from the replies to the next send (ms, first round not
+        counted: it encodes and warms up)."""
+        n = self.executor.num_devices
+        lim = self.cards[model].limits
+        params = GenParams("profiling prompt", "", lim.default_width, lim.default_height,
+                           lim.default_frames if self.cards[model].task == "video" else 1,
+                           rounds + 1, lim.default_guidance_scale, 0)
+        req_ids = {d: f"profile-{next(self._ids)}" for d in range(n)}
+        out: list[float] = []
+        woke = None
+        try:
+            for rnd in range(rounds):
+                start = time.monotonic()
+                turnaround_ms = (start - woke) * 1e3 if woke is not None else 0.0
+                sent: dict[int, tuple[int, float]] = {}
+                for d, rid in req_ids.items():
+                    new = (P.NewRequest(rid, model, params, "raw", 8),) if rnd == 0 else ()
+                    dispatch_id = next(self._ids)
+                    sent[dispatch_id] = (d, time.monotonic())
+                    self.executor.send(d, P.RunSteps(dispatch_id, model, (rid,), 1, new, (d,)))
+                compute = dict.fromkeys(sent, 0.0)
+                done: dict[int, float] = {}
+                deadline = time.monotonic() + 600
+                while len(done) < len(sent) and time.monotonic() < deadline:
+                    for _, msg in self.executor.wait(60):
+                        if isinstance(msg, P.StepDone) and msg.dispatch_id in sent:
+                            compute[msg.dispatch_id] += msg.step_ms
+                        elif isinstance(msg, P.DispatchDone) and msg.dispatch_id in sent:
+                            if msg.failed:
+                                raise RuntimeError(f"profiling {model} failed: {msg.failed[0].message}")
+                            compute[msg.dispatch_id] += msg.encode_ms
+                            done[msg.dispatch_id] = time.monotonic()
+                woke = time.monotonic()
+                if rnd > 0:
+                    out += [(done[i] - t) * 1e3 - compute[i] + turnaround_ms
+                            for i, (_, t) in sent.items() if i in done]
+        finally:
+            for d, rid in req_ids.items():
+                self.executor.send(d, P.Drop((rid,)))
+        return out
+
+
 def default_grid(card: P.ModelCard, max_block: int, max_batch: int):
     """(width, height, frames, sp degrees, batch sizes) points for a model."""
     lim = card.limits
@@ -98,11 +146,19 @@ def run_profile(executor: Executor, cards: dict[str, P.ModelCard], name: str, ha
             encode.setdefault(card.name, []).append(enc)
             progress(f"[{rep + 1}/{repeats}] {card.name} {width}x{height}x{frames} sp={degree} batch={batch}: "
                      f"step {statistics.median(times):.1f} ms, decode {dec:.1f} ms")
+    # the overhead a dispatch adds, on the model with the shortest steps
+    # (images first): where it weighs most
+    model = min(cards.values(), key=lambda c: (c.task != "image", c.name)).name
+    overheads = prof.measure_dispatch(model)
+    dispatch_ms = statistics.median(overheads) if overheads else 0.0
+    progress(f"dispatch overhead: {dispatch_ms:.2f} ms (median of {len(overheads)} one-step dispatches)")
     return Profile.from_measurements(
         name, step_samples, decode_samples,
         encode_ms={m: statistics.median(v) for m, v in encode.items()},
         default_steps={c.name: c.limits.default_steps for c in cards.values()},
-        hardware=hardware)
+        hardware=hardware, dispatch_ms=dispatch_ms,
+        dispatch_note=f"median of {len(overheads)} one-step dispatches of {model} on every "
+                      "device at once: round trip less reported compute, plus turnaround")
 
 
 def cmd_profile(args) -> None:

@@ -1,7 +1,9 @@
 """Scrape the server's Prometheus endpoint during a run (queue depth over time).
 
 A daemon thread fetches ``/metrics`` every ``interval_s`` and keeps the gauges
-named in ``GAUGES`` per ``task`` label, timestamped on the run's clock (seconds
+named in ``GAUGES`` per ``task`` label (and the running totals of the
+dispatch-overhead histogram, ``OVERHEAD``: their last sum / count is the
+run's mean overhead per dispatch), timestamped on the run's clock (seconds
 since ``t0`` on ``time.monotonic()``, as in ``requests.jsonl``). A failed
 scrape is counted and skipped: the run never depends on the endpoint.
 """
@@ -18,6 +20,7 @@ from typing import Iterable
 from prometheus_client.parser import text_string_to_metric_families
 
 GAUGES = ("genserve_queue_depth", "genserve_running_requests", "genserve_paused_requests")
+OVERHEAD = ("genserve_dispatch_overhead_seconds_sum", "genserve_dispatch_overhead_seconds_count")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +67,7 @@ class Scraper:
         try:
             with urllib.request.urlopen(self.url, timeout=self.timeout_s) as resp:
                 text = resp.read().decode("utf-8")
-            self.samples.extend(parse_gauges(text, t_s))
+            self.samples.extend(parse_gauges(text, t_s, GAUGES + OVERHEAD))
         except (OSError, ValueError):
             self.num_failed += 1
 

@@ -15,6 +15,11 @@ Prediction = base × calibration ratio.
   measured uses the EWMA of its model (so a uniformly slower machine is
   corrected after the first few steps of any shape).
 
+The per-dispatch overhead (``dispatch_ms``: engine to worker and back, and
+the engine's turnaround) is the profile's figure, then an EWMA of measured
+overheads (``observe_dispatch``); it is additive, not a ratio, since a
+profile may say 0.
+
 Not thread-safe: one engine loop owns it.
 """
 from __future__ import annotations
@@ -30,6 +35,7 @@ from .profile import Profile, ProfileError, load_profile, save_profile
 STEP = "step"
 DECODE = "decode"
 ENCODE = "encode"
+MAX_DISPATCH_MS = 1000.0  # a longer stall (a swap, a pause) is not the usual overhead
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +141,7 @@ class LatencyModel:
         self._model_ratio: dict[tuple[str, str], float] = {}  # (model, kind) -> EWMA
         self._errors: dict[tuple, list[float]] = {}  # key -> [count, sum_abs, last]
         self.last_rel_error: float | None = None
+        self._dispatch_ms = profile.dispatch_ms
         for c in profile.calibration:
             model, kind, *shape, ratio = c
             key = (model, kind, *map(int, shape))
@@ -149,7 +156,7 @@ class LatencyModel:
     def save(self, path: str | Path) -> None:
         """Write the profile with the current per-key calibration folded in."""
         rows = tuple(sorted((*k, round(r, 6)) for k, r in self._ratio.items()))
-        save_profile(replace(self.profile, calibration=rows), path)
+        save_profile(replace(self.profile, calibration=rows, dispatch_ms=self._dispatch_ms), path)
 
     def fresh(self) -> "LatencyModel":
         """A copy with the same profile and options and no calibration state."""
@@ -191,6 +198,10 @@ class LatencyModel:
             base = self._table(model).decode_ms(width * height * num_frames, sp_degree)
             self._base[key] = base
         return base * self._ratio_of(key)
+
+    def dispatch_ms(self) -> float:
+        """What one dispatch costs beyond its compute (see the module docstring)."""
+        return self._dispatch_ms
 
     def move_ms(self, model: str) -> float:
         """Cost of moving one request's state (latents, embeddings) between devices."""
@@ -235,6 +246,13 @@ class LatencyModel:
         key = _encode_key(model)
         self._base[key] = self._table(model).spec.encode_ms
         self._observe(key, self.encode_ms(model), measured_ms)
+
+    def observe_dispatch(self, measured_ms: float) -> None:
+        """Feed one dispatch's measured overhead (wall time minus the compute
+        the workers report); bounded, as the ratios are."""
+        if not (measured_ms >= 0 and math.isfinite(measured_ms)):
+            return
+        self._dispatch_ms += self.ewma_alpha * (min(measured_ms, MAX_DISPATCH_MS) - self._dispatch_ms)
 
     def prediction_error(self) -> tuple[ErrorStats, ...]:
         """Per-key error statistics of every key observed so far."""

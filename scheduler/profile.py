@@ -13,6 +13,7 @@ are its only reader and writer, and loading from a file is a separate step
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from importlib import resources
@@ -109,6 +110,11 @@ class Profile:
     notes: tuple[str, ...] = ()
     # (model, kind, w, h, frames, sp, batch, ratio): saved calibration
     calibration: tuple[tuple[Any, ...], ...] = field(default=())
+    # one dispatch's cost beyond the workers' compute: engine to worker and
+    # back, and the engine's turnaround to the next dispatch (a step-level
+    # policy pays it every step)
+    dispatch_ms: float = 0.0
+    dispatch_note: str = ""
 
     def model(self, name: str) -> ModelProfile:
         for m in self.models:
@@ -136,6 +142,8 @@ class Profile:
             "default_models": dict(self.default_models),
             "models": {m.name: _model_to_dict(m) for m in self.models},
             "calibration": [list(c) for c in self.calibration],
+            "dispatch_ms": self.dispatch_ms,
+            "dispatch_note": self.dispatch_note,
         }
 
     @staticmethod
@@ -152,7 +160,11 @@ class Profile:
             default_models=defaults, hardware=str(data.get("hardware", "")),
             description=str(data.get("description", "")),
             notes=tuple(data.get("notes", ())),
-            calibration=tuple(tuple(c) for c in data.get("calibration", ())))
+            calibration=tuple(tuple(c) for c in data.get("calibration", ())),
+            dispatch_ms=float(data.get("dispatch_ms", 0.0)),
+            dispatch_note=str(data.get("dispatch_note", "")))
+        if not (profile.dispatch_ms >= 0 and math.isfinite(profile.dispatch_ms)):
+            raise ProfileError(f"dispatch_ms must be a finite number >= 0, got {profile.dispatch_ms}")
         for task, model in defaults:
             if task not in TASKS or profile.model(model).task != task:
                 raise ProfileError(f"default model {model!r} does not serve {task!r}")
@@ -164,7 +176,8 @@ class Profile:
                           encode_ms: Mapping[str, float] | None = None,
                           default_steps: Mapping[str, int] | None = None,
                           default_models: Mapping[str, str] | None = None,
-                          hardware: str = "") -> "Profile":
+                          hardware: str = "", dispatch_ms: float = 0.0,
+                          dispatch_note: str = "") -> "Profile":
         """Build a profile from raw samples (median per key, kind "measured").
 
         Models are named by the samples; ``encode_ms`` and ``default_steps``
@@ -193,7 +206,7 @@ class Profile:
                                        float((encode_ms or {}).get(model, 0.0)), pts, dps))
         return Profile.from_dict(Profile(
             name, tuple(models), tuple(sorted((default_models or {}).items())),
-            hardware=hardware).to_dict())
+            hardware=hardware, dispatch_ms=dispatch_ms, dispatch_note=dispatch_note).to_dict())
 
 
 def _model_to_dict(m: ModelProfile) -> dict[str, Any]:

@@ -10,7 +10,8 @@ most ``max_idle_s`` of simulated time: then what is left is unfinished).
 A dispatch lasts the *true* time of its steps (``true_cost``, optionally with
 log-normal noise) plus encode for requests it starts, decode for requests it
 finishes (on the block's first device only, as the workers do: the others are
-released when the steps end) and a state move for requests it moves; each step's true time is fed
+released when the steps end), a state move for requests it moves, and the
+profile's per-dispatch overhead (``dispatch_ms``); each step's true time is fed
 back to the *planning* model through ``observe_step`` (online calibration).
 """
 from __future__ import annotations
@@ -188,7 +189,9 @@ class Simulator:
             step_ms = [ms * self._noise() for _ in range(disp.num_steps)]
         else:
             step_ms = [ms] * disp.num_steps
-        extra_ms, decode_ms = 0.0, 0.0
+        # the engine's round trip and turnaround, once per dispatch
+        extra_ms = self.true_cost.dispatch_ms() if hasattr(self.true_cost, "dispatch_ms") else 0.0
+        decode_ms = 0.0
         for st in members:
             v = st.view
             st.measured = ()

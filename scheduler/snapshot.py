@@ -21,7 +21,7 @@ class Snapshot:
     """Inputs of one decision, indexed, plus memoised remaining-time predictions."""
 
     __slots__ = ("now_s", "cluster", "cost", "requests", "by_id", "idle_mask",
-                 "free_time_s", "ready", "running", "degrees", "_memo", "num_devices")
+                 "free_time_s", "ready", "running", "degrees", "_memo", "num_devices", "dispatch_ms")
 
     def __init__(self, now_s: float, requests: Sequence[RequestView],
                  devices: Sequence[DeviceView], cost: CostModel, cluster: ClusterSpec):
@@ -40,6 +40,7 @@ class Snapshot:
         self.running = [r for r in requests if r.running]
         self.degrees = degrees_upto(min(cluster.max_sp_degree, cluster.num_devices))
         self._memo: dict[tuple, float] = {}
+        self.dispatch_ms = cost.dispatch_ms() if hasattr(cost, "dispatch_ms") else 0.0
 
     # -- what a request may be given ----------------------------------------
     def allowed_degrees(self, r: RequestView, limit: int | None = None) -> tuple[int, ...]:
@@ -60,10 +61,14 @@ class Snapshot:
 
     # -- predictions ----------------------------------------------------------
     def step_s(self, r: RequestView, degree: int, batch: int = 1) -> float:
+        """A step as a step-level policy runs it: its compute and one
+        dispatch's overhead (request-level policies pay that once; for them
+        the figure is a little high, and only orders work)."""
         key = (r.model, r.width, r.height, r.num_frames, degree, batch)
         v = self._memo.get(key)
         if v is None:
-            v = self.cost.step_ms(r.model, r.width, r.height, r.num_frames, degree, batch) / 1e3
+            v = (self.cost.step_ms(r.model, r.width, r.height, r.num_frames, degree, batch)
+                 + self.dispatch_ms) / 1e3
             self._memo[key] = v
         return v
 

@@ -97,3 +97,19 @@ def _last(q: queue.Queue, timeout_s: float = 60.0):
 
 def _worker_models(engine):
     return [w.models for w in engine.executor.workers.values()]
+
+
+def _dispatch_overheads(engine) -> int:
+    text = engine.metrics.render().decode()
+    line = next(x for x in text.splitlines() if x.startswith("genserve_dispatch_overhead_seconds_count"))
+    return int(float(line.split()[-1]))
+
+
+def test_dispatch_overhead_is_measured_and_calibrates_the_cost_model(engine):
+    """Every dispatch's wall time beyond its reported compute is observed:
+    a histogram sample each, and the cost model's dispatch_ms follows it."""
+    before = _dispatch_overheads(engine)
+    events = run(engine, make_request("ovh", steps=4))
+    assert events[-1].type == EventType.COMPLETED
+    assert _dispatch_overheads(engine) >= before + 4  # genserve dispatches one step at a time
+    assert engine.cost.dispatch_ms() > 0.0  # a round trip is never free

@@ -153,12 +153,15 @@ def test_closed_loop_duration_stops_sending(fake):
 
 
 def test_scraper_reads_gauges_from_a_prometheus_endpoint():
-    from prometheus_client import CollectorRegistry, Gauge, start_http_server
+    from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 
     registry = CollectorRegistry()
     depth = Gauge("genserve_queue_depth", "waiting", ["task"], registry=registry)
     depth.labels(task="image").set(3)
     depth.labels(task="video").set(1)
+    overhead = Histogram("genserve_dispatch_overhead_seconds", "overhead", registry=registry)
+    overhead.observe(0.003)
+    overhead.observe(0.005)
     from genserve.loadgen.launch import free_port
 
     port = free_port()
@@ -174,6 +177,9 @@ def test_scraper_reads_gauges_from_a_prometheus_endpoint():
     assert image[0] == 3 and image[-1] == 5 and len(image) >= 3
     assert scraper.num_failed == 0
     assert [s.t_s for s in samples] == sorted(s.t_s for s in samples)
+    last = {s.name: s.value for s in samples}  # the mean overhead per dispatch is sum / count
+    assert last["genserve_dispatch_overhead_seconds_count"] == 2
+    assert last["genserve_dispatch_overhead_seconds_sum"] == pytest.approx(0.008)
 
 
 def test_parse_gauges_ignores_other_families():

@@ -129,3 +129,28 @@ def test_from_measurements_takes_medians_and_validates():
         load_profile("/no/such/profile.json")
     with pytest.raises(ProfileError):
         lm.step_ms("unknown", 64, 64, 1, 1, 1)
+
+
+def test_dispatch_overhead_from_profile_calibrated_and_saved(tmp_path, ref):
+    """The per-dispatch overhead is the profile's figure, then an EWMA of
+    measured ones (bounded, never negative); save keeps the calibrated one."""
+    from dataclasses import replace
+    assert LatencyModel(ref).dispatch_ms() == 0.0
+    lm = LatencyModel(replace(ref, dispatch_ms=2.0))
+    assert lm.dispatch_ms() == 2.0
+    for _ in range(60):
+        lm.observe_dispatch(5.0)
+    assert lm.dispatch_ms() == pytest.approx(5.0, abs=0.01)
+    for bad in (-1.0, math.nan, math.inf):
+        lm.observe_dispatch(bad)
+    assert lm.dispatch_ms() == pytest.approx(5.0, abs=0.01)
+    lm.observe_dispatch(1e9)  # a stall is clipped, not believed
+    assert lm.dispatch_ms() < 0.3 * 1e3
+    assert lm.fresh().dispatch_ms() == 2.0
+    path = tmp_path / "p.json"
+    lm.save(path)
+    assert LatencyModel.load(path).dispatch_ms() == pytest.approx(lm.dispatch_ms())
+    data = json.loads(path.read_text())
+    data["dispatch_ms"] = -1
+    with pytest.raises(ProfileError, match="dispatch_ms"):
+        Profile.from_dict(data)

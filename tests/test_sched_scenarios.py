@@ -150,6 +150,20 @@ def test_video_admission_margin_follows_the_image_load(spare):
     assert {o.req_id: o.met_slo for o in full.outcomes} == {"v1": False, "v2": True}
 
 
+def test_dispatch_overhead_is_paid_per_dispatch():
+    """A profile's per-dispatch overhead lengthens every dispatch: a lone
+    image run step by step (genserve) pays it once per step, run whole
+    (fcfs) once."""
+    from dataclasses import replace
+    cluster = ClusterSpec(1)
+    img = Request("i", 1.0, "image", FLUX, 512, 512, 1, 28, 1e6)
+    slow = LatencyModel(replace(COST.profile, dispatch_ms=5.0))
+    for name, dispatches in (("genserve", 28), ("fcfs", 1)):
+        base = simulate(make_policy(name, cluster), [img], cluster, COST.fresh()).outcomes[0]
+        over = simulate(make_policy(name, cluster), [img], cluster, slow.fresh()).outcomes[0]
+        assert over.latency_s - base.latency_s == pytest.approx(dispatches * 5e-3, rel=1e-6)
+
+
 def _state_with_infeasible():
     now = 10.0
     ok = RequestView("ok", "image", FLUX, 512, 512, 1, 28, 0, now, now + 10.0)
