@@ -12,11 +12,11 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 from genserve.config import EngineConfig
 from genserve.dispatch import check_dispatch, member_messages, needs_move
+from genserve.inflight import Feedback, InFlight
 from genserve.scheduler import make_policy as _make_named_policy
 from genserve.scheduler.types import IDLE_REPLAN_S, ClusterSpec, DeviceView, Dispatch, StepPlan
 from genserve.tracked import Sink, Tracked
@@ -31,24 +31,6 @@ def make_fallback_policy(spec: ClusterSpec):
     return _make_named_policy("fcfs", spec)
 
 
-@dataclass(slots=True)
-class _InFlight:
-    dispatch: Dispatch
-    model: str
-    sent_s: float
-    predicted_step_ms: float
-    pending: set[int]  # members whose DispatchDone has not arrived
-    extra_ms: tuple[float, float] = (0.0, 0.0)  # predicted encode, decode (the leader's)
-    fresh: int = 0  # requests the dispatch starts (their prompts are encoded first)
-    moving: dict[str, bytes | None] = field(default_factory=dict)  # state moves awaited (req -> bytes)
-    compute_ms: float = 0.0  # the leader's reported step times so far
-    turnaround_ms: float = 0.0  # from the replies that freed its devices to the decision to send it
-
-    @property
-    def leader(self) -> int:
-        return self.dispatch.device_ids[0]
-
-
 class Engine:
     def __init__(self, config: EngineConfig, executor: Executor, make_policy, cost, metrics,
                  cards: dict[str, P.ModelCard], max_queue: int = 4096):
@@ -58,8 +40,9 @@ class Engine:
         self._make_policy = make_policy
         self.max_sp_degree = executor.max_sp_degree
         self.metrics, self.cards, self.max_queue = metrics, cards, max_queue
+        self.feedback = Feedback(cost, metrics)
         self.tracked: dict[str, Tracked] = {}
-        self.inflight: dict[int, _InFlight] = {}  # dispatch id -> work
+        self.inflight: dict[int, InFlight] = {}  # dispatch id -> work
         self.busy: dict[int, int] = {}  # device id -> dispatch id
         self._woke_s = 0.0  # when the last wait for replies returned
         self._freed_s: dict[int, float] = {}  # device id -> when its last dispatch ended
@@ -220,12 +203,7 @@ class Engine:
         fl = self.inflight.get(self.busy.get(device_id, -1))
         if fl is None:  # down: never idle soon
             return now + 3600.0
-        encode_ms, decode_ms = fl.extra_ms
-        ms = encode_ms + fl.dispatch.num_steps * fl.predicted_step_ms + self._dispatch_ms()
-        return fl.sent_s + (ms + (decode_ms if device_id == fl.leader else 0.0)) / 1e3
-
-    def _dispatch_ms(self) -> float:
-        return self.cost.dispatch_ms() if hasattr(self.cost, "dispatch_ms") else 0.0
+        return fl.busy_until(device_id, self.feedback.dispatch_ms())
 
     def _apply(self, plan: StepPlan, idle: set[int], now: float) -> None:
         if log.isEnabledFor(logging.DEBUG) and (plan.dispatches or plan.preempted):
@@ -255,16 +233,12 @@ class Engine:
 
     def _dispatch(self, d: Dispatch, ts: list[Tracked], now: float) -> None:
         dispatch_id = next(self._ids)
-        model, p = ts[0].req.model, ts[0].req.params
-        predicted = self.cost.step_ms(model, p.width, p.height, p.num_frames, len(d.device_ids), len(ts))
         fresh = sum(1 for t in ts if t.started_s is None)
+        finishing = sum(1 for t in ts if t.steps_done + d.num_steps >= t.req.params.num_steps)
         # sent at once after the replies that freed its block: the engine's turnaround counts
         freed = all(self._freed_s.get(x, -1.0) >= self._woke_s for x in d.device_ids)
-        fl = _InFlight(d, model, now, predicted, set(d.device_ids), fresh=fresh,
-                       turnaround_ms=max(now - self._woke_s, 0.0) * 1e3 if freed else 0.0, extra_ms=(
-            fresh * self.cost.encode_ms(model),
-            sum(self.cost.decode_ms(model, p.width, p.height, p.num_frames, len(d.device_ids))
-                for t in ts if t.steps_done + d.num_steps >= t.req.params.num_steps)))
+        fl = self.feedback.predict(d, ts[0].req.model, ts[0].req.params, len(ts), fresh, finishing, now,
+                                   max(now - self._woke_s, 0.0) * 1e3 if freed else 0.0)
         self.inflight[dispatch_id] = fl
         for device_id in d.device_ids:
             self.busy[device_id] = dispatch_id
@@ -278,7 +252,7 @@ class Engine:
         if not fl.moving:
             self._send(dispatch_id, fl, ts)
 
-    def _send(self, dispatch_id: int, fl: _InFlight, ts: list[Tracked]) -> None:
+    def _send(self, dispatch_id: int, fl: InFlight, ts: list[Tracked]) -> None:
         """Send the dispatch to every member; old copies outside the block go."""
         block = set(fl.dispatch.device_ids)
         for member, msg in member_messages(dispatch_id, fl.dispatch, ts, fl.moving).items():
@@ -332,14 +306,8 @@ class Engine:
         ts = [self._current(r, msg.dispatch_id) for r in msg.req_ids]
         if fl is None or not all(ts):
             return
-        p = ts[0].req.params
         degree = len(fl.dispatch.device_ids)
-        predicted = self.cost.step_ms(fl.model, p.width, p.height, p.num_frames, degree, len(msg.req_ids))
-        self.cost.observe_step(fl.model, p.width, p.height, p.num_frames, degree, len(msg.req_ids), msg.step_ms)
-        fl.compute_ms += msg.step_ms
-        self.metrics.step(ts[0].req.task, fl.model, degree, len(msg.req_ids), msg.step_ms / 1e3,
-                          predicted / 1e3, fl.dispatch.device_ids)
-        step_ms = self.cost.step_ms(fl.model, p.width, p.height, p.num_frames, degree, len(msg.req_ids))
+        step_ms = self.feedback.step(fl, ts[0].req.task, ts[0].req.params, len(msg.req_ids), msg.step_ms)
         for t, steps in zip(ts, msg.step_indices):
             t.steps_done = steps
             q = t.req.params
@@ -355,7 +323,7 @@ class Engine:
                     self._send_moved(dispatch_id, fl)
                 return
 
-    def _send_moved(self, dispatch_id: int, fl: _InFlight) -> None:
+    def _send_moved(self, dispatch_id: int, fl: InFlight) -> None:
         lost = [r for r, data in fl.moving.items() if not data]
         ts = [self.tracked[r] for r in fl.dispatch.req_ids if r in self.tracked]
         if lost or len(ts) != len(fl.dispatch.req_ids):
@@ -386,8 +354,7 @@ class Engine:
                 return
         now = time.monotonic()
         if fl is not None:
-            self._observe_extras(fl, msg)
-            self._observe_overhead(fl, msg, now)
+            self.feedback.done(fl, msg, now, self._params_of)
         for req_id in msg.paused:
             t = self._current(req_id, msg.dispatch_id)
             if t is None:
@@ -412,28 +379,9 @@ class Engine:
         t = self.tracked.get(req_id)
         return t if t is not None and t.dispatch_id == dispatch_id else None
 
-    def _observe_overhead(self, fl: _InFlight, msg: P.DispatchDone, now: float) -> None:
-        """What the dispatch cost beyond the compute its leader reports (a
-        state move in between is not overhead: such dispatches are skipped)."""
-        if fl.moving or msg.failed:
-            return
-        compute_ms = fl.compute_ms + msg.encode_ms + sum(f.decode_ms for f in msg.finished)
-        overhead_ms = fl.turnaround_ms + (now - fl.sent_s) * 1e3 - compute_ms
-        if hasattr(self.cost, "observe_dispatch"):
-            self.cost.observe_dispatch(max(overhead_ms, 0.0))
-        self.metrics.dispatch_overhead(overhead_ms / 1e3)
-
-    def _observe_extras(self, fl: _InFlight, msg: P.DispatchDone) -> None:
-        """Calibrate encode and decode predictions as steps are (a loaded
-        machine slows them too)."""
-        if fl.fresh and msg.encode_ms > 0:
-            self.cost.observe_encode(fl.model, msg.encode_ms / fl.fresh)
-        degree = len(fl.dispatch.device_ids)
-        for fin in msg.finished:
-            t = self.tracked.get(fin.req_id)
-            if t is not None and fin.decode_ms > 0:
-                q = t.req.params
-                self.cost.observe_decode(fl.model, q.width, q.height, q.num_frames, degree, fin.decode_ms)
+    def _params_of(self, req_id: str):
+        t = self.tracked.get(req_id)
+        return t.req.params if t is not None else None
 
     def _complete(self, t: Tracked, fin: P.Finished, now: float) -> None:
         if t.cancel_requested:  # Cancel already answered True: the result is not delivered
