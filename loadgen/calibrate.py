@@ -52,10 +52,11 @@ def time_one(client: Client, item: TraceRequest, seed: int) -> tuple[str, list[f
 
 
 def calibrate(target: str, items: Sequence[TraceRequest], repeats: int = 3,
-              name: str = "live-calibration") -> Profile:
-    """A profile of the models ``items`` use, measured on the server at ``target``."""
+              name: str = "live-calibration", client_options: dict | None = None) -> Profile:
+    """A profile of the models ``items`` use, measured on the server at ``target``
+    (``client_options``: ``Client``'s credentials and token)."""
     step_samples, decode_samples, encodes = [], [], {}
-    with Client(target) as client:
+    with Client(target, **(client_options or {})) as client:
         cards = client.models()
         for item in _keys(items):
             for r in range(repeats + 1):  # the first run warms caches and is dropped

@@ -45,8 +45,10 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sending")
-    g.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
+    from genserve.cli import add_client_args
+
+    g = p.add_argument_group("sending (TLS and token: for --target and compare's --targets)")
+    add_client_args(g)
     g.add_argument("--concurrency", type=int, default=0,
                    help="closed loop with N clients (default: open loop at the arrival times)")
     g.add_argument("--warmup-s", type=float, default=0.0, help="requests before this are warm-up")
@@ -164,20 +166,32 @@ def cmd_loadgen(args) -> None:
         sys.exit(f"loadgen: {err}")
     if not items:
         sys.exit("loadgen: the workload is empty")
+    client = _client_options(args)
     out.mkdir(parents=True, exist_ok=True)
     if args.mode == "compare":
         from .compare import compare
 
         write_trace(out / "workload.jsonl", items)
-        compare(items, run_options(args), _compare_options(args), out)
+        compare(items, run_options(args), _compare_options(args), out, client)
         return
     from .run import run_load, write_run
 
     result = run_load(items, run_options(args), metrics_url=args.metrics_url,
-                      scrape_interval_s=args.scrape_interval_s, settings={"workload": asdict(wopts)})
+                      scrape_interval_s=args.scrape_interval_s, settings={"workload": asdict(wopts)},
+                      client_options=client)
     write_run(out, result, plots=not args.no_plots)
     write_trace(out / "workload.jsonl", [items[r.index] for r in result.records])  # what was sent
     print(f"results in {out}/ (requests.jsonl, summary.json{', *.png' if not args.no_plots else ''})")
+
+
+def _client_options(args) -> dict:
+    from genserve.cli import client_options
+    from genserve.security import SecurityError
+
+    try:
+        return client_options(args)
+    except SecurityError as err:  # an unreadable certificate, a cert without its key
+        sys.exit(f"loadgen: {err}")
 
 
 def _cmd_summarize(out: Path) -> None:

@@ -53,24 +53,27 @@ class CompareOptions:
     metrics: bool = True  # scrape launched servers' queue depth
 
 
-def _calibrated(items: Sequence[TraceRequest], target: str, copts: CompareOptions, out_dir: Path) -> None:
+def _calibrated(items: Sequence[TraceRequest], target: str, copts: CompareOptions, out_dir: Path,
+                client_options: dict | None = None) -> None:
     if copts.profile != AUTO:
         return
-    profile = calibrate(target, items)
+    profile = calibrate(target, items, client_options=client_options)
     if not (out_dir / "profile.json").exists():
         save_profile(profile, out_dir / "profile.json")
 
 
 def run_live(items: Sequence[TraceRequest], run_opts: RunOptions, copts: CompareOptions,
-             out_dir: Path) -> dict[str, dict]:
-    """Every live run; {name: summary dict}."""
+             out_dir: Path, client_options: dict | None = None) -> dict[str, dict]:
+    """Every live run; {name: summary dict}. ``client_options`` (TLS
+    credentials, token) are for the running ``targets``; servers this starts
+    listen in plaintext on loopback."""
     results = {}
     names = [(p, "") for p in copts.policies] + list(copts.targets)
     for name, target in names:
         run_dir = out_dir / f"live-{name.replace(':', '_')}"
         if target:
-            _calibrated(items, target, copts, out_dir)
-            result = run_load(items, replace(run_opts, target=target))
+            _calibrated(items, target, copts, out_dir, client_options)
+            result = run_load(items, replace(run_opts, target=target), client_options=client_options)
         else:
             with LaunchedServer(name, num_workers=copts.num_workers, args=copts.server_args,
                                 metrics=copts.metrics) as server:
@@ -121,11 +124,11 @@ def warmup_ids(items: Sequence[TraceRequest], run_opts: RunOptions) -> frozenset
 
 
 def compare(items: Sequence[TraceRequest], run_opts: RunOptions, copts: CompareOptions,
-            out_dir: str | Path) -> dict:
+            out_dir: str | Path, client_options: dict | None = None) -> dict:
     """Run everything, write ``compare.json`` and ``compare.png``; returns the table rows."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    live = run_live(items, run_opts, copts, out)
+    live = run_live(items, run_opts, copts, out, client_options)
     if copts.profile == AUTO:
         copts = replace(copts, profile=str(out / "profile.json"))
     rows: dict[str, dict] = {}

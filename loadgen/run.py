@@ -49,7 +49,8 @@ def _loop_factory():
     return uvloop.new_event_loop
 
 
-async def _drive(items: Sequence[TraceRequest], opts: RunOptions, clock: Clock) -> list[RequestRecord]:
+async def _drive(items: Sequence[TraceRequest], opts: RunOptions, clock: Clock,
+                 client_options: dict) -> list[RequestRecord]:
     total = len(items) if not (opts.concurrency and opts.duration_s) else None
     bar = tqdm(total=total, unit="req", desc="loadgen", file=sys.stderr, disable=not opts.progress,
                dynamic_ncols=True)
@@ -62,7 +63,7 @@ async def _drive(items: Sequence[TraceRequest], opts: RunOptions, clock: Clock) 
         bar.set_postfix(counts, refresh=False)
 
     try:
-        async with AsyncClient(opts.target) as client:
+        async with AsyncClient(opts.target, **client_options) as client:
             loop = closed_loop if opts.concurrency > 0 else open_loop
             return await loop(client, items, opts, clock, done)
     finally:
@@ -70,18 +71,21 @@ async def _drive(items: Sequence[TraceRequest], opts: RunOptions, clock: Clock) 
 
 
 def run_load(items: Sequence[TraceRequest], opts: RunOptions, metrics_url: str = "",
-             scrape_interval_s: float = 0.5, settings: dict | None = None) -> RunResult:
+             scrape_interval_s: float = 0.5, settings: dict | None = None,
+             client_options: dict | None = None) -> RunResult:
     """Send ``items`` to ``opts.target`` and wait for every outcome; ``settings``
-    (e.g. the workload's options) is kept for summary.json."""
+    (e.g. the workload's options) is kept for summary.json; ``client_options``
+    (``credentials``, ``token``) go to the client and are not recorded."""
     clock = Clock()
     started = time.time()
     scraper = Scraper(metrics_url, clock.t0, scrape_interval_s).start() if metrics_url else None
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            records = runner.run(_drive(items, opts, clock))
+            records = runner.run(_drive(items, opts, clock, client_options or {}))
     finally:
         samples = scraper.stop() if scraper else []
-    settings = {**(settings or {}), "run": asdict(opts), "metrics_url": metrics_url}
+    settings = {**(settings or {}), "run": asdict(opts), "metrics_url": metrics_url,
+                "tls": bool((client_options or {}).get("credentials"))}
     return RunResult(tuple(sorted(records, key=lambda r: r.index)), tuple(samples), started,
                      clock(), settings)
 
