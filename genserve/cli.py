@@ -74,7 +74,8 @@ def add_serve(sub) -> None:
                    help="in-flight Generate/GenerateStream calls per client (tenant, else peer host) "
                         "before RESOURCE_EXHAUSTED (default 64; 0: no limit)")
     p.add_argument("--demo", action="store_true",
-                   help="once up, generate one image and one video through the gRPC API and print them")
+                   help="once up, generate one image and one video through the gRPC API and print them "
+                        "(a plaintext, token-less smoke test: not with --tls-cert or --auth-tokens)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -112,6 +113,9 @@ def cmd_serve(args) -> None:
         config.security.validate()
     except ValueError as err:  # a flag combination such as --tls-cert without --tls-key
         sys.exit(f"error: {err}")
+    if args.demo and (args.tls_cert or args.auth_tokens):
+        sys.exit("error: --demo talks to the server in plaintext without a token; leave out --tls-cert and "
+                 "--auth-tokens, or try the secured server with `genserve generate --tls-ca FILE --token T`")
     try:
         run_server(config, ready)
     except SecurityError as err:  # an unreadable or malformed certificate or token file

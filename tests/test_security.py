@@ -143,6 +143,8 @@ def test_client_key_uses_tenant_else_peer_host():
     (["--tls-cert", "c.pem"], "tls_cert and tls_key must be given together"),
     (["--tls-client-ca", "ca.pem"], "tls_client_ca (mutual TLS) needs tls_cert and tls_key"),
     (["--max-streams-per-client", "-1"], "max_streams_per_client must be >= 0"),
+    (["--demo", "--auth-tokens", "tokens.txt"], "--demo talks to the server in plaintext without a token"),
+    (["--demo", "--tls-cert", "c.pem", "--tls-key", "k.pem"], "--demo talks to the server in plaintext"),
 ])
 def test_serve_rejects_bad_flag_combinations(flags, message):
     from genserve.cli import main
