@@ -62,8 +62,8 @@ class Snapshot:
     # -- predictions ----------------------------------------------------------
     def step_s(self, r: RequestView, degree: int, batch: int = 1) -> float:
         """A step as a step-level policy runs it: its compute and one
-        dispatch's overhead (request-level policies pay that once; for them
-        the figure is a little high, and only orders work)."""
+        dispatch's overhead (a request-level policy pays the overhead once
+        per request, so for it this errs on the safe side)."""
         key = (r.model, r.width, r.height, r.num_frames, degree, batch)
         v = self._memo.get(key)
         if v is None:
