@@ -237,8 +237,10 @@ def _live_section(live: dict | None, args) -> list[str]:
         f"default (`--default-slo-scale {args.live_slo_scale}` × predicted isolated latency); "
         "a fresh server per policy, one after another. Per-run details in `figures/live/`. "
         f"Machine: {live['cpus']} CPUs, 1-minute load average {live['loadavg'][0]:.1f} when the script "
-        f"started and {live['loadavg'][1]:.1f} after the live runs (above the CPU count, other processes "
-        "competed with the server and the figures are noisy).", "",
+        f"started and {live['loadavg'][1]:.1f} after the live runs ("
+        + ("above the CPU count: other processes competed with the server and the figures are noisy)."
+           if max(live["loadavg"]) > live["cpus"] else "within the CPU count: nothing else competed for "
+           "the cores)."), "",
         "![live](figures/live_compare.png)", "", "```", format_compare(live["rows"]), "```", "",
         "On CPU the live comparison is about policy, not hardware: the two workers share two cores "
         "(with anything else running on the machine) and the tiny models' steps take milliseconds, "
