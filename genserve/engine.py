@@ -423,8 +423,12 @@ class Engine:
         log.error("worker %d died (exit code %s); restarting it", msg.device_id, msg.exitcode)
         self.down.add(msg.device_id)
         self.on_workers_down(len(self.down))
+        now = time.monotonic()
         for dispatch_id, fl in list(self.inflight.items()):
-            if msg.device_id in fl.dispatch.device_ids:
+            if fl.moving and self._involves(fl, msg.device_id):
+                # not sent yet (a state move is awaited): it never will be
+                self._withdraw(dispatch_id, now, msg.device_id)
+            elif msg.device_id in fl.dispatch.device_ids:
                 fl.pending.discard(msg.device_id)
                 self.busy.pop(msg.device_id, None)
                 if not fl.pending:
@@ -439,6 +443,31 @@ class Engine:
             self.policy = self._make_policy(self.cluster_spec())
             self._fallback = make_fallback_policy(self.cluster_spec())
         self.executor.respawn(msg.device_id, standalone=True)  # its Ready arrives through wait()
+
+    def _involves(self, fl: InFlight, device_id: int) -> bool:
+        """``device_id`` is in the block of ``fl`` or holds a member's state."""
+        return device_id in fl.dispatch.device_ids or any(
+            device_id in t.holders for t in map(self.tracked.get, fl.dispatch.req_ids) if t is not None)
+
+    def _withdraw(self, dispatch_id: int, now: float, dead: int) -> None:
+        """Take back a dispatch that has not gone out because worker ``dead``
+        died: its devices free and its requests wait again where their state
+        is (the workers never saw it); a state only ``dead`` held is lost,
+        which ``_lost_copy`` reports."""
+        fl = self.inflight.pop(dispatch_id)
+        for device_id in fl.dispatch.device_ids:
+            if self.busy.get(device_id) == dispatch_id:
+                self.busy.pop(device_id)
+        for req_id in fl.dispatch.req_ids:
+            t = self._current(req_id, dispatch_id)
+            if t is None:
+                continue
+            t.running, t.paused, t.dispatch_id = False, True, -1
+            t.device_ids = tuple(sorted(t.holders))
+            if t.cancel_requested:
+                self._finish(t, EventType.CANCELLED, "CANCELLED", "cancelled")
+            elif t.holders != {dead}:
+                t.emit(now, EventType.PREEMPTED, reason=f"worker {dead} crashed before its next step went out")
 
     def _lost_copy(self, t: Tracked, msg: WorkerDied) -> None:
         """A worker holding ``t``'s state died: go on from a surviving copy,

@@ -8,7 +8,9 @@ exercises exactly the transition it names.
 from __future__ import annotations
 
 import itertools
+import os
 import queue
+import signal
 import time
 
 import numpy as np
@@ -61,8 +63,7 @@ class ScriptedPolicy:
         return StepPlan(tuple(dispatches), tuple(preempted))
 
 
-@pytest.fixture(scope="module")
-def engine():
+def start_engine() -> Engine:
     executor = MultiprocessExecutor(make_worker_specs("cpu", 2, ("sd3-tiny", "wan-tiny"), num_threads=1))
     ready = executor.start()
     policy = ScriptedPolicy()
@@ -70,9 +71,19 @@ def engine():
                  {c.name: c for c in ready[0].models})
     assert eng.max_sp_degree == 2
     eng.start()
-    yield eng
+    return eng
+
+
+def stop_engine(eng: Engine) -> None:
     eng.stop()
-    executor.shutdown()
+    eng.executor.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = start_engine()
+    yield eng
+    stop_engine(eng)
 
 
 def video(steps=6, seed=11, guidance=5.0) -> Request:
@@ -179,3 +190,43 @@ def test_contended_events_and_cancel_of_paused(engine):
     assert b_req.req_id not in engine.tracked
     # the server goes on: a fresh request still completes on both devices
     assert run_video(engine, [((0, 1), 2)], steps=2)[-1].type == EventType.COMPLETED
+
+
+def events_until(events, kind, timeout_s=60.0) -> list:
+    out, deadline = [], time.monotonic() + timeout_s
+    while kind not in [e.type for e in out]:
+        out.append(events.get(timeout=max(0.01, deadline - time.monotonic())))
+    return out
+
+
+def test_worker_dies_while_state_moves_out_of_it():
+    """The worker a paused video's state is being exported from dies before
+    it answers: the dispatch waiting for that state must not hold its devices
+    forever. The video starts again from step 0; the other device serves on."""
+    eng = start_engine()  # its own: a crash turns sequence parallelism off for good
+    try:
+        v = video(steps=4, seed=21)
+        events = submit(eng, v, [((1,), 2), "pause", "hold", ((0,), 2), ((0,), 4)])
+        events_until(events, EventType.PREEMPTED)
+        source = eng.executor.pid(1)
+        os.kill(source, signal.SIGSTOP)  # it will not answer the Export
+        eng.policy.scripts[v.req_id].pop(0)  # release the hold: resume on device 0, state from 1
+        assert wait_for_move(eng), "the move never started"
+        os.kill(source, signal.SIGKILL)
+        rest = drain(events, timeout_s=90)
+        assert rest[-1].type == EventType.COMPLETED, rest[-1]
+        assert any(e.type == EventType.PREEMPTED and "crashed" in e.reason for e in rest)
+        assert rest[-1].result.num_frames == 9
+        img = image(steps=2)
+        assert drain(submit(eng, img, [((0,), 2)]), timeout_s=60)[-1].type == EventType.COMPLETED
+    finally:
+        stop_engine(eng)
+
+
+def wait_for_move(eng: Engine, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(fl.moving for fl in list(eng.inflight.values())):
+            return True
+        time.sleep(0.01)
+    return False

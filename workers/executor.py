@@ -102,17 +102,20 @@ class Executor:
         by_obj = {conn: d for d, conn in self.conns.items()}
         sentinels = self._sentinels()
         ready = wait([self._waker.reader, *by_obj, *sentinels], timeout_s)
+        if self._waker.reader in ready:
+            self._waker.drain()
+        dead = [sentinels[obj] for obj in ready if obj in sentinels and sentinels[obj] in self.conns]
+        # A dead worker's last replies, then its death, then the survivors'
+        # replies: a survivor's step that failed because its peer vanished
+        # reads as a consequence of the death, not as a fault of its own.
         out: list[tuple[int, object]] = []
+        for device_id in dead:
+            out += self._drain(device_id)
+            out.append((device_id, WorkerDied(device_id, self._exitcode(device_id))))
+            self._forget(device_id)
         for obj in ready:
-            if obj is self._waker.reader:
-                self._waker.drain()
-            elif obj in by_obj:
+            if obj in by_obj and by_obj[obj] in self.conns:
                 out += self._drain(by_obj[obj])
-        for obj in ready:
-            if obj in sentinels and sentinels[obj] in self.conns:
-                device_id = sentinels[obj]
-                out.append((device_id, WorkerDied(device_id, self._exitcode(device_id))))
-                self._forget(device_id)
         return out
 
     def _drain(self, device_id: int) -> list[tuple[int, object]]:
