@@ -17,6 +17,7 @@ from typing import Callable
 from genserve.config import EngineConfig
 from genserve.dispatch import check_dispatch, member_messages, needs_move
 from genserve.inflight import Feedback, InFlight
+from genserve.recovery import SPRecovery
 from genserve.scheduler import make_policy as _make_named_policy
 from genserve.scheduler.types import IDLE_REPLAN_S, ClusterSpec, DeviceView, Dispatch, StepPlan
 from genserve.tracked import Sink, Tracked
@@ -54,8 +55,8 @@ class Engine:
         self._dirty = True  # something changed since the last plan
         self._num_waiting = 0  # read by other threads (queue bound); engine writes it
         self.num_invalid_dispatches = 0  # policy plans this executor could not run (a bug)
-        self.policy = make_policy(self.cluster_spec())
-        self._fallback = make_fallback_policy(self.cluster_spec())
+        self.recovery = SPRecovery(executor)
+        self._set_sp_degree(self.max_sp_degree)
         # Called on the engine thread with the number of workers down whenever
         # it changes (the frontend turns it into health status).
         self.on_workers_down: Callable[[int], None] = lambda num_down: None
@@ -122,6 +123,7 @@ class Engine:
         self._woke_s = time.monotonic()
         for device_id, msg in replies:
             self._on_reply(device_id, msg)
+        self.recovery.maybe_start(self.down)  # after a crash, once every worker is back
         if not replies and self.tracked:
             self._dirty = True  # a timed re-plan: a policy may wait for time to pass
 
@@ -297,6 +299,11 @@ class Engine:
             self.executor.ready[device_id] = msg
             self.down.discard(device_id)
             self.on_workers_down(len(self.down))
+        elif isinstance(msg, P.Rejoined):
+            if self.recovery.answered(msg):
+                log.info("sequence parallelism is back (groups of up to %d devices)",
+                         self.executor.configured_sp_degree)
+                self._set_sp_degree(self.executor.configured_sp_degree)
         else:
             log.warning("unexpected message from worker %d: %r", device_id, msg)
 
@@ -436,13 +443,19 @@ class Engine:
         for t in [t for t in self.tracked.values() if msg.device_id in t.holders]:
             self._lost_copy(t, msg)
         self.metrics.worker_restarted(msg.device_id)
+        self.recovery.lost(msg.device_id)
         if self.max_sp_degree > 1:
-            # a restarted process cannot rejoin the running process groups
-            log.warning("sequence parallelism is off until the server restarts")
-            self.max_sp_degree = 1
-            self.policy = self._make_policy(self.cluster_spec())
-            self._fallback = make_fallback_policy(self.cluster_spec())
+            # a restarted process cannot join the running process groups
+            log.warning("sequence parallelism is off until every worker has joined a new process group")
+            self._set_sp_degree(1)
         self.executor.respawn(msg.device_id, standalone=True)  # its Ready arrives through wait()
+
+    def _set_sp_degree(self, degree: int) -> None:
+        """The largest SP group plans may use; the policies are rebuilt for it."""
+        self.max_sp_degree = degree
+        self.policy = self._make_policy(self.cluster_spec())
+        self._fallback = make_fallback_policy(self.cluster_spec())
+        self.metrics.set_sp_max_degree(degree)
 
     def _involves(self, fl: InFlight, device_id: int) -> bool:
         """``device_id`` is in the block of ``fl`` or holds a member's state."""

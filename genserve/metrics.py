@@ -117,6 +117,9 @@ FAMILIES: tuple[Family, ...] = (
            "Constant 1, labelled with the server build and setup."),
     Family("genserve_workers", "gauge", ("state",),
            "Worker processes by state up|down."),
+    Family("genserve_sp_max_degree", "gauge", (),
+           "Largest sequence-parallel group plans may use now (1 after a worker crash until the "
+           "workers have joined a new process group)."),
 )
 FAMILY_NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)
 
@@ -290,6 +293,10 @@ class Metrics:
         workers = self._m["genserve_workers"]
         workers.labels(state="up").set(up)
         workers.labels(state="down").set(down)
+
+    def set_sp_max_degree(self, degree: int) -> None:
+        """Set the largest sequence-parallel group plans may use now."""
+        self._m["genserve_sp_max_degree"].set(degree)
 
     # -- exposition -----------------------------------------------------
     def render(self) -> bytes:

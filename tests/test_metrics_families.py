@@ -30,6 +30,7 @@ def exercise(m: Metrics) -> None:
     m.decision(0.0004)
     m.worker_restarted(2)
     m.set_workers(up=7, down=1)
+    m.set_sp_max_degree(4)
 
 
 def parsed(m: Metrics) -> dict:
@@ -99,6 +100,7 @@ def test_recorded_values(metrics):
     assert sample_value(fams, "genserve_build_info", version="0.1.0",
                         policy="genserve", device_kind="cpu") == 1
     assert sample_value(fams, "genserve_workers", state="down") == 1
+    assert sample_value(fams, "genserve_sp_max_degree") == 4
 
 
 def test_histogram_buckets_cover_required_ranges():

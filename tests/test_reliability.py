@@ -104,6 +104,10 @@ def test_worker_killed_under_load_every_request_ends():
         with Client(srv.target) as client:
             assert client.generate("after the crash", task="image", steps=2).media.data
             assert client.generate("video after", task="video", steps=2).media.num_frames == 9
+        # the workers joined a new process group (test_step_execution runs an SP step in one)
+        assert wait_for(lambda: "sequence parallelism is back" in srv.output, 120), srv.output[-3000:]
+        with Client(srv.target) as client:
+            assert client.generate("video after the rejoin", task="video", steps=2).media.num_frames == 9
     finally:
         srv.stop()
 

@@ -199,10 +199,12 @@ def events_until(events, kind, timeout_s=60.0) -> list:
     return out
 
 
-def test_worker_dies_while_state_moves_out_of_it():
+def test_worker_dies_while_state_moves_out_of_it_then_sp_comes_back():
     """The worker a paused video's state is being exported from dies before
     it answers: the dispatch waiting for that state must not hold its devices
-    forever. The video starts again from step 0; the other device serves on."""
+    forever. The video starts again from step 0; the other device serves on;
+    once the restarted worker and its peer have joined a new process group,
+    an SP step runs there and matches a single-device one."""
     eng = start_engine()  # its own: a crash turns sequence parallelism off for good
     try:
         v = video(steps=4, seed=21)
@@ -219,6 +221,15 @@ def test_worker_dies_while_state_moves_out_of_it():
         assert rest[-1].result.num_frames == 9
         img = image(steps=2)
         assert drain(submit(eng, img, [((0,), 2)]), timeout_s=60)[-1].type == EventType.COMPLETED
+        # the workers join a new process group and sequence parallelism comes back, correct
+        deadline = time.monotonic() + 120
+        while eng.max_sp_degree < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert eng.max_sp_degree == 2
+        alone = run_video(eng, [((1,), 4)], steps=4, seed=22)
+        sp2 = run_video(eng, [((0, 1), 4)], steps=4, seed=22)
+        assert sp2[-1].result.sp_degrees == (2,)
+        assert max_diff(frames(alone[-1]), frames(sp2[-1])) <= 2
     finally:
         stop_engine(eng)
 

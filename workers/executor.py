@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 
 from genserve.workers import protocol as P
-from genserve.workers.parallel import dist_spec
+from genserve.workers.parallel import DistSpec, dist_spec
 from genserve.workers.worker import Worker, WorkerSpec, worker_main
 
 log = logging.getLogger("genserve.executor")
@@ -55,6 +55,7 @@ class Executor:
         self.ready: dict[int, P.Ready] = {}
         self._waker = _Waker()
         self._send_lock = threading.Lock()
+        self.configured_sp_degree = self.max_sp_degree  # what a crash takes away and a rejoin restores
 
     @property
     def num_devices(self) -> int:
@@ -126,6 +127,13 @@ class Executor:
         except (EOFError, OSError):
             pass  # the sentinel reports the death
         return out
+
+    def new_world(self) -> DistSpec | None:
+        """A fresh SP world for every worker to join (``P.Rejoin``) once a
+        crash broke the old one; None when the workers run no SP."""
+        if self.configured_sp_degree < 2:
+            return None
+        return dist_spec(self.num_devices, next(iter(self.specs.values())).device, self.configured_sp_degree)
 
     def respawn(self, device_id: int, standalone: bool = False) -> None:
         """Start a dead worker again without waiting: its ``Ready`` message

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from genserve.models.base import GenParams, ModelLimits
+from genserve.workers.parallel import DistSpec
 
 
 FRESH, PEER, BYTES = "fresh", "peer", "bytes"
@@ -74,6 +75,25 @@ class Drop:
 @dataclass(frozen=True, slots=True)
 class Shutdown:
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class Rejoin:
+    """Leave the current sequence-parallel world and join ``dist``, a new one
+    every worker is told to join (after a crash, to bring SP back). The join
+    runs beside the worker's steps, which meanwhile use no process group."""
+
+    dist: DistSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Rejoined:
+    """The outcome of a ``Rejoin``; ``init_method`` names the world it was for."""
+
+    device_id: int
+    init_method: str
+    ok: bool
+    message: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ decides each step (honouring cancels), reports steps and decodes the result.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ class Worker:
     def __init__(self, spec: WorkerSpec, models: dict, groups: Groups | None = None):
         self.spec, self.models, self.groups = spec, models, groups
         self.live: dict[str, _Live] = {}
+        self._joining: threading.Thread | None = None  # a Rejoin in progress
+        self._deferred: list = []  # messages held until the running dispatch ends
 
     @classmethod
     def start(cls, spec: WorkerSpec) -> "Worker":
@@ -97,6 +100,7 @@ class Worker:
 
     # ---- the loop -------------------------------------------------------
     def serve(self, conn, load_s: float = 0.0) -> None:
+        conn = _LockedConn(conn)  # a Rejoin replies from its own thread
         cards = tuple(P.ModelCard(m.name, m.task, m.limits) for m in self.models.values())
         conn.send(P.Ready(self.spec.device_id, cards, load_s, self.warm_up()))
         while True:
@@ -112,14 +116,46 @@ class Worker:
         if isinstance(msg, P.RunSteps):
             conn.send(self.run_steps(msg, conn))
             self._enforce_budget()
+            while self._deferred:
+                self.handle(self._deferred.pop(0), conn)
         elif isinstance(msg, P.Drop):
             self.drop(msg.req_ids)
         elif isinstance(msg, P.Export):
             for r in msg.req_ids:
                 live = self.live.get(r)
                 conn.send(P.Exported(r, state_to_bytes(live.state) if live else b""))
+        elif isinstance(msg, P.Rejoin):
+            self.rejoin(msg.dist, conn)
         else:
             log.error("worker %d: unknown message %r", self.spec.device_id, type(msg))
+
+    def rejoin(self, dist: DistSpec, conn) -> None:
+        """Leave the old world and join ``dist`` on a thread of its own: the
+        join waits for every rank, and this worker goes on running the steps
+        it is sent meanwhile (single-device ones: the engine sends no SP step
+        until every worker has answered)."""
+        if self._joining is not None and self._joining.is_alive():
+            conn.send(P.Rejoined(self.spec.device_id, dist.init_method, False,
+                                 "an earlier join is still in progress"))
+            return
+
+        def join() -> None:
+            old, self.groups = self.groups, None
+            try:
+                if old is not None:
+                    old.close()
+                self.groups = Groups.join(dist, self.spec.device_id)
+                reply = P.Rejoined(self.spec.device_id, dist.init_method, True)
+            except Exception as exc:
+                log.error("worker %d could not join the new world: %s", self.spec.device_id, exc)
+                reply = P.Rejoined(self.spec.device_id, dist.init_method, False, str(exc))
+            try:
+                conn.send(reply)
+            except (OSError, EOFError):
+                pass  # the engine is gone
+
+        self._joining = threading.Thread(target=join, name="genserve-rejoin", daemon=True)
+        self._joining.start()
 
     def drop(self, req_ids) -> list[str]:
         return [r for r in req_ids if self.live.pop(r, None) is not None]
@@ -149,7 +185,7 @@ class Worker:
                 result = self._finish(r)
                 (finished if isinstance(result, P.Finished) else failed).append(result)
             if leader:
-                self._poll_drops(conn, batch, failed)
+                self._poll_drops(conn, batch, failed, block)
         paused = tuple(r for r in msg.req_ids if r in self.live)
         return P.DispatchDone(msg.dispatch_id, paused, tuple(finished), tuple(failed), encode_ms)
 
@@ -226,8 +262,9 @@ class Worker:
         n, h, w = frames.shape[:3]
         return P.Finished(req_id, data, mime, w, h, n, (time.perf_counter() - t0) * 1e3)
 
-    def _poll_drops(self, conn, batch: list[str], failed: list[P.Failed]) -> None:
-        """Between steps, honour Drop messages (cancels) that arrived meanwhile."""
+    def _poll_drops(self, conn, batch: list[str], failed: list[P.Failed], block: tuple[int, ...]) -> None:
+        """Between steps, honour Drop messages (cancels) that arrived meanwhile,
+        and the Export and Rejoin messages that need not wait for the dispatch."""
         while conn.poll():
             msg = conn.recv()
             if isinstance(msg, P.Drop):
@@ -236,7 +273,12 @@ class Worker:
                         failed.append(P.Failed(r, "CANCELLED", "cancelled"))
             elif isinstance(msg, P.Export):
                 self.handle(msg, conn)
-            else:  # only Drop and Export may arrive while a dispatch runs
+            elif isinstance(msg, P.Rejoin):
+                if len(block) == 1:  # this dispatch uses no process group: join beside it
+                    self.handle(msg, conn)
+                else:  # an old-world SP dispatch: leave that world once it ends
+                    self._deferred.append(msg)
+            else:  # only Drop, Export and Rejoin may arrive while a dispatch runs
                 log.error("worker %d: unexpected %r during a dispatch", self.spec.device_id, type(msg))
 
     def _enforce_budget(self) -> None:
@@ -252,6 +294,24 @@ class Worker:
                 break
             total -= _state_bytes(live.state)
             live.state, live.on_host = live.state.to("cpu"), True
+
+
+class _LockedConn:
+    """A worker's pipe with sends serialised: replies come from the serving
+    loop and from a join thread."""
+
+    def __init__(self, conn):
+        self._conn, self._lock = conn, threading.Lock()
+
+    def send(self, msg) -> None:
+        with self._lock:
+            self._conn.send(msg)
+
+    def recv(self):
+        return self._conn.recv()
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        return self._conn.poll(timeout)
 
 
 def _state_bytes(state: RequestState) -> int:

@@ -1,0 +1,93 @@
+"""SPRecovery: the rounds that bring sequence parallelism back after a crash
+(the live path, with real workers, is in test_step_execution)."""
+from __future__ import annotations
+
+import itertools
+
+from genserve.recovery import SPRecovery
+from genserve.workers import protocol as P
+from genserve.workers.parallel import DistSpec
+
+
+class FakeExecutor:
+    def __init__(self, num_devices=4, sp=4):
+        self.num_devices, self.configured_sp_degree = num_devices, sp
+        self.sent: list[tuple[int, object]] = []
+        self.unreachable: set[int] = set()
+        self._worlds = itertools.count()
+
+    def new_world(self):
+        return DistSpec(f"file:///tmp/world-{next(self._worlds)}", self.num_devices, "gloo", self.configured_sp_degree)
+
+    def send(self, device_id, msg) -> bool:
+        if device_id in self.unreachable:
+            return False
+        self.sent.append((device_id, msg))
+        return True
+
+
+def answers(rec, world, devices, ok=True):
+    return [rec.answered(P.Rejoined(d, world, ok, "" if ok else "timed out")) for d in devices]
+
+
+def test_a_round_starts_once_every_worker_is_up_and_ends_when_all_joined():
+    ex = FakeExecutor()
+    rec = SPRecovery(ex)
+    rec.maybe_start(set())
+    assert not ex.sent  # nothing was lost
+    rec.lost(2)
+    rec.maybe_start({2})
+    assert not ex.sent  # worker 2 still restarting
+    rec.maybe_start(set())
+    assert sorted(d for d, _ in ex.sent) == [0, 1, 2, 3]
+    world = ex.sent[0][1].dist.init_method
+    assert {m.dist.init_method for _, m in ex.sent} == {world}
+    assert answers(rec, world, [0, 1, 2]) == [None] * 3
+    assert rec.answered(P.Rejoined(3, "file:///tmp/stale", True)) is None  # another round's answer
+    assert answers(rec, world, [3]) == [True]
+    assert not rec.wanted and not rec.in_progress
+
+
+def test_a_death_during_a_round_fails_it_and_the_next_round_joins_a_new_world():
+    ex = FakeExecutor(num_devices=2, sp=2)
+    now = [100.0]
+    rec = SPRecovery(ex, clock=lambda: now[0])
+    rec.lost(1)
+    rec.maybe_start(set())
+    first = ex.sent[0][1].dist.init_method
+    assert answers(rec, first, [1]) == [None]  # worker 1 joined ...
+    rec.lost(1)  # ... and died again: the world it joined is broken
+    rec.maybe_start(set())
+    assert len(ex.sent) == 2  # no second round while the first awaits worker 0
+    assert answers(rec, first, [0], ok=False) == [False]  # worker 0's join timed out
+    rec.maybe_start(set())
+    assert len(ex.sent) == 2  # backing off: 1 s after the first failure
+    now[0] += 1.0
+    rec.maybe_start(set())
+    second = ex.sent[-1][1].dist.init_method
+    assert second != first and len(ex.sent) == 4
+    assert answers(rec, second, [0, 1], ok=False) == [None, False]
+    now[0] += 1.5
+    rec.maybe_start(set())
+    assert len(ex.sent) == 4  # 2 s after the second failure in a row
+    now[0] += 0.5
+    rec.maybe_start(set())
+    third = ex.sent[-1][1].dist.init_method
+    assert answers(rec, third, [0, 1]) == [None, True]
+    assert rec.failures == 0 and not rec.wanted
+
+
+def test_an_unreachable_worker_fails_the_round_and_no_sp_means_no_round():
+    ex = FakeExecutor(num_devices=2, sp=2)
+    ex.unreachable = {0}
+    rec = SPRecovery(ex)
+    rec.lost(1)
+    rec.maybe_start(set())
+    world = ex.sent[0][1].dist.init_method
+    assert answers(rec, world, [1]) == [False]
+    assert rec.wanted and not rec.in_progress
+    single = FakeExecutor(num_devices=2, sp=1)
+    rec = SPRecovery(single)
+    rec.lost(0)
+    rec.maybe_start(set())
+    assert not single.sent and not rec.wanted
