@@ -123,7 +123,7 @@ class Engine:
         self._woke_s = time.monotonic()
         for device_id, msg in replies:
             self._on_reply(device_id, msg)
-        self.recovery.maybe_start(self.down)  # after a crash, once every worker is back
+        self.recovery.tick(self.down)  # after a crash, once every worker is back
         if not replies and self.tracked:
             self._dirty = True  # a timed re-plan: a policy may wait for time to pass
 

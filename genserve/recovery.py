@@ -7,8 +7,9 @@ join a fresh one (``P.Rejoin``), which it does beside the single-device steps
 it keeps running. When every worker has answered that it joined, SP comes
 back. A round that fails (a worker died during it, or a join timed out: a
 worker still busy with a long dispatch of the old world answers late) ends when
-its last answer arrives; the next starts once every worker is up again, after
-a back-off that doubles with each failed round (1 s ... 60 s).
+its last answer arrives, or after ``ROUND_TIMEOUT_S`` if one never does (a
+join that hangs); the next starts once every worker is up again, after a
+back-off that doubles with each failed round (1 s ... 60 s).
 """
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ log = logging.getLogger("genserve.engine")
 
 class SPRecovery:
     MAX_BACKOFF_S = 60.0
+    ROUND_TIMEOUT_S = 180.0  # a join gives up after DistSpec.timeout_s (120 s); this is the backstop
 
     def __init__(self, executor, clock=time.monotonic):
         self.executor, self.clock = executor, clock
         self.failures = 0  # failed rounds in a row
         self.not_before = 0.0  # no round starts before this time (back-off)
+        self.started_s = 0.0  # when the current round started
         self.wanted = False  # a crash took SP away and no round has brought it back yet
         self.world = ""  # init_method of the world the current round joins ("" : no round)
         self.waiting: set[int] = set()  # workers whose answer the round awaits
@@ -46,15 +49,21 @@ class SPRecovery:
             if not self.waiting:
                 self._end()
 
-    def maybe_start(self, down: set[int]) -> None:
-        """Start a round if SP is wanted back, every worker is up and none runs."""
+    def tick(self, down: set[int]) -> None:
+        """Called on every engine loop: give up a round whose answers are
+        overdue (a join hung), and start one if SP is wanted back, every
+        worker is up and none is running."""
+        if self.in_progress and self.clock() - self.started_s > self.ROUND_TIMEOUT_S:
+            self.problems.append(f"no answer from worker(s) {sorted(self.waiting)} in "
+                                 f"{self.ROUND_TIMEOUT_S:.0f} s")
+            self._end()
         if not self.wanted or self.in_progress or down or self.clock() < self.not_before:
             return
         dist = self.executor.new_world()
         if dist is None:
             self.wanted = False
             return
-        self.world, self.problems = dist.init_method, []
+        self.world, self.problems, self.started_s = dist.init_method, [], self.clock()
         self.waiting = set(range(self.executor.num_devices))
         log.info("workers joining a new process group to bring sequence parallelism back")
         for device_id in sorted(self.waiting):

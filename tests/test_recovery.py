@@ -33,12 +33,12 @@ def answers(rec, world, devices, ok=True):
 def test_a_round_starts_once_every_worker_is_up_and_ends_when_all_joined():
     ex = FakeExecutor()
     rec = SPRecovery(ex)
-    rec.maybe_start(set())
+    rec.tick(set())
     assert not ex.sent  # nothing was lost
     rec.lost(2)
-    rec.maybe_start({2})
+    rec.tick({2})
     assert not ex.sent  # worker 2 still restarting
-    rec.maybe_start(set())
+    rec.tick(set())
     assert sorted(d for d, _ in ex.sent) == [0, 1, 2, 3]
     world = ex.sent[0][1].dist.init_method
     assert {m.dist.init_method for _, m in ex.sent} == {world}
@@ -53,25 +53,25 @@ def test_a_death_during_a_round_fails_it_and_the_next_round_joins_a_new_world():
     now = [100.0]
     rec = SPRecovery(ex, clock=lambda: now[0])
     rec.lost(1)
-    rec.maybe_start(set())
+    rec.tick(set())
     first = ex.sent[0][1].dist.init_method
     assert answers(rec, first, [1]) == [None]  # worker 1 joined ...
     rec.lost(1)  # ... and died again: the world it joined is broken
-    rec.maybe_start(set())
+    rec.tick(set())
     assert len(ex.sent) == 2  # no second round while the first awaits worker 0
     assert answers(rec, first, [0], ok=False) == [False]  # worker 0's join timed out
-    rec.maybe_start(set())
+    rec.tick(set())
     assert len(ex.sent) == 2  # backing off: 1 s after the first failure
     now[0] += 1.0
-    rec.maybe_start(set())
+    rec.tick(set())
     second = ex.sent[-1][1].dist.init_method
     assert second != first and len(ex.sent) == 4
     assert answers(rec, second, [0, 1], ok=False) == [None, False]
     now[0] += 1.5
-    rec.maybe_start(set())
+    rec.tick(set())
     assert len(ex.sent) == 4  # 2 s after the second failure in a row
     now[0] += 0.5
-    rec.maybe_start(set())
+    rec.tick(set())
     third = ex.sent[-1][1].dist.init_method
     assert answers(rec, third, [0, 1]) == [None, True]
     assert rec.failures == 0 and not rec.wanted
@@ -82,12 +82,29 @@ def test_an_unreachable_worker_fails_the_round_and_no_sp_means_no_round():
     ex.unreachable = {0}
     rec = SPRecovery(ex)
     rec.lost(1)
-    rec.maybe_start(set())
+    rec.tick(set())
     world = ex.sent[0][1].dist.init_method
     assert answers(rec, world, [1]) == [False]
     assert rec.wanted and not rec.in_progress
     single = FakeExecutor(num_devices=2, sp=1)
     rec = SPRecovery(single)
     rec.lost(0)
-    rec.maybe_start(set())
+    rec.tick(set())
     assert not single.sent and not rec.wanted
+
+
+def test_a_round_with_an_overdue_answer_is_given_up_and_retried():
+    ex = FakeExecutor(num_devices=2, sp=2)
+    now = [0.0]
+    rec = SPRecovery(ex, clock=lambda: now[0])
+    rec.lost(0)
+    rec.tick(set())
+    first = ex.sent[0][1].dist.init_method
+    assert answers(rec, first, [0]) == [None]  # worker 1's join hangs
+    now[0] += SPRecovery.ROUND_TIMEOUT_S + 1
+    rec.tick(set())
+    assert not rec.in_progress and rec.failures == 1 and len(ex.sent) == 2
+    now[0] += 1.0
+    rec.tick(set())
+    assert len(ex.sent) == 4 and ex.sent[-1][1].dist.init_method != first
+    assert answers(rec, first, [1]) == [None]  # the hung join's late answer is stale
