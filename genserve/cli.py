@@ -56,6 +56,7 @@ def add_serve(sub) -> None:
     p.add_argument("--max-prompt-chars", type=int, default=4096, help="longest prompt accepted (default 4096)")
     p.add_argument("--max-message-bytes", type=int, default=1 << 20,
                    help="largest inbound gRPC message (default 1 MiB)")
+    add_attention_arg(p)
     p.add_argument("--max-sp-degree", type=int, default=8, choices=(1, 2, 4, 8),
                    help="largest sequence-parallel group for a video step (default 8, capped by devices)")
     p.add_argument("--paused-budget-mb", type=float, default=0.0,
@@ -79,16 +80,23 @@ def add_serve(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def add_attention_arg(p) -> None:
+    p.add_argument("--attention", choices=("sdpa", "xformers"), default="sdpa",
+                   help="attention kernel of the denoising transformers: sdpa (PyTorch, default) or "
+                        "xformers (CUDA only; pip install 'genserve[cuda]')")
+
+
 def cmd_serve(args) -> None:
     from genserve.app import run_server
     from genserve.security import SecurityError
+    from genserve.workers.executor import WorkerStartError
 
     device = args.device or _default_device()
     num_workers = args.num_workers if args.num_workers is not None else (2 if device == "cpu" else 0)
     config = ServerConfig(
         host=args.host, port=args.port, metrics_port=args.metrics_port, device=device,
         num_workers=num_workers, threads_per_worker=args.threads_per_worker,
-        models=tuple(args.model or DEFAULT_MODELS), dtype=args.dtype,
+        models=tuple(args.model or DEFAULT_MODELS), dtype=args.dtype, attention=args.attention,
         max_sp_degree=args.max_sp_degree, paused_budget_mb=args.paused_budget_mb, grace_s=args.grace_s,
         engine=EngineConfig(policy=args.policy, profile=args.profile,
                             default_slo_scale=args.default_slo_scale,
@@ -110,7 +118,7 @@ def cmd_serve(args) -> None:
             threading.Thread(target=_demo, args=(where,), daemon=True).start()
 
     try:
-        config.security.validate()
+        config.validate()
     except ValueError as err:  # a flag combination such as --tls-cert without --tls-key
         sys.exit(f"error: {err}")
     if args.demo and (args.tls_cert or args.auth_tokens):
@@ -118,8 +126,9 @@ def cmd_serve(args) -> None:
                  "--auth-tokens, or try the secured server with `genserve generate --tls-ca FILE --token T`")
     try:
         run_server(config, ready)
-    except SecurityError as err:  # an unreadable or malformed certificate or token file
-        sys.exit(f"error: {err}")
+    except (SecurityError, WorkerStartError) as err:  # a bad certificate or token file; no device, a model
+        sys.exit(f"error: {err}")                       # that does not load
+
 
 
 def _demo(target: str) -> None:

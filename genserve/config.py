@@ -82,6 +82,7 @@ class ServerConfig:
     threads_per_worker: int = 0  # 0: cores / workers
     models: tuple[str, ...] = DEFAULT_MODELS  # preset names or NAME=PATH
     dtype: str = "float32"
+    attention: str = "sdpa"  # attention kernel: sdpa (PyTorch) | xformers (CUDA, optional extra)
     in_process: bool = False  # workers as threads (tests, debugging)
     max_sp_degree: int = 8  # largest sequence-parallel group (1: no process groups)
     paused_budget_mb: float = 0.0  # device memory per worker for paused states (0: unlimited)
@@ -103,6 +104,10 @@ class ServerConfig:
             raise ValueError("max_sp_degree must be 1, 2, 4 or 8")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"unsupported dtype {self.dtype!r}")
+        if self.attention not in ("sdpa", "xformers"):
+            raise ValueError(f"attention must be sdpa or xformers, not {self.attention!r}")
+        if self.attention == "xformers" and self.device != "cuda":
+            raise ValueError("the xformers attention backend needs --device cuda (it has no CPU kernels)")
         self.engine.validate()
         self.limits.validate()
         self.security.validate()

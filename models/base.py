@@ -151,3 +151,6 @@ class ModelAdapter(Protocol):
 
     def decode(self, state: RequestState) -> np.ndarray:
         """uint8 RGB array of shape (frames, height, width, 3)."""
+
+    def set_attention(self, backend: str) -> None:
+        """Pick the attention kernel (``sdpa`` default, ``xformers`` on CUDA)."""

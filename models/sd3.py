@@ -53,6 +53,13 @@ class SD3Adapter:
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
 
+    def set_attention(self, backend: str) -> None:
+        """``xformers``: xformers' kernels in the joint attention (SD3's
+        processors call PyTorch's SDPA directly, so diffusers' backend switch
+        does not reach them); ``sdpa`` is the default."""
+        if backend == "xformers":
+            self.transformer.enable_xformers_memory_efficient_attention()
+
     # ---- per request ------------------------------------------------------
     def encode_prompt(self, params: GenParams) -> TextCond:
         embeds, pooled = self.text.encode(params.prompt)

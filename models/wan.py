@@ -51,6 +51,12 @@ class WanAdapter:
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
 
+    def set_attention(self, backend: str) -> None:
+        """The kernel of single-device steps (diffusers' attention dispatch);
+        SP steps take theirs from their ``SPGroup``."""
+        if backend == "xformers":
+            self.transformer.set_attention_backend("xformers")
+
     # ---- per request ------------------------------------------------------
     def encode_prompt(self, params: GenParams) -> TextCond:
         embeds, _ = self.text.encode(params.prompt)

@@ -203,3 +203,29 @@ def test_resharded_mid_run_equals_uninterrupted(ranks, reference, name):
     for other in ranks[1:]:  # every rank that took part in a step holds rank 0's bytes
         for step, latents in other[name + " snaps"].items():
             assert torch.equal(latents, ranks[0][name + " snaps"][step])
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "0", "--device", "cpu"], ["profile", "--out", "x.json"]])
+def test_xformers_on_cpu_is_refused_before_any_worker_starts(command):
+    from genserve.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main([*command, "--attention", "xformers"])
+    assert "the xformers attention backend needs --device cuda" in str(err.value.code)
+
+
+def test_a_worker_checks_its_attention_backend_before_loading_models():
+    from genserve.workers.worker import Worker, WorkerSpec
+
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Worker.start(WorkerSpec(0, "cpu", ("no-such-model",), attention="xformers"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["profile", "--out", "x.json"]])
+def test_cuda_without_a_gpu_is_a_clear_error(command):
+    from genserve.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main([*command, "--device", "cuda"])
+    assert str(err.value.code) == "error: --device cuda: no CUDA device is visible"

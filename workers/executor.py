@@ -22,6 +22,11 @@ from genserve.workers.worker import Worker, WorkerSpec, worker_main
 log = logging.getLogger("genserve.executor")
 
 
+class WorkerStartError(RuntimeError):
+    """The workers could not start (no such device, a model failed to load, a
+    worker not ready in time): the command reports it and exits."""
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerDied:
     """Reported by ``wait`` when a worker process exits unexpectedly."""
@@ -77,10 +82,10 @@ class Executor:
         for device_id in device_ids:
             conn = self.conns[device_id]
             if not conn.poll(max(0.0, deadline - time.monotonic())):
-                raise RuntimeError(f"worker {device_id} did not become ready in {timeout_s:.0f} s")
+                raise WorkerStartError(f"worker {device_id} did not become ready in {timeout_s:.0f} s")
             msg = conn.recv()
             if not isinstance(msg, P.Ready):
-                raise RuntimeError(getattr(msg, "message", f"worker {device_id} failed to start"))
+                raise WorkerStartError(getattr(msg, "message", f"worker {device_id} failed to start"))
             self.ready[device_id] = msg
         return dict(self.ready)
 
@@ -245,7 +250,7 @@ class InProcessExecutor(Executor):
 
 def make_worker_specs(device: str, num_workers: int, model_specs: tuple[str, ...],
                       dtype: str = "float32", num_threads: int = 0, max_sp_degree: int = 8,
-                      paused_budget_mb: float = 0.0) -> list[WorkerSpec]:
+                      paused_budget_mb: float = 0.0, attention: str = "sdpa") -> list[WorkerSpec]:
     """One WorkerSpec per device: ``cpu`` × num_workers, or every visible GPU
     (``num_workers`` > 0 caps the count). With several devices and
     max_sp_degree > 1 the workers join one world for sequence parallelism."""
@@ -254,10 +259,10 @@ def make_worker_specs(device: str, num_workers: int, model_specs: tuple[str, ...
 
         count = torch.cuda.device_count()
         if count == 0:
-            raise RuntimeError("--device cuda: no CUDA device is visible")
+            raise WorkerStartError("--device cuda: no CUDA device is visible")
         devices = [f"cuda:{i}" for i in range(count if num_workers <= 0 else min(count, num_workers))]
     else:
         devices = ["cpu"] * max(1, num_workers)
     dist = dist_spec(len(devices), devices[0], max_sp_degree)
-    return [WorkerSpec(i, d, model_specs, dtype, num_threads, dist, paused_budget_mb)
+    return [WorkerSpec(i, d, model_specs, dtype, num_threads, dist, paused_budget_mb, attention)
             for i, d in enumerate(devices)]

@@ -37,6 +37,7 @@ class WorkerSpec:
     num_threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     dist: DistSpec | None = None  # join an SP world (None: degree 1 only)
     paused_budget_mb: float = 0.0  # device memory for paused states; 0: no limit (CPU)
+    attention: str = "sdpa"  # attention kernel: sdpa | xformers (CUDA only)
 
 
 @dataclass(slots=True)
@@ -61,7 +62,9 @@ class Worker:
         import torch
 
         from genserve.models.registry import build_model
+        from genserve.models.sp import check_backend
 
+        check_backend(spec.attention, spec.device)  # before minutes of loading
         if spec.num_threads > 0:
             torch.set_num_threads(spec.num_threads)
         if spec.device.startswith("cuda"):
@@ -70,6 +73,7 @@ class Worker:
         models = {}
         for model_spec in spec.model_specs:
             adapter = build_model(model_spec, device=spec.device, dtype=dtype)
+            adapter.set_attention(spec.attention)
             models[adapter.name] = adapter
         groups = Groups.join(spec.dist, spec.device_id) if spec.dist else None
         return cls(spec, models, groups)
@@ -232,7 +236,8 @@ class Worker:
             model = self.models[msg.model]
             if len(block) > 1:
                 from genserve.models.sp import SPGroup
-                sp = SPGroup(self.groups.group(block), block.index(self.spec.device_id), len(block))
+                sp = SPGroup(self.groups.group(block), block.index(self.spec.device_id), len(block),
+                             self.spec.attention)
                 model.denoise_step(states, sp=sp)
             else:
                 model.denoise_step(states)
