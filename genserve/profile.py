@@ -113,20 +113,27 @@ class Profiler:
         return out
 
 
-def default_grid(card: P.ModelCard, max_block: int, max_batch: int):
-    """(width, height, frames, sp degrees, batch sizes) points for a model."""
+def default_grid(card: P.ModelCard, max_block: int, max_batch: int, image_sizes: tuple[int, ...] = (),
+                 video_shapes: tuple[tuple[int, int, int], ...] = ()):
+    """(width, height, frames, sp degrees, batch sizes) points for a model:
+    square images of ``image_sizes`` (default: the model's default width x1,
+    x2, x4 within its maximum) and videos of ``video_shapes`` (W, H, F)
+    (default: those sizes at the default frame count and about twice it)."""
     lim = card.limits
     sizes = sorted({lim.default_width * k for k in (1, 2, 4) if lim.default_width * k <= lim.max_width})
     if card.task == "image":
         batches = [b for b in (1, 2, 4, 8, 16) if b <= max_batch]
-        return [(s, s, 1, (1,), batches) for s in sizes]
+        return [(s, s, 1, (1,), batches) for s in (image_sizes or sizes)]
     degrees = tuple(d for d in (1, 2, 4, 8) if d <= max_block)
+    if video_shapes:
+        return [(w, h, f, degrees, [1]) for w, h, f in video_shapes]
     frames = sorted({f for f in (lim.default_frames, 2 * lim.default_frames - 1) if f <= lim.max_frames})
     return [(s, s, f, degrees, [1]) for s in sizes for f in frames]
 
 
 def run_profile(executor: Executor, cards: dict[str, P.ModelCard], name: str, hardware: str,
-                steps: int = 6, max_batch: int = 8, progress=print, repeats: int = 3) -> Profile:
+                steps: int = 6, max_batch: int = 8, progress=print, repeats: int = 3,
+                image_sizes: tuple[int, ...] = (), video_shapes: tuple[tuple[int, int, int], ...] = ()) -> Profile:
     """Measure every grid point ``repeats`` times, interleaved (a whole pass
     over the grid per repeat), so a burst of interference on the machine
     lands on one sample of many points rather than on every sample of one."""
@@ -134,7 +141,8 @@ def run_profile(executor: Executor, cards: dict[str, P.ModelCard], name: str, ha
     step_samples, decode_samples, encode = [], [], {}
     points = [(card, width, height, frames, degree, batch)
               for card in cards.values()
-              for width, height, frames, degrees, batches in default_grid(card, executor.max_sp_degree, max_batch)
+              for width, height, frames, degrees, batches in default_grid(
+                  card, executor.max_sp_degree, max_batch, image_sizes, video_shapes)
               for degree in degrees for batch in batches]
     for rep in range(max(1, repeats)):
         for card, width, height, frames, degree, batch in points:
@@ -165,26 +173,40 @@ def cmd_profile(args) -> None:
     import os
     import platform
 
-    from genserve.workers.executor import MultiprocessExecutor, make_worker_specs
+    from genserve.workers.executor import MultiprocessExecutor, WorkerStartError, make_worker_specs
 
     device = args.device
+    if args.attention == "xformers" and device != "cuda":
+        raise SystemExit("error: the xformers attention backend needs --device cuda (it has no CPU kernels)")
     num_workers = args.num_workers if args.num_workers is not None else (2 if device == "cpu" else 0)
     threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, num_workers))
-    specs = make_worker_specs(device, num_workers, tuple(args.model), args.dtype, threads)
-    executor = MultiprocessExecutor(specs)
-    ready = executor.start()
     try:
-        cards = {c.name: c for c in ready[0].models}
-        hardware = f"{len(specs)} x {device} ({platform.processor() or platform.machine()}), {threads} thread(s) each"
-        profile = run_profile(executor, cards, args.name, hardware, args.steps, args.max_batch,
-                              repeats=args.repeats)
-    finally:
-        executor.shutdown()
+        specs = make_worker_specs(device, num_workers, tuple(args.model), args.dtype, threads,
+                                  attention=args.attention)
+        executor = MultiprocessExecutor(specs)
+        try:
+            ready = executor.start()
+            cards = {c.name: c for c in ready[0].models}
+            if device == "cuda":
+                import torch
+
+                hardware = f"{len(specs)} x {torch.cuda.get_device_name(0)}, {args.dtype}"
+            else:
+                hardware = (f"{len(specs)} x {device} ({platform.processor() or platform.machine()}), "
+                            f"{threads} thread(s) each")
+            profile = run_profile(executor, cards, args.name, hardware, args.steps, args.max_batch,
+                                  repeats=args.repeats, image_sizes=args.image_sizes,
+                                  video_shapes=args.video_shapes)
+        finally:
+            executor.shutdown()
+    except WorkerStartError as err:
+        raise SystemExit(f"error: {err}") from None
     save_profile(profile, args.out)
     print(f"wrote {args.out}")
 
 
 def add_profile_parser(sub) -> None:
+    from genserve.cli import add_attention_arg
     from genserve.config import DEFAULT_MODELS
 
     p = sub.add_parser("profile", help="measure the served models and write a latency profile",
@@ -197,11 +219,42 @@ def add_profile_parser(sub) -> None:
     p.add_argument("--threads-per-worker", type=int, default=0)
     p.add_argument("--model", action="append", default=None, metavar="NAME|NAME=PATH")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    add_attention_arg(p)
     p.add_argument("--steps", type=int, default=6, help="steps per measurement (the first is not counted)")
     p.add_argument("--max-batch", type=int, default=8, help="largest image batch measured")
     p.add_argument("--repeats", type=int, default=3,
                    help="passes over the grid; each point's figure is the median of all its samples")
+    p.add_argument("--image-sizes", type=_sizes, default=(), metavar="S,S,...",
+                   help="square image sizes to measure, e.g. 512,768,1024 (default: each image model's "
+                        "default width x1, x2, x4 within its maximum)")
+    p.add_argument("--video-shapes", type=_shapes, default=(), metavar="WxHxF,...",
+                   help="video shapes to measure, e.g. 832x480x33,832x480x81 (default: each video model's "
+                        "default-width squares at its default frame count and about twice it)")
     p.set_defaults(func=lambda a: cmd_profile(_with_default_models(a, DEFAULT_MODELS)))
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        sizes = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 512,768,1024, got {text!r}") from None
+    if not sizes or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return sizes
+
+
+def _shapes(text: str) -> tuple[tuple[int, int, int], ...]:
+    import argparse
+
+    try:
+        shapes = tuple(tuple(int(x) for x in s.lower().split("x")) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected shapes like 832x480x81, got {text!r}") from None
+    if not shapes or any(len(s) != 3 or min(s) <= 0 for s in shapes):
+        raise argparse.ArgumentTypeError(f"expected shapes like 832x480x81 (WxHxF), got {text!r}")
+    return shapes
 
 
 def _with_default_models(args, defaults):

@@ -1,0 +1,38 @@
+"""`genserve profile` on the tiny models: two CPU workers, a chosen grid."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from genserve.scheduler import LatencyModel, load_profile
+
+pytestmark = pytest.mark.slow
+
+
+def test_profile_measures_the_grid_it_is_given(tmp_path):
+    out = tmp_path / "p.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "genserve", "profile", "--out", str(out), "--name", "test", "--steps", "3",
+         "--repeats", "1", "--max-batch", "2", "--threads-per-worker", "1",
+         "--image-sizes", "64,128", "--video-shapes", "64x64x9"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    prof = load_profile(out)
+    by_name = {m.name: m for m in prof.models}
+    image, video = by_name["sd3-tiny"], by_name["wan-tiny"]
+    assert {(p.width, p.batch_size) for p in image.steps} == {(64, 1), (64, 2), (128, 1), (128, 2)}
+    assert {(p.width, p.height, p.num_frames, p.sp_degree) for p in video.steps} == {(64, 64, 9, 1), (64, 64, 9, 2)}
+    assert all(p.step_ms > 0 for p in image.steps + video.steps)
+    assert image.encode_ms > 0 and video.encode_ms > 0 and prof.dispatch_ms >= 0
+    cost = LatencyModel(prof)  # it serves from what was measured
+    for p in image.steps:
+        assert cost.step_ms("sd3-tiny", p.width, p.height, 1, 1, p.batch_size) == pytest.approx(p.step_ms)
+
+
+@pytest.mark.parametrize("flag,value", [("--image-sizes", "64,big"), ("--video-shapes", "64x64")])
+def test_profile_rejects_a_malformed_grid(flag, value):
+    done = subprocess.run([sys.executable, "-m", "genserve", "profile", "--out", "x.json", flag, value],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "expected" in done.stderr and "Traceback" not in done.stderr
