@@ -27,7 +27,8 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 
 def build_model(name_or_spec: str, device="cpu", dtype=torch.float32) -> ModelAdapter:
-    """A preset by name (``sd3-tiny``, ``wan-tiny``), or ``NAME=PATH``: the
+    """A preset by name (``sd3-tiny``, ``wan-tiny``; the real-size random
+    ``sd3-medium-random``, ``wan-1.3b-random`` for GPUs), or ``NAME=PATH``: the
     diffusers checkpoint directory at PATH served as NAME, family taken from
     its model_index.json. ``dtype`` may be a torch dtype or its name.
     Thread-safe (builds are serialised)."""
