@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo serve test bench proto clean
+.PHONY: install demo serve test bench proto clean gpu-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ test: install
 
 proto: install
 	$(BIN)/python protos/generate.py
+
+# Wheels the GPU machine's image lacks (Python 3.12, x86-64), for
+# experiments/gpu_check.sh there: they travel in .whl/ (git-ignored).
+GPU_WHEELS := diffusers==0.42.1 grpcio==1.85.3 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
+	protobuf==7.36.2 av==18.1.0
+gpu-wheels: install
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
