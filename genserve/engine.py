@@ -17,7 +17,7 @@ from typing import Callable
 from genserve.config import EngineConfig
 from genserve.dispatch import check_dispatch, member_messages, needs_move
 from genserve.inflight import Feedback, InFlight
-from genserve.recovery import SPRecovery
+from genserve.recovery import RestartBackoff, SPRecovery
 from genserve.scheduler import make_policy as _make_named_policy
 from genserve.scheduler.types import IDLE_REPLAN_S, ClusterSpec, DeviceView, Dispatch, StepPlan
 from genserve.tracked import Sink, Tracked
@@ -56,6 +56,9 @@ class Engine:
         self._num_waiting = 0  # read by other threads (queue bound); engine writes it
         self.num_invalid_dispatches = 0  # policy plans this executor could not run (a bug)
         self.recovery = SPRecovery(executor)
+        self.restarts = RestartBackoff()
+        for device_id in range(executor.num_devices):
+            self.restarts.started(device_id)
         self._set_sp_degree(self.max_sp_degree)
         # Called on the engine thread with the number of workers down whenever
         # it changes (the frontend turns it into health status).
@@ -123,6 +126,8 @@ class Engine:
         self._woke_s = time.monotonic()
         for device_id, msg in replies:
             self._on_reply(device_id, msg)
+        for device_id in self.restarts.due():
+            self.executor.respawn(device_id, standalone=True)  # its Ready arrives through wait()
         self.recovery.tick(self.down)  # after a crash, once every worker is back
         if not replies and self.tracked:
             self._dirty = True  # a timed re-plan: a policy may wait for time to pass
@@ -138,8 +143,13 @@ class Engine:
     def _wait_timeout(self) -> float | None:
         # Results, arrivals and worker deaths all wake the wait; poll only when
         # requests wait with nothing running (a worker restarting, or a policy
-        # holding work back), so a time-based decision is not missed.
-        return IDLE_REPLAN_S if self.tracked and not self.inflight else None
+        # holding work back), so a time-based decision is not missed, and when
+        # a dead worker's restart is due.
+        timeouts = [self.restarts.next_in_s()]
+        if self.tracked and not self.inflight:
+            timeouts.append(IDLE_REPLAN_S)
+        timeouts = [t for t in timeouts if t is not None]
+        return min(timeouts) if timeouts else None
 
     def _take_inbox(self) -> None:
         while True:
@@ -299,6 +309,8 @@ class Engine:
             self.executor.ready[device_id] = msg
             self.down.discard(device_id)
             self.on_workers_down(len(self.down))
+        elif isinstance(msg, P.Failed) and device_id in self.down:  # a restarted worker that did not start
+            log.error("worker %d failed to start: %s", device_id, msg.message)
         elif isinstance(msg, P.Rejoined):
             if self.recovery.answered(msg):
                 log.info("sequence parallelism is back (groups of up to %d devices)",
@@ -448,7 +460,10 @@ class Engine:
             # a restarted process cannot join the running process groups
             log.warning("sequence parallelism is off until every worker has joined a new process group")
             self._set_sp_degree(1)
-        self.executor.respawn(msg.device_id, standalone=True)  # its Ready arrives through wait()
+        delay = self.restarts.died(msg.device_id)
+        if delay > 0:
+            log.warning("worker %d keeps dying soon after it starts (%d times in a row); restarting it in %.0f s",
+                        msg.device_id, self.restarts.quick_deaths[msg.device_id], delay)
 
     def _set_sp_degree(self, degree: int) -> None:
         """The largest SP group plans may use; the policies are rebuilt for it."""

@@ -1,4 +1,8 @@
-"""Bringing sequence parallelism back after a worker crash.
+"""After a worker crash: restarting it, and bringing sequence parallelism back.
+
+A dead worker is restarted at once, unless it keeps dying soon after it starts
+(a model that no longer loads, a device that keeps failing): then each restart
+waits twice as long as the last, up to a minute (``RestartBackoff``).
 
 A restarted worker process cannot rejoin the torch.distributed world its
 peers still belong to, so a crash turns SP off. Once every worker is up again
@@ -19,6 +23,45 @@ import time
 from genserve.workers import protocol as P
 
 log = logging.getLogger("genserve.engine")
+
+
+class RestartBackoff:
+    """When to restart each dead worker: at once, unless it died within
+    ``QUICK_S`` of its start more than once in a row; then after 1, 2, 4 ... 60 s."""
+
+    QUICK_S = 60.0
+    MAX_DELAY_S = 60.0
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.started_s: dict[int, float] = {}  # device -> when its worker last started
+        self.quick_deaths: dict[int, int] = {}  # device -> deaths in a row soon after a start
+        self.due_s: dict[int, float] = {}  # device -> when to restart it
+
+    def started(self, device_id: int) -> None:
+        self.started_s[device_id] = self.clock()
+
+    def died(self, device_id: int) -> float:
+        """Schedule the restart of ``device_id``; the delay chosen (s)."""
+        now = self.clock()
+        quick = now - self.started_s.get(device_id, float("-inf")) < self.QUICK_S
+        n = self.quick_deaths[device_id] = self.quick_deaths.get(device_id, 0) + 1 if quick else 0
+        delay = 0.0 if n <= 1 else min(self.MAX_DELAY_S, 2.0 ** (n - 2))
+        self.due_s[device_id] = now + delay
+        return delay
+
+    def due(self) -> list[int]:
+        """Devices whose restart is due now; they count as started."""
+        now = self.clock()
+        ready = sorted(d for d, t in self.due_s.items() if t <= now)
+        for d in ready:
+            del self.due_s[d]
+            self.started(d)
+        return ready
+
+    def next_in_s(self) -> float | None:
+        """Seconds until the next restart is due (None: none pending)."""
+        return max(0.0, min(self.due_s.values()) - self.clock()) if self.due_s else None
 
 
 class SPRecovery:

@@ -108,3 +108,37 @@ def test_a_round_with_an_overdue_answer_is_given_up_and_retried():
     rec.tick(set())
     assert len(ex.sent) == 4 and ex.sent[-1][1].dist.init_method != first
     assert answers(rec, first, [1]) == [None]  # the hung join's late answer is stale
+
+
+def test_a_worker_that_keeps_dying_at_start_is_restarted_ever_later():
+    from genserve.recovery import RestartBackoff
+
+    now = [0.0]
+    r = RestartBackoff(clock=lambda: now[0])
+    r.started(0)
+    now[0] = 500.0  # ran a while: restarted at once
+    assert r.died(0) == 0.0 and r.due() == [0] and r.next_in_s() is None
+    delays = []
+    for _ in range(9):  # then it dies 5 s after every start
+        now[0] += 5.0
+        delays.append(r.died(0))
+        assert r.due() == ([0] if delays[-1] == 0 else [])
+        now[0] += delays[-1]
+        assert r.due() == ([] if delays[-1] == 0 else [0])
+    assert delays == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    now[0] += 200.0  # this start held: the next death restarts at once again
+    assert r.died(0) == 0.0
+
+
+def test_restart_delays_are_per_device():
+    from genserve.recovery import RestartBackoff
+
+    now = [0.0]
+    r = RestartBackoff(clock=lambda: now[0])
+    for d in (0, 1):
+        r.started(d)
+    r.died(0)
+    r.due()
+    now[0] = 2.0
+    assert r.died(0) == 1.0 and r.died(1) == 0.0
+    assert r.due() == [1] and r.next_in_s() == 1.0

@@ -144,3 +144,29 @@ def test_sigterm_drains_in_flight_then_exits_zero():
         assert srv.proc.wait(60) == 0
     finally:
         srv.stop()
+
+
+def test_a_worker_that_cannot_restart_backs_off_and_returns(tmp_path):
+    """Its checkpoint's volume is gone: every restart fails, ever later, while
+    the other worker serves; once the files are back, so is the worker."""
+    from genserve.models.presets import build_sd3_tiny
+    from genserve.models.sd3 import save_sd3
+
+    ckpt, gone = tmp_path / "sd3", tmp_path / "gone"
+    save_sd3(build_sd3_tiny(), str(ckpt))
+    srv = ServerProcess("--num-workers", "2", "--max-sp-degree", "1", "--model", f"sd3={ckpt}",
+                        "--model", "wan-tiny")
+    try:
+        pids = worker_pids(srv.proc.pid)
+        ckpt.rename(gone)
+        os.kill(pids[1], signal.SIGKILL)
+        assert wait_for(lambda: "restarting it in 1 s" in srv.output, 120), srv.output[-3000:]
+        assert "worker 1 failed to start" in srv.output
+        with Client(srv.target) as client:
+            assert client.generate("served meanwhile", task="image", steps=2).media.data
+        assert health(srv.target, "genserve.workers") == health_pb2.HealthCheckResponse.NOT_SERVING
+        gone.rename(ckpt)
+        assert wait_for(lambda: "worker 1 is back" in srv.output, 120), srv.output[-3000:]
+        assert wait_for(lambda: health(srv.target, "genserve.workers") == health_pb2.HealthCheckResponse.SERVING, 30)
+    finally:
+        srv.stop()
