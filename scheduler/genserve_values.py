@@ -311,7 +311,10 @@ def leftover(dec, pool: BlockPool, ready: list, placed: list, o) -> list:
     placed runs, least laxity first, by doubling their blocks; then serve
     non-target work, oldest first. Images grow, and non-target videos (long
     steps that break blocks apart) run, only when no target video waits."""
-    waiting = bool(dec.held) or _video_behind(dec, placed)
+    # a target video held back keeps non-target videos off the devices, unless
+    # nothing runs or is placed at all: then holding back serves no one
+    idle = not placed and pool.free == (1 << dec.snap.num_devices) - 1
+    waiting = not idle and (bool(dec.held) or _video_behind(dec, placed))
     out: list = []
     for stage in (("fill", "grow") if o.leftover_first == "fill" else ("grow", "fill")):
         if not pool.free:
