@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from .blocks import BlockPool, block_mask, ids_of, tile_blocks
 from .guards import FirstSight, admit_in_order
-from .snapshot import Snapshot, is_image, is_video
+from .snapshot import PredictionMemo, Snapshot, is_image, is_video
 from .types import ClusterSpec, CostModel, Dispatch, RequestView, StepPlan
 
 ORDERS = ("fcfs", "sjf", "edf")
@@ -51,6 +51,7 @@ class RequestLevelPolicy:
         self.options = options
         self.name = name
         self._first_sight = FirstSight()
+        self._predictions = PredictionMemo()
         n = cluster.num_devices
         limit = min(options.video_degree, cluster.max_sp_degree, n)
         self.video_degree = 1 << (max(limit, 1).bit_length() - 1)
@@ -70,19 +71,20 @@ class RequestLevelPolicy:
         return None
 
     def plan(self, now_s: float, requests, devices, cost: CostModel) -> StepPlan:
-        snap = Snapshot(now_s, requests, devices, cost, self.cluster)
-        queue = sorted((r for r in snap.ready if r.steps_done == 0), key=self._key(snap))
-        rejected = self._admission(snap, self._first_sight.new_ids(requests), queue)
-        if not snap.idle_mask:
+        snap = Snapshot(now_s, requests, devices, cost, self.cluster, self._predictions)
+        waiting = [r for r in snap.ready if r.steps_done == 0]  # in no order yet
+        rejected = self._admission(snap, requests, waiting)
+        if not snap.idle_mask or not snap.ready:  # nowhere to place, or nothing to
             return snap.finish_plan([], rejected)
-        gone = {r.req_id for r in rejected}
-        queue = [r for r in queue if r.req_id not in gone]
+        if rejected:
+            gone = {r.req_id for r in rejected}
+            waiting = [r for r in waiting if r.req_id not in gone]
         pool = BlockPool(self.cluster.num_devices, snap.idle_mask)
         out = self._resume(snap, pool)
         if self._groups is None:
-            out += self._buddy(snap, pool, queue)
+            out += self._buddy(snap, pool, self._ordered(snap, waiting))
         else:
-            out += self._grouped(snap, pool, queue)
+            out += self._grouped(snap, pool, waiting)
         return snap.finish_plan(out, rejected)
 
     # -- ordering and admission ---------------------------------------------
@@ -101,10 +103,18 @@ class RequestLevelPolicy:
             return lambda r: (snap.remaining_s(r, self._degree(r)), r.arrival_s, r.req_id)
         return lambda r: (snap.hopeless(r), r.deadline_s, r.req_id)
 
-    def _admission(self, snap: Snapshot, new_ids: set, queue: list) -> list:
-        if not self.options.admission_control or not new_ids:
+    def _ordered(self, snap: Snapshot, waiting: list) -> list:
+        """``waiting`` in queue order."""
+        return sorted(waiting, key=self._key(snap))
+
+    def _admission(self, snap: Snapshot, requests, waiting: list) -> list:
+        if not self.options.admission_control:
             return []
-        ordered = snap.running + [r for r in snap.ready if r.steps_done > 0] + queue
+        new_ids = self._first_sight.new_ids(requests)
+        if not new_ids:
+            return []
+        ordered = (snap.running + [r for r in snap.ready if r.steps_done > 0]
+                   + self._ordered(snap, waiting))
         return admit_in_order(
             snap, new_ids, ordered,
             lambda r: self._degree(r) * snap.remaining_s(r, self._degree(r)),
@@ -130,7 +140,7 @@ class RequestLevelPolicy:
         free_time = list(snap.free_time_s)
         reserved, reserved_until = 0, math.inf
         taken: set[str] = set()
-        groups = _image_groups(snap, queue)
+        groups = _image_groups(snap, queue) if self.options.batching else {}
         for r in queue:
             if not pool.free:
                 break
@@ -138,25 +148,30 @@ class RequestLevelPolicy:
                 continue
             size = self._degree(r)
             members = self._batch(snap, r, groups, taken, pool.count())
-            dur = snap.remaining_s(r, size, len(members))
-            fits_before = snap.now_s + dur <= reserved_until
-            mask = pool.take(size, within=~reserved) or (
-                pool.take(size) if fits_before else 0)
+            mask = pool.take(size, within=~reserved)
+            if not mask and reserved:  # backfill: reserved devices too, if done before they are due
+                done_s = snap.now_s + snap.remaining_s(r, size, len(members))
+                mask = pool.take(size) if done_s <= reserved_until else 0
             if not mask:
                 if not reserved:
                     reserved, reserved_until = _earliest_block(snap, free_time, size)
                 continue
+            dur = snap.remaining_s(r, size, len(members))
             taken.update(m.req_id for m in members)
-            for d in ids_of(mask):
+            block = ids_of(mask)
+            for d in block:
                 free_time[d] = snap.now_s + dur
-            out.append(Dispatch(tuple(m.req_id for m in members), ids_of(mask), r.steps_left))
+            out.append(Dispatch(tuple(m.req_id for m in members), block, r.steps_left))
         return out
 
-    def _grouped(self, snap: Snapshot, pool: BlockPool, queue: list) -> list[Dispatch]:
+    def _grouped(self, snap: Snapshot, pool: BlockPool, waiting: list) -> list[Dispatch]:
         out = []
         taken: set[str] = set()
         free_groups = [(m, tasks) for m, tasks in self._groups if pool.free & m == m]
-        groups = _image_groups(snap, queue)
+        # a request no free group serves is passed over: only the others need ordering
+        servable = {task for _, tasks in free_groups for task in tasks}
+        queue = self._ordered(snap, [r for r in waiting if r.task in servable])
+        groups = _image_groups(snap, queue) if self.options.batching else {}
         for r in queue:
             if not free_groups:
                 break

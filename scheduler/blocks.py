@@ -6,6 +6,7 @@ with a non-power-of-two device count never overlap and never run off the end.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Iterable, Sequence
 
 
@@ -44,6 +45,7 @@ def block_mask(start: int, size: int) -> int:
     return ((1 << size) - 1) << start
 
 
+@lru_cache(maxsize=None)
 def degrees_upto(limit: int) -> tuple[int, ...]:
     """Powers of two not above ``limit`` (at least (1,))."""
     out = [1]
@@ -95,17 +97,7 @@ class BlockPool:
     def take(self, size: int, prefer: int = 0, within: int = -1) -> int:
         """Take a free aligned block of ``size`` inside ``within``; returns its
         mask (0 if none). Blocks overlapping ``prefer`` most win first."""
-        free = self.free & within
-        if free.bit_count() < size:
-            return 0
-        best, best_key = 0, None
-        for bm, parents in _layout(self.num_devices, size):
-            if free & bm != bm:
-                continue
-            key = (-(bm & prefer).bit_count(),
-                   tuple((self.free & pm).bit_count() for pm in parents))
-            if best_key is None or key < best_key:
-                best, best_key = bm, key
+        best = _best_block(self.num_devices, size, self.free, self.free & within, prefer)
         self.free &= ~best
         return best
 
@@ -117,6 +109,22 @@ class BlockPool:
 
     def give(self, mask: int) -> None:
         self.free |= mask
+
+
+@lru_cache(maxsize=1 << 16)
+def _best_block(num_devices: int, size: int, free: int, usable: int, prefer: int) -> int:
+    """``BlockPool.take``'s choice among the blocks in ``usable`` (0: none); a
+    pure function of the masks, so memoised (plans ask the same few questions)."""
+    if usable.bit_count() < size:
+        return 0
+    best, best_key = 0, None
+    for bm, parents in _layout(num_devices, size):
+        if usable & bm != bm:
+            continue
+        key = (-(bm & prefer).bit_count(), tuple((free & pm).bit_count() for pm in parents))
+        if best_key is None or key < best_key:
+            best, best_key = bm, key
+    return best
 
 
 def tile_blocks(num_devices: int, max_size: int, first: int = 0,

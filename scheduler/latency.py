@@ -136,12 +136,16 @@ class LatencyModel:
         self.ewma_alpha = ewma_alpha
         self.ratio_bounds = ratio_bounds
         self._tables = {m.name: _ModelTable(profile, m.name) for m in profile.models}
-        self._base: dict[tuple, float] = {}
+        self._base: dict[tuple, float] = {  # uncalibrated predictions (encode: the profile's)
+            _encode_key(name): table.spec.encode_ms for name, table in self._tables.items()}
         self._ratio: dict[tuple, float] = {}  # exact key -> EWMA ratio
         self._model_ratio: dict[tuple[str, str], float] = {}  # (model, kind) -> EWMA
         self._errors: dict[tuple, list[float]] = {}  # key -> [count, sum_abs, last]
         self.last_rel_error: float | None = None
         self._dispatch_ms = profile.dispatch_ms
+        # bumped by every calibration: predictions made at one version hold
+        # until it changes (a policy may keep them from one decision to the next)
+        self.version = 0
         for c in profile.calibration:
             model, kind, *shape, ratio = c
             key = (model, kind, *map(int, shape))
@@ -243,15 +247,14 @@ class LatencyModel:
 
     def observe_encode(self, model: str, measured_ms: float) -> None:
         """Feed a measured prompt encode (and latent set-up) of one request."""
-        key = _encode_key(model)
-        self._base[key] = self._table(model).spec.encode_ms
-        self._observe(key, self.encode_ms(model), measured_ms)
+        self._observe(_encode_key(model), self.encode_ms(model), measured_ms)
 
     def observe_dispatch(self, measured_ms: float) -> None:
         """Feed one dispatch's measured overhead (wall time minus the compute
         the workers report); bounded, as the ratios are."""
         if not (measured_ms >= 0 and math.isfinite(measured_ms)):
             return
+        self.version += 1
         self._dispatch_ms += self.ewma_alpha * (min(measured_ms, MAX_DISPATCH_MS) - self._dispatch_ms)
 
     def prediction_error(self) -> tuple[ErrorStats, ...]:
@@ -267,6 +270,7 @@ class LatencyModel:
                  count: int = 1) -> None:
         if not (measured_ms > 0 and math.isfinite(measured_ms)) or predicted <= 0 or count < 1:
             return
+        self.version += 1
         rel = (measured_ms - predicted) / predicted
         self.last_rel_error = rel
         stats = self._errors.setdefault(key, [0, 0.0, 0.0])

@@ -98,8 +98,9 @@ class Simulator:
         self.requests = sorted(requests, key=lambda r: r.arrival_s)
         self.active: dict[str, _Req] = {}
         self.outcomes: list[Outcome] = []
-        self.busy_until = [0.0] * cluster.num_devices
-        self.idle = [True] * cluster.num_devices
+        # a busy device's view, made when its dispatch starts (None: idle; an
+        # idle device's view is made at each decision, as it is free "now")
+        self.busy_view: list[DeviceView | None] = [None] * cluster.num_devices
         self.events: list = []
         self.seq = 0
         self.decision_ms: list[float] = []
@@ -117,7 +118,7 @@ class Simulator:
         while self.events:
             self.now = self.events[0][0]
             arrived = self._pop_instant()
-            if arrived or any(self.idle):
+            if arrived or None in self.busy_view:
                 self._decide()
             if self.events or not self.active:
                 idle_since = None
@@ -156,8 +157,7 @@ class Simulator:
         views = [st.view for st in self.active.values()]
         if not views:
             return
-        devices = [DeviceView(d, self.idle[d], self.now if self.idle[d] else self.busy_until[d])
-                   for d in range(self.cluster.num_devices)]
+        devices = [view or DeviceView(d, True, self.now) for d, view in enumerate(self.busy_view)]
         t0 = time.perf_counter()
         plan = self.policy.plan(self.now, views, devices, self.cost)
         self.decision_ms.append((time.perf_counter() - t0) * 1e3)
@@ -214,8 +214,7 @@ class Simulator:
         end = steps_end + decode_ms / 1e3
         early = disp.device_ids[1:] if decode_ms > 0 else ()  # the leader decodes; the others let go
         for d in disp.device_ids:
-            self.idle[d] = False
-            self.busy_until[d] = steps_end if d in early else end
+            self.busy_view[d] = DeviceView(d, False, steps_end if d in early else end)
         self.busy_device_s += (steps_end - self.now) * degree + (end - steps_end)
         if early:
             self._push(steps_end, 0, (early,))
@@ -225,7 +224,7 @@ class Simulator:
                   released: tuple = ()) -> None:
         if step_ms is None:  # a block's other devices, released at the start of its decode
             for d in disp:
-                self.idle[d] = True
+                self.busy_view[d] = None
             return
         v0 = self.active[disp.req_ids[0]].view
         degree = len(disp.device_ids)
@@ -238,16 +237,17 @@ class Simulator:
                                        batch, ms)
         for d in disp.device_ids:
             if d not in released:  # released ones may run something else by now
-                self.idle[d] = True
+                self.busy_view[d] = None
         for rid in disp.req_ids:
             st = self.active[rid]
             if self._counted:
                 self._calibrate_extras(st.view, degree, st.measured)
             done = st.view.steps_done + disp.num_steps
-            st.view = _view(st.view, steps_done=done, running=False)
-            if done >= st.view.num_steps:
+            if done >= st.view.num_steps:  # no policy sees its view again
                 del self.active[rid]
                 self.outcomes.append(self._outcome(st, DONE))
+            else:
+                st.view = _view(st.view, steps_done=done, running=False)
 
     def _calibrate_extras(self, v: RequestView, degree: int, measured: tuple) -> None:
         for kind, ms in measured:

@@ -2,7 +2,9 @@
 and cached predictions of how long each request still needs.
 
 A ``Snapshot`` is built at the top of ``Policy.plan`` and thrown away at the
-end; it reads only its inputs (no clock, no I/O).
+end; it reads only its inputs (no clock, no I/O). Its predictions depend only
+on the cost model's calibration and the cluster, so a policy may hand it a
+``PredictionMemo`` that keeps them from one decision to the next.
 """
 from __future__ import annotations
 
@@ -15,32 +17,66 @@ from .types import (IMAGE, VIDEO, ClusterSpec, CostModel, DeviceView, Dispatch,
                     Rejection, RequestView, StepPlan)
 
 INF = math.inf
+NO_PLAN = StepPlan()  # a plan that changes nothing (immutable: one serves every decision)
+
+
+class PredictionMemo:
+    """A policy's store of ``Snapshot`` predictions, kept across decisions while
+    they cannot change: the same cost model at the same calibration (its
+    ``version``) and the same cluster. A cost model with no ``version`` gets an
+    empty store at every decision."""
+
+    __slots__ = ("_cost", "_version", "_cluster", "_table")
+
+    def __init__(self) -> None:
+        self._cost = self._version = self._cluster = None
+        self._table: dict[tuple, float] = {}
+
+    def table(self, cost: CostModel, cluster: ClusterSpec) -> dict[tuple, float]:
+        version = getattr(cost, "version", None)
+        if version is None:
+            return {}
+        if not (cost is self._cost and version == self._version and cluster is self._cluster):
+            self._cost, self._version, self._cluster = cost, version, cluster
+            self._table = {}
+        return self._table
 
 
 class Snapshot:
     """Inputs of one decision, indexed, plus memoised remaining-time predictions."""
 
-    __slots__ = ("now_s", "cluster", "cost", "requests", "by_id", "idle_mask",
+    __slots__ = ("now_s", "cluster", "cost", "requests", "_by_id", "idle_mask",
                  "free_time_s", "ready", "running", "degrees", "_memo", "num_devices", "dispatch_ms")
 
     def __init__(self, now_s: float, requests: Sequence[RequestView],
-                 devices: Sequence[DeviceView], cost: CostModel, cluster: ClusterSpec):
+                 devices: Sequence[DeviceView], cost: CostModel, cluster: ClusterSpec,
+                 memo: PredictionMemo | None = None):
         self.now_s = now_s
         self.cluster = cluster
         self.cost = cost
         self.num_devices = cluster.num_devices
         self.requests = requests
-        self.by_id = {r.req_id: r for r in requests}
-        self.idle_mask = mask_of(d.device_id for d in devices if d.idle)
+        self._by_id: dict[str, RequestView] | None = None
+        idle_mask = 0
         self.free_time_s = [now_s] * cluster.num_devices
         for d in devices:
-            if not d.idle and d.device_id < cluster.num_devices:
+            if d.idle:
+                idle_mask |= 1 << d.device_id
+            elif d.device_id < cluster.num_devices:
                 self.free_time_s[d.device_id] = max(d.busy_until_s, now_s)
+        self.idle_mask = idle_mask
         self.ready = [r for r in requests if not r.running]
         self.running = [r for r in requests if r.running]
         self.degrees = degrees_upto(min(cluster.max_sp_degree, cluster.num_devices))
-        self._memo: dict[tuple, float] = {}
+        self._memo = memo.table(cost, cluster) if memo is not None else {}
         self.dispatch_ms = cost.dispatch_ms() if hasattr(cost, "dispatch_ms") else 0.0
+
+    @property
+    def by_id(self) -> dict[str, RequestView]:
+        """Requests by id (made on first use: few policies need it)."""
+        if self._by_id is None:
+            self._by_id = {r.req_id: r for r in self.requests}
+        return self._by_id
 
     # -- what a request may be given ----------------------------------------
     def allowed_degrees(self, r: RequestView, limit: int | None = None) -> tuple[int, ...]:
@@ -136,7 +172,9 @@ class Snapshot:
                     rejected: Sequence[Rejection] = ()) -> StepPlan:
         """Wrap dispatches in a plan, listing preemptions by the exact rule."""
         dispatched = {rid for d in dispatches for rid in d.req_ids}
-        preempted = expected_preempted(self.requests, dispatched)
+        preempted = expected_preempted(self.ready, dispatched)  # running ones never are
+        if not (dispatches or preempted or rejected):
+            return NO_PLAN
         return StepPlan(dispatches=tuple(dispatches),
                         preempted=tuple(sorted(preempted)), rejected=tuple(rejected))
 
