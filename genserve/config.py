@@ -72,6 +72,14 @@ class Security:
             raise ValueError("max_streams_per_client must be >= 0 (0: no limit)")
 
 
+def check_attention(attention: str, device: str) -> None:
+    """Raise unless attention backend ``attention`` can run on ``device`` (cpu|cuda)."""
+    if attention not in ("sdpa", "xformers"):
+        raise ValueError(f"attention must be sdpa or xformers, not {attention!r}")
+    if attention == "xformers" and device != "cuda":
+        raise ValueError("the xformers attention backend needs --device cuda (it has no CPU kernels)")
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -104,10 +112,7 @@ class ServerConfig:
             raise ValueError("max_sp_degree must be 1, 2, 4 or 8")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"unsupported dtype {self.dtype!r}")
-        if self.attention not in ("sdpa", "xformers"):
-            raise ValueError(f"attention must be sdpa or xformers, not {self.attention!r}")
-        if self.attention == "xformers" and self.device != "cuda":
-            raise ValueError("the xformers attention backend needs --device cuda (it has no CPU kernels)")
+        check_attention(self.attention, self.device)
         self.engine.validate()
         self.limits.validate()
         self.security.validate()

@@ -173,11 +173,14 @@ def cmd_profile(args) -> None:
     import os
     import platform
 
+    from genserve.config import check_attention
     from genserve.workers.executor import MultiprocessExecutor, WorkerStartError, make_worker_specs
 
     device = args.device
-    if args.attention == "xformers" and device != "cuda":
-        raise SystemExit("error: the xformers attention backend needs --device cuda (it has no CPU kernels)")
+    try:
+        check_attention(args.attention, device)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     num_workers = args.num_workers if args.num_workers is not None else (2 if device == "cpu" else 0)
     threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, num_workers))
     try:
