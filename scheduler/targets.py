@@ -9,7 +9,8 @@
   virtual schedule of the plan plus it still finishes every committed video
   on time; a committed video stays a target until it cannot meet its
   deadline even alone (whether the virtual schedule fits it at this instant
-  or not: targets must not flip in and out from one step to the next). The virtual
+  or not: targets must not flip in and out from one step to the next; one it
+  does not fit still books the devices it will run on). The virtual
   schedule spreads the kept images' work over every device first (images are
   short and urgent), then places the committed videos least slack first, each
   on the earliest aligned block at the smallest degree that finishes it on
@@ -182,7 +183,6 @@ class Commitments:
         dropped = {v.req_id for v in feasible if v.req_id not in self.ids}
         return plans, hopeless, dropped, _tightness(snap, plans)
 
-
     def try_commit(self, snap: Snapshot, v, videos, load_s: float) -> bool:
         """Commit v if the plan still holds with it (normal margin): the test
         admission control applies to a newcomer it would otherwise refuse."""
@@ -280,9 +280,28 @@ def _schedule(snap: Snapshot, videos, load_s: float, newcomer: str = "",
         plan = _fit(snap, v, free, margin if rid == newcomer else MARGIN, stretch)
         if plan is None:
             failed.add(rid)
+            if rid != newcomer:  # still a target: keep its devices from newcomers
+                _book_anyway(snap, v, free)
         else:
             plans[rid] = plan
     return plans, failed, free
+
+
+def _book_anyway(snap: Snapshot, v, free: _Free) -> None:
+    """Book a committed video the plan could not fit where it will run
+    anyway: as a target it keeps running least laxity first, so a newcomer
+    planned into its devices would be the one to miss. The smallest degree
+    that still meets its deadline without the allowances, else the degree
+    that finishes it first."""
+    if _fit(snap, v, free, 0.0, 1.0) is not None:
+        return
+    best = None
+    for k, dur in snap.durations(v):
+        t, start = free.earliest(k)
+        if best is None or t + dur < best[0]:
+            best = (t + dur, start, k)
+    if best is not None:
+        free.book(best[1], best[2], best[0])
 
 
 def _latest_start_s(snap: Snapshot, v) -> float:

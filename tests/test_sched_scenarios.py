@@ -150,6 +150,33 @@ def test_video_admission_margin_follows_the_image_load(spare):
     assert {o.req_id: o.met_slo for o in full.outcomes} == {"v1": False, "v2": True}
 
 
+def test_committed_video_keeps_its_devices_when_the_plan_cannot_fit_it():
+    """A committed video that the stretched plan (room for images to come)
+    no longer fits is still a target and will run: a newcomer must not be
+    planned into its devices. Here the committed video needs all 8 devices
+    now; the newcomer would fit only if they were free."""
+    from genserve.scheduler.snapshot import Snapshot
+    from genserve.scheduler.targets import Commitments
+
+    now, cluster, cost = 10.0, ClusterSpec(8), COST.fresh()
+    rest8_ms = (20 * COST.step_ms(WAN, 832, 480, 81, 8, 1)
+                + COST.decode_ms(WAN, 832, 480, 81, 8))
+    old = RequestView("old", "video", WAN, 832, 480, 81, 50, 30, 0.0,
+                      now + 1.05 * rest8_ms / 1e3, device_ids=tuple(range(8)), paused=True)
+    new = RequestView("new", "video", WAN, 832, 480, 33, 50, 0, now,
+                      now + 1.5 * iso_ms("video", 832, 480, 33, 50, 8) / 1e3)
+    devices = [DeviceView(d, True, now) for d in range(8)]
+    snap = Snapshot(now, [old, new], devices, cost, cluster)
+    com = Commitments(admit_margin=0.0)
+    com.ids = {"old"}
+    com.stretch = 1.2  # images to come: "old" no longer fits the plan
+    plans, _, dropped, _ = com.update(snap, [old, new], 0.0)
+    assert "old" not in plans and com.ids == {"old"} and dropped == {"new"}
+    com.ids, com.stretch = set(), 1.0  # without "old", "new" would be taken on
+    com.update(snap, [new], 0.0)
+    assert com.ids == {"new"}
+
+
 def test_dispatch_overhead_is_paid_per_dispatch():
     """A profile's per-dispatch overhead lengthens every dispatch: a lone
     image run step by step (genserve) pays it once per step, run whole
