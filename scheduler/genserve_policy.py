@@ -57,6 +57,7 @@ class GenServeOptions:
     hold_s: float = 0.5  # keep idle devices for a video whose block frees this soon
     admit_margin: float = 0.3  # a video is taken on with this share of its run time spare
     admit_margin_share: float = 0.2  # ... when images need this share of the devices (less: less)
+    start_now_s: float = 0.1  # ... unless it can start on free devices within this time
     fill_videos: bool = True  # serve given-up videos on idle devices (else only when aged)
     fill_min_degree: int = 2  # ... on blocks smaller than 4 down to this size
 
@@ -90,7 +91,8 @@ class GenServePolicy:
         self.options = options or GenServeOptions()
         self.name = name
         self._first_sight = FirstSight()
-        self._commitments = Commitments(admit_margin=self.options.admit_margin)
+        self._commitments = Commitments(admit_margin=self.options.admit_margin,
+                                        start_now_s=self.options.start_now_s)
         self._image_load = ImageLoad()
 
     def plan(self, now_s: float, requests: list[RequestView] | tuple,

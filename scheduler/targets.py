@@ -140,14 +140,16 @@ class Commitments:
     them stable means a new arrival never silently displaces a video already
     promised its deadline, and nothing thrashes between in and out."""
 
-    __slots__ = ("ids", "max_trials", "admit_margin", "stretch", "sticky")
+    __slots__ = ("ids", "max_trials", "admit_margin", "stretch", "sticky", "start_now_s")
 
-    def __init__(self, max_trials: int = 4, admit_margin: float = 0.3, sticky: bool = True):
+    def __init__(self, max_trials: int = 4, admit_margin: float = 0.3, sticky: bool = True,
+                 start_now_s: float = 0.0):
         self.ids: set[str] = set()
         self.sticky = sticky  # keep a committed video until it is hopeless
         self.max_trials = max_trials
         self.admit_margin = admit_margin  # a newcomer must fit with this share spare
         self.stretch = 1.0  # video run times x this: room left for images to come
+        self.start_now_s = start_now_s  # ... but not on devices free this soon (0: off)
 
     def update(self, snap: Snapshot, videos, load_s: float):
         feasible, hopeless = [], set()
@@ -173,6 +175,11 @@ class Commitments:
                 committed.append(v)
                 plans[v.req_id], free = plan, after
                 continue
+            now = self._start_now(snap, v, free)
+            if now is not None:
+                committed.append(v)
+                plans[v.req_id], free = now
+                continue
             trials += 1  # it might fit ahead of looser videos: replan them all
             trial = _schedule(snap, committed + [v], load_s, v.req_id, self.admit_margin,
                               self.stretch)
@@ -182,6 +189,21 @@ class Commitments:
         self.ids = {v.req_id for v in committed}
         dropped = {v.req_id for v in feasible if v.req_id not in self.ids}
         return plans, hopeless, dropped, _tightness(snap, plans)
+
+    def _start_now(self, snap: Snapshot, v, free: "_Free"):
+        """(plan, free times after it) when v can start within ``start_now_s``
+        on the devices the plan leaves free (after the committed videos and
+        the waiting images' work) and finish on time at its profiled speed.
+        The admission margin and the stretch keep room for images still to
+        come; a block idle now is room already there, and a video refused it
+        is served late or not at all."""
+        if self.start_now_s <= 0:
+            return None
+        after = free.copy()
+        plan = _fit(snap, v, after, MARGIN, 1.0)
+        if plan is None or plan.start_s > snap.now_s + self.start_now_s:
+            return None
+        return plan, after
 
     def try_commit(self, snap: Snapshot, v, videos, load_s: float) -> bool:
         """Commit v if the plan still holds with it (normal margin): the test
