@@ -250,7 +250,8 @@ class InProcessExecutor(Executor):
 
 def make_worker_specs(device: str, num_workers: int, model_specs: tuple[str, ...],
                       dtype: str = "float32", num_threads: int = 0, max_sp_degree: int = 8,
-                      paused_budget_mb: float = 0.0, attention: str = "sdpa") -> list[WorkerSpec]:
+                      paused_budget_mb: float = 0.0, attention: str = "sdpa",
+                      log_level: int = logging.INFO) -> list[WorkerSpec]:
     """One WorkerSpec per device: ``cpu`` × num_workers, or every visible GPU
     (``num_workers`` > 0 caps the count). With several devices and
     max_sp_degree > 1 the workers join one world for sequence parallelism."""
@@ -264,5 +265,5 @@ def make_worker_specs(device: str, num_workers: int, model_specs: tuple[str, ...
     else:
         devices = ["cpu"] * max(1, num_workers)
     dist = dist_spec(len(devices), devices[0], max_sp_degree)
-    return [WorkerSpec(i, d, model_specs, dtype, num_threads, dist, paused_budget_mb, attention)
-            for i, d in enumerate(devices)]
+    return [WorkerSpec(i, d, model_specs, dtype, num_threads, dist, paused_budget_mb, attention,
+                       log_level) for i, d in enumerate(devices)]

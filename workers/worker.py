@@ -38,6 +38,7 @@ class WorkerSpec:
     dist: DistSpec | None = None  # join an SP world (None: degree 1 only)
     paused_budget_mb: float = 0.0  # device memory for paused states; 0: no limit (CPU)
     attention: str = "sdpa"  # attention kernel: sdpa | xformers (CUDA only)
+    log_level: int = logging.INFO  # the server's (DEBUG with --verbose)
 
 
 @dataclass(slots=True)
@@ -341,11 +342,12 @@ def _tensors(obj):
 
 def worker_main(spec: WorkerSpec, conn) -> None:
     """Entry point of a spawned worker process."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker{spec.device_id} %(levelname)s %(message)s")
+    logging.basicConfig(level=spec.log_level, format=f"%(asctime)s worker{spec.device_id} %(levelname)s %(message)s")
     t0 = time.perf_counter()
     try:
         worker = Worker.start(spec)
-    except Exception as exc:
+    except Exception as exc:  # the engine logs the message; the traceback with --verbose
+        log.debug("failed to start", exc_info=True)
         conn.send(P.Failed("", "INTERNAL", f"worker {spec.device_id} failed to load models: {exc}"))
-        raise
+        raise SystemExit(1) from None
     worker.serve(conn, load_s=time.perf_counter() - t0)
