@@ -197,7 +197,7 @@ class Commitments:
         The admission margin and the stretch keep room for images still to
         come; a block idle now is room already there, and a video refused it
         is served late or not at all."""
-        if self.start_now_s <= 0:
+        if self.start_now_s <= 0 or free.first() > snap.now_s + self.start_now_s:
             return None
         after = free.copy()
         plan = _fit(snap, v, after, MARGIN, 1.0)
