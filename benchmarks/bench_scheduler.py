@@ -48,9 +48,12 @@ def _attain_job(job):
 
 
 def attainment(args) -> list[dict]:
-    rates = RATES[1:4] if args.quick else RATES
-    scales = SCALES[:3] if args.quick else SCALES
-    seeds = SEEDS[:1] if args.quick else SEEDS
+    def floats(text, default):
+        return tuple(float(x) for x in text.split(",")) if text else default
+
+    rates = floats(args.rates, RATES[1:4] if args.quick else RATES)
+    scales = floats(args.scales, SCALES[:3] if args.quick else SCALES)
+    seeds = tuple(int(x) for x in floats(args.seeds, SEEDS[:1] if args.quick else SEEDS))
     n = 150 if args.quick else args.num_requests
     policies = args.policies.split(",") if args.policies else POLICIES
     jobs = [(p, r, s, seed, n, args.mix, args.arrival, args.cv)
@@ -170,6 +173,9 @@ def main(argv=None) -> int:
     p.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
     p.add_argument("--cv", type=float, default=2.0)
     p.add_argument("--policies", help="comma-separated (default: all)")
+    p.add_argument("--rates", help="attainment: comma-separated arrival rates (default: the grid)")
+    p.add_argument("--scales", help="attainment: comma-separated SLO scales (default: the grid)")
+    p.add_argument("--seeds", help="attainment: comma-separated workload seeds (default: 0,1,2)")
     p.add_argument("--out", help="folder for attainment.csv and results.json")
     args = p.parse_args(argv)
     results = {}
