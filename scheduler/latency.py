@@ -189,10 +189,17 @@ class LatencyModel:
             base = self._table(model).step_ms(width * height * num_frames, sp_degree,
                                               max(batch_size, 1))
             self._base[key] = base
-        return base * self._ratio_of(key)
+        # _ratio_of, inlined: predictions are the simulator's hottest calls
+        ratio = self._ratio.get(key)
+        return base * (self._model_ratio.get((model, STEP), 1.0) if ratio is None else ratio)
 
     def encode_ms(self, model: str) -> float:
-        return self._table(model).spec.encode_ms * self._ratio_of(_encode_key(model))
+        key = _encode_key(model)
+        base = self._base.get(key)  # every model's encode is there from the start
+        if base is None:
+            self._table(model)  # raises: an unknown model
+        ratio = self._ratio.get(key)
+        return base * (self._model_ratio.get((model, ENCODE), 1.0) if ratio is None else ratio)
 
     def decode_ms(self, model: str, width: int, height: int, num_frames: int,
                   sp_degree: int) -> float:
@@ -201,7 +208,8 @@ class LatencyModel:
         if base is None:
             base = self._table(model).decode_ms(width * height * num_frames, sp_degree)
             self._base[key] = base
-        return base * self._ratio_of(key)
+        ratio = self._ratio.get(key)
+        return base * (self._model_ratio.get((model, DECODE), 1.0) if ratio is None else ratio)
 
     def dispatch_ms(self) -> float:
         """What one dispatch costs beyond its compute (see the module docstring)."""
@@ -273,18 +281,21 @@ class LatencyModel:
         self.version += 1
         rel = (measured_ms - predicted) / predicted
         self.last_rel_error = rel
-        stats = self._errors.setdefault(key, [0, 0.0, 0.0])
+        stats = self._errors.get(key)
+        if stats is None:
+            stats = self._errors[key] = [0, 0.0, 0.0]
         stats[0] += count
         stats[1] += abs(rel) * count
         stats[2] = rel
-        sample = self._clamp(measured_ms / self._base[key])
+        lo, hi = self.ratio_bounds  # _clamp, inlined (hot in the simulator)
+        sample = min(max(measured_ms / self._base[key], lo), hi)
         keep = (1 - self.ewma_alpha) ** count  # weight left on the old value
         mkey = key[:2]
         old_model = self._model_ratio.get(mkey, 1.0)
         self._model_ratio[mkey] = keep * old_model + (1 - keep) * sample
         # first sight of a key: start from its model's level (prior 1.0)
         old = self._ratio.get(key, old_model)
-        self._ratio[key] = self._clamp(keep * old + (1 - keep) * sample)
+        self._ratio[key] = min(max(keep * old + (1 - keep) * sample, lo), hi)
 
     def _ratio_of(self, key: tuple) -> float:
         r = self._ratio.get(key)
