@@ -75,8 +75,9 @@ class SimResult:
 
 @dataclass(slots=True)
 class _Req:
-    spec: Request
-    view: RequestView
+    """The simulator's bookkeeping of one active request (its view is kept
+    apart, in ``Simulator.views``, so that a decision lists them in one call)."""
+
     first_start_s: float = math.nan
     max_degree: int = 0
     batch_sum: int = 0
@@ -96,11 +97,14 @@ class Simulator:
         self.check, self.strict = check, strict
         self.max_idle_s = max_idle_s
         self.requests = sorted(requests, key=lambda r: r.arrival_s)
+        # active requests, in arrival order: bookkeeping and what policies see
         self.active: dict[str, _Req] = {}
+        self.views: dict[str, RequestView] = {}
         self.outcomes: list[Outcome] = []
         # a busy device's view, made when its dispatch starts (None: idle; an
         # idle device's view is made at each decision, as it is free "now")
         self.busy_view: list[DeviceView | None] = [None] * cluster.num_devices
+        self.num_idle = cluster.num_devices  # Nones in busy_view
         self.events: list = []
         self.seq = 0
         self.decision_ms: list[float] = []
@@ -109,6 +113,9 @@ class Simulator:
         self.now = 0.0
         # a LatencyModel takes repeated identical measurements in one call
         self._counted = isinstance(plan_cost, LatencyModel)
+        # optional parts of the CostModel protocol, looked up once
+        self._dispatch_ms = getattr(self.true_cost, "dispatch_ms", None)
+        self._move_ms = getattr(self.true_cost, "move_ms", None)
 
     def run(self) -> SimResult:
         wall0 = time.perf_counter()
@@ -118,15 +125,15 @@ class Simulator:
         while self.events:
             self.now = self.events[0][0]
             arrived = self._pop_instant()
-            if arrived or None in self.busy_view:
+            if arrived or self.num_idle:
                 self._decide()
             if self.events or not self.active:
                 idle_since = None
             elif idle_since is None or self.now - idle_since < self.max_idle_s:
                 idle_since = self.now if idle_since is None else idle_since
                 self._push(self.now + IDLE_REPLAN_S, 2, None)  # the engine's timed re-plan
-        for st in self.active.values():  # stalled: the policy never ran them
-            self.outcomes.append(self._outcome(st, UNFINISHED))
+        for rid, st in self.active.items():  # stalled: the policy never ran them
+            self.outcomes.append(self._outcome(self.views[rid], st, UNFINISHED))
         start = self.requests[0].arrival_s if self.requests else 0.0
         return SimResult(self.policy.name, self.cluster.num_devices, tuple(self.outcomes),
                          tuple(self.decision_ms), self.busy_device_s, start, self.now,
@@ -147,17 +154,16 @@ class Simulator:
                 pass  # a timed re-plan: wakes the policy only
             else:
                 arrived = True
-                self.active[payload.req_id] = _Req(payload, RequestView(
-                    payload.req_id, payload.task, payload.model, payload.width, payload.height,
-                    payload.num_frames, payload.num_steps, 0, payload.arrival_s,
-                    payload.deadline_s))
+                self.active[payload.req_id] = _Req()
+                self.views[payload.req_id] = _arrived(payload)
         return arrived
 
     def _decide(self) -> None:
-        views = [st.view for st in self.active.values()]
-        if not views:
+        if not self.views:
             return
-        devices = [view or DeviceView(d, True, self.now) for d, view in enumerate(self.busy_view)]
+        views = list(self.views.values())
+        now = self.now
+        devices = [view or _device_view(d, True, now) for d, view in enumerate(self.busy_view)]
         t0 = time.perf_counter()
         plan = self.policy.plan(self.now, views, devices, self.cost)
         self.decision_ms.append((time.perf_counter() - t0) * 1e3)
@@ -173,60 +179,72 @@ class Simulator:
     def _apply(self, plan: StepPlan) -> None:
         for rej in plan.rejected:
             st = self.active.pop(rej.req_id)
-            self.outcomes.append(self._outcome(st, REJECTED))
+            self.outcomes.append(self._outcome(self.views.pop(rej.req_id), st, REJECTED))
         for rid in plan.preempted:
-            st = self.active[rid]
-            st.view = _view(st.view, paused=True, num_preemptions=st.view.num_preemptions + 1)
+            v = self.views[rid]
+            self.views[rid] = _view(v, v.steps_done, v.num_preemptions + 1, v.device_ids,
+                                   v.running, True)
         for disp in plan.dispatches:
             self._start(disp)
 
     def _start(self, disp: Dispatch) -> None:
-        members = [self.active[rid] for rid in disp.req_ids]
-        degree, batch = len(disp.device_ids), len(members)
-        v0 = members[0].view
-        ms = self.true_cost.step_ms(v0.model, v0.width, v0.height, v0.num_frames, degree, batch)
+        views, cost = self.views, self.true_cost
+        degree, batch = len(disp.device_ids), len(disp.req_ids)
+        device_ids = tuple(disp.device_ids)
+        v0 = views[disp.req_ids[0]]
+        ms = cost.step_ms(v0.model, v0.width, v0.height, v0.num_frames, degree, batch)
         if self.noise_cv > 0:
             step_ms = [ms * self._noise() for _ in range(disp.num_steps)]
         else:
             step_ms = [ms] * disp.num_steps
         # the engine's round trip and turnaround, once per dispatch
-        extra_ms = self.true_cost.dispatch_ms() if hasattr(self.true_cost, "dispatch_ms") else 0.0
+        extra_ms = self._dispatch_ms() if self._dispatch_ms is not None else 0.0
         decode_ms = 0.0
-        for st in members:
-            v = st.view
+        for rid in disp.req_ids:
+            st, v = self.active[rid], views[rid]
             st.measured = ()
             if v.steps_done == 0:
-                enc = self.true_cost.encode_ms(v.model)
+                enc = cost.encode_ms(v.model)
                 extra_ms += enc
                 st.measured += (("encode", enc),)
                 st.first_start_s = self.now
-            elif tuple(v.device_ids) != tuple(disp.device_ids) and hasattr(self.true_cost, "move_ms"):
-                extra_ms += self.true_cost.move_ms(v.model)
+            elif tuple(v.device_ids) != device_ids and self._move_ms is not None:
+                extra_ms += self._move_ms(v.model)
             if v.steps_done + disp.num_steps >= v.num_steps:
-                dec = self.true_cost.decode_ms(v.model, v.width, v.height, v.num_frames, degree)
+                dec = cost.decode_ms(v.model, v.width, v.height, v.num_frames, degree)
                 decode_ms += dec
                 st.measured += (("decode", dec),)
             st.max_degree = max(st.max_degree, degree)
             st.batch_sum += batch
             st.dispatches += 1
-            st.view = _view(v, running=True, paused=False, device_ids=tuple(disp.device_ids))
+            views[rid] = _view(v, v.steps_done, v.num_preemptions, device_ids, True, False)
         steps_end = self.now + (sum(step_ms) + extra_ms) / 1e3
         end = steps_end + decode_ms / 1e3
         early = disp.device_ids[1:] if decode_ms > 0 else ()  # the leader decodes; the others let go
         for d in disp.device_ids:
-            self.busy_view[d] = DeviceView(d, False, steps_end if d in early else end)
+            self._occupy(d, _device_view(d, False, steps_end if d in early else end))
         self.busy_device_s += (steps_end - self.now) * degree + (end - steps_end)
         if early:
             self._push(steps_end, 0, (early,))
         self._push(end, 0, (disp, step_ms, batch, early))
 
+    def _occupy(self, d: int, view: DeviceView) -> None:
+        if self.busy_view[d] is None:
+            self.num_idle -= 1
+        self.busy_view[d] = view
+
+    def _release(self, d: int) -> None:
+        if self.busy_view[d] is not None:
+            self.num_idle += 1
+            self.busy_view[d] = None
+
     def _complete(self, disp, step_ms: list[float] | None = None, batch: int = 0,
                   released: tuple = ()) -> None:
         if step_ms is None:  # a block's other devices, released at the start of its decode
             for d in disp:
-                self.busy_view[d] = None
+                self._release(d)
             return
-        v0 = self.active[disp.req_ids[0]].view
+        v0 = self.views[disp.req_ids[0]]
         degree = len(disp.device_ids)
         if self.noise_cv <= 0 and self._counted:  # identical steps: one closed-form update
             self.cost.observe_step(v0.model, v0.width, v0.height, v0.num_frames, degree, batch,
@@ -237,17 +255,17 @@ class Simulator:
                                        batch, ms)
         for d in disp.device_ids:
             if d not in released:  # released ones may run something else by now
-                self.busy_view[d] = None
+                self._release(d)
         for rid in disp.req_ids:
-            st = self.active[rid]
+            st, v = self.active[rid], self.views[rid]
             if self._counted:
-                self._calibrate_extras(st.view, degree, st.measured)
-            done = st.view.steps_done + disp.num_steps
-            if done >= st.view.num_steps:  # no policy sees its view again
-                del self.active[rid]
-                self.outcomes.append(self._outcome(st, DONE))
+                self._calibrate_extras(v, degree, st.measured)
+            done = v.steps_done + disp.num_steps
+            if done >= v.num_steps:  # no policy sees its view again
+                del self.active[rid], self.views[rid]
+                self.outcomes.append(self._outcome(v, st, DONE))
             else:
-                st.view = _view(st.view, steps_done=done, running=False)
+                self.views[rid] = _view(v, done, v.num_preemptions, v.device_ids, False, v.paused)
 
     def _calibrate_extras(self, v: RequestView, degree: int, measured: tuple) -> None:
         for kind, ms in measured:
@@ -262,22 +280,86 @@ class Simulator:
         sigma = math.sqrt(math.log(1 + self.noise_cv ** 2))
         return self.rng.lognormvariate(-sigma * sigma / 2, sigma)
 
-    def _outcome(self, st: _Req, status: str) -> Outcome:
-        v = st.view
-        return Outcome(v.req_id, v.task, v.model, v.arrival_s, v.deadline_s, status,
-                       self.now if status == DONE else math.nan, st.first_start_s,
-                       v.num_preemptions, st.max_degree,
-                       st.batch_sum / st.dispatches if st.dispatches else 0.0)
+    def _outcome(self, v: RequestView, st: _Req, status: str) -> Outcome:
+        return _outcome(v.req_id, v.task, v.model, v.arrival_s, v.deadline_s, status,
+                        self.now if status == DONE else math.nan, st.first_start_s,
+                        v.num_preemptions, st.max_degree,
+                        st.batch_sum / st.dispatches if st.dispatches else 0.0)
 
 
-def _view(v: RequestView, **change) -> RequestView:
-    """``dataclasses.replace`` without its introspection (hot in the loop)."""
-    return RequestView(
-        v.req_id, v.task, v.model, v.width, v.height, v.num_frames, v.num_steps,
-        change.get("steps_done", v.steps_done), v.arrival_s, v.deadline_s,
-        change.get("num_preemptions", v.num_preemptions),
-        change.get("device_ids", v.device_ids), change.get("running", v.running),
-        change.get("paused", v.paused))
+# -- view objects, made fast -------------------------------------------------
+# The simulator makes a few view objects per request and per decision, and a
+# frozen dataclass's __init__ sets each field through object.__setattr__
+# (about 1,500 instructions a field: a third of a simulated request). These
+# make the same objects from a plain class with the same slots, whose
+# instance then becomes the frozen class (allowed: the layouts are the same;
+# a field added to the frozen class makes the switch raise TypeError, never a
+# half-made view). tests/test_simulator_views.py checks they equal __init__'s.
+
+class _DeviceViewParts:
+    __slots__ = DeviceView.__slots__
+
+    def __init__(self, device_id, idle, busy_until_s):
+        self.device_id, self.idle, self.busy_until_s = device_id, idle, busy_until_s
+
+
+def _device_view(device_id: int, idle: bool, busy_until_s: float) -> DeviceView:
+    """``DeviceView(device_id, idle, busy_until_s)``."""
+    v = _DeviceViewParts(device_id, idle, busy_until_s)
+    v.__class__ = DeviceView
+    return v
+
+
+class _RequestViewParts:
+    __slots__ = RequestView.__slots__
+
+    def __init__(self, req_id, task, model, width, height, num_frames, num_steps, steps_done,
+                 arrival_s, deadline_s, num_preemptions, device_ids, running, paused):
+        self.req_id, self.task, self.model = req_id, task, model
+        self.width, self.height, self.num_frames = width, height, num_frames
+        self.num_steps, self.steps_done = num_steps, steps_done
+        self.arrival_s, self.deadline_s = arrival_s, deadline_s
+        self.num_preemptions, self.device_ids = num_preemptions, device_ids
+        self.running, self.paused = running, paused
+
+
+def _request_view(*fields) -> RequestView:
+    """``RequestView(*fields)``, every field given."""
+    v = _RequestViewParts(*fields)
+    v.__class__ = RequestView
+    return v
+
+
+class _OutcomeParts:
+    __slots__ = Outcome.__slots__
+
+    def __init__(self, req_id, task, model, arrival_s, deadline_s, status, finish_s,
+                 first_start_s, num_preemptions, max_sp_degree, mean_batch):
+        self.req_id, self.task, self.model = req_id, task, model
+        self.arrival_s, self.deadline_s, self.status = arrival_s, deadline_s, status
+        self.finish_s, self.first_start_s = finish_s, first_start_s
+        self.num_preemptions, self.max_sp_degree = num_preemptions, max_sp_degree
+        self.mean_batch = mean_batch
+
+
+def _outcome(*fields) -> Outcome:
+    """``Outcome(*fields)``, every field given."""
+    o = _OutcomeParts(*fields)
+    o.__class__ = Outcome
+    return o
+
+
+def _arrived(r: Request) -> RequestView:
+    return _request_view(r.req_id, r.task, r.model, r.width, r.height, r.num_frames,
+                         r.num_steps, 0, r.arrival_s, r.deadline_s, 0, (), False, False)
+
+
+def _view(v: RequestView, steps_done: int, num_preemptions: int, device_ids: tuple,
+          running: bool, paused: bool) -> RequestView:
+    """``v`` with its progress and placement changed."""
+    return _request_view(v.req_id, v.task, v.model, v.width, v.height, v.num_frames,
+                         v.num_steps, steps_done, v.arrival_s, v.deadline_s, num_preemptions,
+                         device_ids, running, paused)
 
 
 def simulate(policy, requests: Sequence[Request], cluster: ClusterSpec, plan_cost,
