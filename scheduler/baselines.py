@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from .blocks import BlockPool, block_mask, ids_of, tile_blocks
 from .guards import FirstSight, admit_in_order
-from .snapshot import PredictionMemo, Snapshot, is_image, is_video
+from .snapshot import PredictionMemo, Snapshot, finish_plan, is_image, is_video
 from .types import ClusterSpec, CostModel, Dispatch, RequestView, StepPlan
 
 ORDERS = ("fcfs", "sjf", "edf")
@@ -71,6 +71,8 @@ class RequestLevelPolicy:
         return None
 
     def plan(self, now_s: float, requests, devices, cost: CostModel) -> StepPlan:
+        if not self.options.admission_control and not _may_dispatch(requests, devices):
+            return finish_plan(requests)  # the usual decision: nothing waits, or no room
         snap = Snapshot(now_s, requests, devices, cost, self.cluster, self._predictions)
         waiting = [r for r in snap.ready if r.steps_done == 0]  # in no order yet
         rejected = self._admission(snap, requests, waiting)
@@ -137,7 +139,7 @@ class RequestLevelPolicy:
 
     def _buddy(self, snap: Snapshot, pool: BlockPool, queue: list) -> list[Dispatch]:
         out = []
-        free_time = list(snap.free_time_s)
+        placed = []  # (block, head, degree, batch) of each dispatch: free times, if asked
         reserved, reserved_until = 0, math.inf
         taken: set[str] = set()
         groups = _image_groups(snap, queue) if self.options.batching else {}
@@ -154,13 +156,12 @@ class RequestLevelPolicy:
                 mask = pool.take(size) if done_s <= reserved_until else 0
             if not mask:
                 if not reserved:
+                    free_time = _free_times(snap, placed)
                     reserved, reserved_until = _earliest_block(snap, free_time, size)
                 continue
-            dur = snap.remaining_s(r, size, len(members))
             taken.update(m.req_id for m in members)
             block = ids_of(mask)
-            for d in block:
-                free_time[d] = snap.now_s + dur
+            placed.append((block, r, size, len(members)))
             out.append(Dispatch(tuple(m.req_id for m in members), block, r.steps_left))
         return out
 
@@ -212,6 +213,30 @@ class RequestLevelPolicy:
                     snap.slack_s(m, 1, len(members)) < 0 for m in members if not snap.hopeless(m)):
                 members.pop()
         return members
+
+
+def _may_dispatch(requests, devices) -> bool:
+    """Some request is not running and some device is idle."""
+    for r in requests:
+        if not r.running:
+            break
+    else:
+        return False
+    for d in devices:
+        if d.idle:
+            return True
+    return False
+
+
+def _free_times(snap: Snapshot, placed: list) -> list[float]:
+    """When each device frees, counting the dispatches ``placed`` so far in
+    this plan (made only when a reservation needs it: rarely)."""
+    free_time = list(snap.free_time_s)
+    for block, head, degree, batch in placed:
+        done_s = snap.now_s + snap.remaining_s(head, degree, batch)
+        for d in block:
+            free_time[d] = done_s
+    return free_time
 
 
 def _image_groups(snap: Snapshot, queue: list) -> dict:

@@ -58,12 +58,13 @@ class Snapshot:
         self.requests = requests
         self._by_id: dict[str, RequestView] | None = None
         idle_mask = 0
-        self.free_time_s = [now_s] * cluster.num_devices
+        self.free_time_s = free = [now_s] * cluster.num_devices
         for d in devices:
             if d.idle:
                 idle_mask |= 1 << d.device_id
             elif d.device_id < cluster.num_devices:
-                self.free_time_s[d.device_id] = max(d.busy_until_s, now_s)
+                t = d.busy_until_s
+                free[d.device_id] = now_s if now_s > t else t  # max(t, now_s), without a call
         self.idle_mask = idle_mask
         self.ready = [r for r in requests if not r.running]
         self.running = [r for r in requests if r.running]
@@ -171,12 +172,19 @@ class Snapshot:
     def finish_plan(self, dispatches: list[Dispatch],
                     rejected: Sequence[Rejection] = ()) -> StepPlan:
         """Wrap dispatches in a plan, listing preemptions by the exact rule."""
-        dispatched = {rid for d in dispatches for rid in d.req_ids}
-        preempted = expected_preempted(self.ready, dispatched)  # running ones never are
-        if not (dispatches or preempted or rejected):
-            return NO_PLAN
-        return StepPlan(dispatches=tuple(dispatches),
-                        preempted=tuple(sorted(preempted)), rejected=tuple(rejected))
+        return finish_plan(self.ready, dispatches, rejected)
+
+
+def finish_plan(requests: Sequence[RequestView], dispatches: Sequence[Dispatch] = (),
+                rejected: Sequence[Rejection] = ()) -> StepPlan:
+    """``Snapshot.finish_plan`` without a snapshot (for a policy that can tell
+    it will dispatch nothing before it builds one)."""
+    dispatched = {rid for d in dispatches for rid in d.req_ids}
+    preempted = expected_preempted(requests, dispatched)  # running ones never are
+    if not (dispatches or preempted or rejected):
+        return NO_PLAN
+    return StepPlan(dispatches=tuple(dispatches),
+                    preempted=tuple(sorted(preempted)), rejected=tuple(rejected))
 
 
 def slo_s(r: RequestView) -> float:
