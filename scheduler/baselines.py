@@ -75,6 +75,7 @@ class RequestLevelPolicy:
             return finish_plan(requests)  # the usual decision: nothing waits, or no room
         snap = Snapshot(now_s, requests, devices, cost, self.cluster, self._predictions)
         waiting = [r for r in snap.ready if r.steps_done == 0]  # in no order yet
+        resuming = len(waiting) < len(snap.ready)  # started ones wait too (rare here)
         rejected = self._admission(snap, requests, waiting)
         if not snap.idle_mask or not snap.ready:  # nowhere to place, or nothing to
             return snap.finish_plan([], rejected)
@@ -82,7 +83,7 @@ class RequestLevelPolicy:
             gone = {r.req_id for r in rejected}
             waiting = [r for r in waiting if r.req_id not in gone]
         pool = BlockPool(self.cluster.num_devices, snap.idle_mask)
-        out = self._resume(snap, pool)
+        out = self._resume(snap, pool) if resuming else []
         if self._groups is None:
             out += self._buddy(snap, pool, self._ordered(snap, waiting))
         else:
@@ -107,6 +108,8 @@ class RequestLevelPolicy:
 
     def _ordered(self, snap: Snapshot, waiting: list) -> list:
         """``waiting`` in queue order."""
+        if len(waiting) < 2:  # the usual case; keys are pure, so none need computing
+            return list(waiting)
         return sorted(waiting, key=self._key(snap))
 
     def _admission(self, snap: Snapshot, requests, waiting: list) -> list:
@@ -149,9 +152,11 @@ class RequestLevelPolicy:
             if r.req_id in taken:
                 continue
             size = self._degree(r)
-            members = self._batch(snap, r, groups, taken, pool.count())
+            slots = pool.count()  # the batch is sized by the devices free before this take
             mask = pool.take(size, within=~reserved)
+            members = None  # made once known to be needed (most heads do not fit)
             if not mask and reserved:  # backfill: reserved devices too, if done before they are due
+                members = self._batch(snap, r, groups, taken, slots)
                 done_s = snap.now_s + snap.remaining_s(r, size, len(members))
                 mask = pool.take(size) if done_s <= reserved_until else 0
             if not mask:
@@ -159,6 +164,8 @@ class RequestLevelPolicy:
                     free_time = _free_times(snap, placed)
                     reserved, reserved_until = _earliest_block(snap, free_time, size)
                 continue
+            if members is None:
+                members = self._batch(snap, r, groups, taken, slots)
             taken.update(m.req_id for m in members)
             block = ids_of(mask)
             placed.append((block, r, size, len(members)))

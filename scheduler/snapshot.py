@@ -179,7 +179,7 @@ def finish_plan(requests: Sequence[RequestView], dispatches: Sequence[Dispatch] 
                 rejected: Sequence[Rejection] = ()) -> StepPlan:
     """``Snapshot.finish_plan`` without a snapshot (for a policy that can tell
     it will dispatch nothing before it builds one)."""
-    dispatched = {rid for d in dispatches for rid in d.req_ids}
+    dispatched = {rid for d in dispatches for rid in d.req_ids} if dispatches else ()
     preempted = expected_preempted(requests, dispatched)  # running ones never are
     if not (dispatches or preempted or rejected):
         return NO_PLAN
