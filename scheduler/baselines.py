@@ -55,6 +55,9 @@ class RequestLevelPolicy:
         n = cluster.num_devices
         limit = min(options.video_degree, cluster.max_sp_degree, n)
         self.video_degree = 1 << (max(limit, 1).bit_length() - 1)
+        # images take a whole group in fixed-sp, as xDiT does
+        self.image_degree = (min(self.video_degree, cluster.max_image_sp_degree)
+                             if options.groups == "fixed-sp" else 1)
         self._groups = self._make_groups(n)
 
     def _make_groups(self, n: int):
@@ -92,11 +95,7 @@ class RequestLevelPolicy:
 
     # -- ordering and admission ---------------------------------------------
     def _degree(self, r: RequestView) -> int:
-        if is_video(r):
-            return self.video_degree
-        if self.options.groups == "fixed-sp":  # images take a whole group, as xDiT does
-            return min(self.video_degree, self.cluster.max_image_sp_degree)
-        return 1
+        return self.video_degree if is_video(r) else self.image_degree
 
     def _key(self, snap: Snapshot):
         order = self.options.order
@@ -206,14 +205,14 @@ class RequestLevelPolicy:
         if not is_image(head) or not self.options.batching:
             return [head]
         limit = self.cluster.max_image_batch
+        slots = 1 if 1 > slots else slots  # max(slots, 1): the builtins cost ~1,700 instructions
         mates = []
         for r in groups.get((snap.class_key(head), head.steps_left), ()):
             if r is not head and r.req_id not in taken:
                 mates.append(r)
-                if len(mates) >= limit * max(slots, 1):
+                if len(mates) >= limit * slots:
                     break
-        size = min(self.cluster.max_image_batch,
-                   max(1, math.ceil((len(mates) + 1) / max(slots, 1))))
+        size = min(limit, max(1, math.ceil((len(mates) + 1) / slots)))
         members = [head] + mates[:size - 1]
         if self.options.order == "edf":
             while len(members) > 1 and any(

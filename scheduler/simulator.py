@@ -214,7 +214,8 @@ class Simulator:
                 dec = cost.decode_ms(v.model, v.width, v.height, v.num_frames, degree)
                 decode_ms += dec
                 st.measured += (("decode", dec),)
-            st.max_degree = max(st.max_degree, degree)
+            if degree > st.max_degree:
+                st.max_degree = degree
             st.batch_sum += batch
             st.dispatches += 1
             views[rid] = _view(v, v.steps_done, v.num_preemptions, device_ids, True, False)

@@ -68,7 +68,8 @@ class Snapshot:
         self.idle_mask = idle_mask
         self.ready = [r for r in requests if not r.running]
         self.running = [r for r in requests if r.running]
-        self.degrees = degrees_upto(min(cluster.max_sp_degree, cluster.num_devices))
+        k, n = cluster.max_sp_degree, cluster.num_devices
+        self.degrees = degrees_upto(n if n < k else k)  # min(k, n), without a call
         self._memo = memo.table(cost, cluster) if memo is not None else {}
         self.dispatch_ms = cost.dispatch_ms() if hasattr(cost, "dispatch_ms") else 0.0
 
