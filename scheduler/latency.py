@@ -287,14 +287,18 @@ class LatencyModel:
         stats[0] += count
         stats[1] += abs(rel) * count
         stats[2] = rel
-        sample = self._clamp(measured_ms / self._base[key])
+        lo, hi = self.ratio_bounds  # _clamp twice, inlined: the simulator calibrates a lot
+        sample = measured_ms / self._base[key]
+        sample = lo if lo > sample else sample
+        sample = hi if hi < sample else sample
         keep = (1 - self.ewma_alpha) ** count  # weight left on the old value
         mkey = key[:2]
         old_model = self._model_ratio.get(mkey, 1.0)
         self._model_ratio[mkey] = keep * old_model + (1 - keep) * sample
         # first sight of a key: start from its model's level (prior 1.0)
-        old = self._ratio.get(key, old_model)
-        self._ratio[key] = self._clamp(keep * old + (1 - keep) * sample)
+        ratio = keep * self._ratio.get(key, old_model) + (1 - keep) * sample
+        ratio = lo if lo > ratio else ratio
+        self._ratio[key] = hi if hi < ratio else ratio
 
     def _ratio_of(self, key: tuple) -> float:
         r = self._ratio.get(key)

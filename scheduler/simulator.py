@@ -82,7 +82,9 @@ class _Req:
     max_degree: int = 0
     batch_sum: int = 0
     dispatches: int = 0
-    measured: tuple = ()  # (kind, ms) of the running dispatch's encode and decode, to calibrate
+    # the running dispatch's encode and decode of this request (None: not in it), to calibrate
+    encode_ms: float | None = None
+    decode_ms: float | None = None
 
 
 class Simulator:
@@ -202,18 +204,18 @@ class Simulator:
         decode_ms = 0.0
         for rid in disp.req_ids:
             st, v = self.active[rid], views[rid]
-            st.measured = ()
+            st.encode_ms = st.decode_ms = None
             if v.steps_done == 0:
                 enc = cost.encode_ms(v.model)
                 extra_ms += enc
-                st.measured += (("encode", enc),)
+                st.encode_ms = enc
                 st.first_start_s = self.now
             elif tuple(v.device_ids) != device_ids and self._move_ms is not None:
                 extra_ms += self._move_ms(v.model)
             if v.steps_done + disp.num_steps >= v.num_steps:
                 dec = cost.decode_ms(v.model, v.width, v.height, v.num_frames, degree)
                 decode_ms += dec
-                st.measured += (("decode", dec),)
+                st.decode_ms = dec
             if degree > st.max_degree:
                 st.max_degree = degree
             st.batch_sum += batch
@@ -222,28 +224,28 @@ class Simulator:
         steps_end = self.now + (sum(step_ms) + extra_ms) / 1e3
         end = steps_end + decode_ms / 1e3
         early = disp.device_ids[1:] if decode_ms > 0 else ()  # the leader decodes; the others let go
+        busy = self.busy_view
         for d in disp.device_ids:
-            self._occupy(d, _device_view(d, False, steps_end if d in early else end))
+            if busy[d] is None:
+                self.num_idle -= 1
+            busy[d] = _device_view(d, False, steps_end if d in early else end)
         self.busy_device_s += (steps_end - self.now) * degree + (end - steps_end)
         if early:
             self._push(steps_end, 0, (early,))
         self._push(end, 0, (disp, step_ms, batch, early))
 
-    def _occupy(self, d: int, view: DeviceView) -> None:
-        if self.busy_view[d] is None:
-            self.num_idle -= 1
-        self.busy_view[d] = view
-
-    def _release(self, d: int) -> None:
-        if self.busy_view[d] is not None:
-            self.num_idle += 1
-            self.busy_view[d] = None
+    def _release(self, device_ids, keep: tuple = ()) -> None:
+        """Make ``device_ids`` idle, except those in ``keep``."""
+        busy = self.busy_view
+        for d in device_ids:
+            if d not in keep and busy[d] is not None:
+                self.num_idle += 1
+                busy[d] = None
 
     def _complete(self, disp, step_ms: list[float] | None = None, batch: int = 0,
                   released: tuple = ()) -> None:
         if step_ms is None:  # a block's other devices, released at the start of its decode
-            for d in disp:
-                self._release(d)
+            self._release(disp)
             return
         v0 = self.views[disp.req_ids[0]]
         degree = len(disp.device_ids)
@@ -254,13 +256,11 @@ class Simulator:
             for ms in step_ms:
                 self.cost.observe_step(v0.model, v0.width, v0.height, v0.num_frames, degree,
                                        batch, ms)
-        for d in disp.device_ids:
-            if d not in released:  # released ones may run something else by now
-                self._release(d)
+        self._release(disp.device_ids, keep=released)  # those may run something else by now
         for rid in disp.req_ids:
             st, v = self.active[rid], self.views[rid]
             if self._counted:
-                self._calibrate_extras(v, degree, st.measured)
+                self._calibrate_extras(v, degree, st)
             done = v.steps_done + disp.num_steps
             if done >= v.num_steps:  # no policy sees its view again
                 del self.active[rid], self.views[rid]
@@ -268,12 +268,11 @@ class Simulator:
             else:
                 self.views[rid] = _view(v, done, v.num_preemptions, v.device_ids, False, v.paused)
 
-    def _calibrate_extras(self, v: RequestView, degree: int, measured: tuple) -> None:
-        for kind, ms in measured:
-            if kind == "encode":
-                self.cost.observe_encode(v.model, ms)
-            else:
-                self.cost.observe_decode(v.model, v.width, v.height, v.num_frames, degree, ms)
+    def _calibrate_extras(self, v: RequestView, degree: int, st: _Req) -> None:
+        if st.encode_ms is not None:
+            self.cost.observe_encode(v.model, st.encode_ms)
+        if st.decode_ms is not None:
+            self.cost.observe_decode(v.model, v.width, v.height, v.num_frames, degree, st.decode_ms)
 
     def _noise(self) -> float:
         if self.noise_cv <= 0:
