@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from .blocks import BlockPool, block_mask, ids_of, tile_blocks
 from .guards import FirstSight, admit_in_order
 from .snapshot import PredictionMemo, Snapshot, finish_plan, is_image, is_video
-from .types import ClusterSpec, CostModel, Dispatch, RequestView, StepPlan
+from .types import IMAGE, ClusterSpec, CostModel, Dispatch, RequestView, StepPlan
 
 ORDERS = ("fcfs", "sjf", "edf")
 
@@ -79,7 +79,8 @@ class RequestLevelPolicy:
         snap = Snapshot(now_s, requests, devices, cost, self.cluster, self._predictions)
         waiting = [r for r in snap.ready if r.steps_done == 0]  # in no order yet
         resuming = len(waiting) < len(snap.ready)  # started ones wait too (rare here)
-        rejected = self._admission(snap, requests, waiting)
+        rejected = (self._admission(snap, requests, waiting)
+                    if self.options.admission_control else [])
         if not snap.idle_mask or not snap.ready:  # nowhere to place, or nothing to
             return snap.finish_plan([], rejected)
         if rejected:
@@ -151,11 +152,13 @@ class RequestLevelPolicy:
             if r.req_id in taken:
                 continue
             size = self._degree(r)
-            slots = pool.count()  # the batch is sized by the devices free before this take
+            slots = pool.free.bit_count()  # a batch is sized by the devices free before
             mask = pool.take(size, within=~reserved)
-            members = None  # made once known to be needed (most heads do not fit)
+            # made once known to be needed (most heads do not fit); with no
+            # image queued (or no batching) a request runs alone
+            members = None
             if not mask and reserved:  # backfill: reserved devices too, if done before they are due
-                members = self._batch(snap, r, groups, taken, slots)
+                members = self._batch(snap, r, groups, taken, slots) if groups else [r]
                 done_s = snap.now_s + snap.remaining_s(r, size, len(members))
                 mask = pool.take(size) if done_s <= reserved_until else 0
             if not mask:
@@ -164,7 +167,7 @@ class RequestLevelPolicy:
                     reserved, reserved_until = _earliest_block(snap, free_time, size)
                 continue
             if members is None:
-                members = self._batch(snap, r, groups, taken, slots)
+                members = self._batch(snap, r, groups, taken, slots) if groups else [r]
             taken.update(m.req_id for m in members)
             block = ids_of(mask)
             placed.append((block, r, size, len(members)))
@@ -249,7 +252,7 @@ def _image_groups(snap: Snapshot, queue: list) -> dict:
     """Queued images by (class, steps left), in queue order: batch mates."""
     groups: dict = {}
     for r in queue:
-        if is_image(r):
+        if r.task == IMAGE:  # is_image, without the call
             groups.setdefault((snap.class_key(r), r.steps_left), []).append(r)
     return groups
 

@@ -128,12 +128,12 @@ class Snapshot:
     def remaining_s(self, r: RequestView, degree: int, batch: int = 1) -> float:
         """Time to finish ``r`` from a start now at ``degree`` in a batch of ``batch``."""
         # requests of one class with as many steps left share the answer
-        key = (r.model, r.width, r.height, r.num_frames, r.steps_left,
+        left = r.num_steps - r.steps_done  # r.steps_left, without the property call
+        key = (r.model, r.width, r.height, r.num_frames, left,
                r.steps_done == 0 and not r.running, degree, batch)
         v = self._memo.get(key)
         if v is None:
-            v = (r.steps_left * self.step_s(r, degree, batch)
-                 + self.overhead_s(r, degree, r.steps_left))
+            v = left * self.step_s(r, degree, batch) + self.overhead_s(r, degree, left)
             self._memo[key] = v
         return v
 
@@ -151,8 +151,10 @@ class Snapshot:
         return v
 
     def best_remaining_s(self, r: RequestView) -> float:
-        key = ("best", r.model, r.width, r.height, r.num_frames, r.steps_left,
-               r.steps_done == 0 and not r.running, self.pinned_mask(r))
+        # hot (edf orders by it): steps_left and pinned_mask (0 unless started) inlined
+        key = ("best", r.model, r.width, r.height, r.num_frames, r.num_steps - r.steps_done,
+               r.steps_done == 0 and not r.running,
+               self.pinned_mask(r) if r.steps_done > 0 else 0)
         v = self._memo.get(key)
         if v is None:
             v = min(self.remaining_s(r, k) for k in self.allowed_degrees(r))
