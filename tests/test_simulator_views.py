@@ -56,6 +56,7 @@ def test_a_class_with_other_slots_is_refused():
         busy_until_s: float
         extra: int = 0
 
-    v = simulator._DeviceViewParts(1, True, math.inf)
+    v = simulator._DeviceViewParts()
+    v.device_id, v.idle, v.busy_until_s = 1, True, math.inf
     with pytest.raises(TypeError):
         v.__class__ = Wider
