@@ -143,8 +143,9 @@ class LatencyModel:
         self._errors: dict[tuple, list[float]] = {}  # key -> [count, sum_abs, last]
         self.last_rel_error: float | None = None
         self._dispatch_ms = profile.dispatch_ms
-        # bumped by every calibration: predictions made at one version hold
-        # until it changes (a policy may keep them from one decision to the next)
+        # bumped by every calibration that changes a prediction: predictions made
+        # at one version hold until it changes (a policy may keep them from one
+        # decision to the next)
         self.version = 0
         for c in profile.calibration:
             model, kind, *shape, ratio = c
@@ -278,7 +279,6 @@ class LatencyModel:
                  count: int = 1) -> None:
         if not (measured_ms > 0 and math.isfinite(measured_ms)) or predicted <= 0 or count < 1:
             return
-        self.version += 1
         rel = (measured_ms - predicted) / predicted
         self.last_rel_error = rel
         stats = self._errors.get(key)
@@ -294,11 +294,15 @@ class LatencyModel:
         keep = (1 - self.ewma_alpha) ** count  # weight left on the old value
         mkey = key[:2]
         old_model = self._model_ratio.get(mkey, 1.0)
-        self._model_ratio[mkey] = keep * old_model + (1 - keep) * sample
-        # first sight of a key: start from its model's level (prior 1.0)
-        ratio = keep * self._ratio.get(key, old_model) + (1 - keep) * sample
+        model = self._model_ratio[mkey] = keep * old_model + (1 - keep) * sample
+        # first sight of a key: start from its model's level (prior 1.0), which
+        # is also what its predictions used until now
+        old = self._ratio.get(key, old_model)
+        ratio = keep * old + (1 - keep) * sample
         ratio = lo if lo > ratio else ratio
-        self._ratio[key] = hi if hi < ratio else ratio
+        ratio = self._ratio[key] = hi if hi < ratio else ratio
+        if ratio != old or model != old_model:  # a measurement equal to its prediction changes none
+            self.version += 1
 
     def _ratio_of(self, key: tuple) -> float:
         r = self._ratio.get(key)

@@ -13,7 +13,7 @@ FLUX = "flux.1-dev"
 REQUEST_LEVEL = [p for p in BASELINES if p != "tetris"]
 
 
-def test_version_changes_with_every_calibration_and_nothing_else():
+def test_version_changes_with_every_calibration_that_changes_a_prediction():
     cost = COST.fresh()
     v = cost.version
     cost.step_ms(FLUX, 512, 512, 1, 1, 1)
@@ -32,6 +32,16 @@ def test_version_changes_with_every_calibration_and_nothing_else():
     cost.observe_step(FLUX, 512, 512, 1, 1, 1, -1.0)  # refused: no change
     cost.observe_dispatch(float("nan"))
     assert cost.version == v
+    # measured as predicted: no prediction changes (a first sight of another
+    # shape included), so predictions kept across decisions stay valid
+    fresh = COST.fresh()
+    for w in (512, 768):
+        v = fresh.version
+        fresh.observe_step(FLUX, w, w, 1, 1, 1, fresh.step_ms(FLUX, w, w, 1, 1, 1), count=5)
+        fresh.observe_decode(FLUX, w, w, 1, 1, fresh.decode_ms(FLUX, w, w, 1, 1))
+        assert fresh.version == v
+    fresh.observe_step(FLUX, 512, 512, 1, 1, 1, 1.01 * fresh.step_ms(FLUX, 512, 512, 1, 1, 1))
+    assert fresh.version > v
 
 
 def test_memo_starts_afresh_on_a_new_version_cost_or_cluster():
