@@ -190,7 +190,7 @@ class LatencyModel:
             base = self._table(model).step_ms(width * height * num_frames, sp_degree,
                                               max(batch_size, 1))
             self._base[key] = base
-        # _ratio_of, inlined: predictions are the simulator's hottest calls
+        # the key's ratio, else its model's: predictions are the simulator's hottest calls
         ratio = self._ratio.get(key)
         return base * (self._model_ratio.get((model, STEP), 1.0) if ratio is None else ratio)
 
@@ -304,18 +304,9 @@ class LatencyModel:
         if ratio != old or model != old_model:  # a measurement equal to its prediction changes none
             self.version += 1
 
-    def _ratio_of(self, key: tuple) -> float:
-        r = self._ratio.get(key)
-        if r is not None:
-            return r
-        return self._model_ratio.get(key[:2], 1.0)
-
     def _clamp(self, ratio: float) -> float:
-        """``min(max(ratio, lo), hi)``, NaN included, without the builtins
-        (a call of either costs ~1,700 instructions: most of a calibration)."""
         lo, hi = self.ratio_bounds
-        ratio = lo if lo > ratio else ratio
-        return hi if hi < ratio else ratio
+        return min(max(ratio, lo), hi)
 
     def _table(self, model: str) -> _ModelTable:
         table = self._tables.get(model)

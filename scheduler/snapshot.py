@@ -63,13 +63,12 @@ class Snapshot:
             if d.idle:
                 idle_mask |= 1 << d.device_id
             elif d.device_id < cluster.num_devices:
-                t = d.busy_until_s
-                free[d.device_id] = now_s if now_s > t else t  # max(t, now_s), without a call
+                t = d.busy_until_s  # max(t, now_s) without the call: this loop is hot
+                free[d.device_id] = t if t > now_s else now_s
         self.idle_mask = idle_mask
         self.ready = [r for r in requests if not r.running]
         self.running = [r for r in requests if r.running]
-        k, n = cluster.max_sp_degree, cluster.num_devices
-        self.degrees = degrees_upto(n if n < k else k)  # min(k, n), without a call
+        self.degrees = degrees_upto(min(cluster.max_sp_degree, cluster.num_devices))
         self._memo = memo.table(cost, cluster) if memo is not None else {}
         self.dispatch_ms = cost.dispatch_ms() if hasattr(cost, "dispatch_ms") else 0.0
 
