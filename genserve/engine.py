@@ -23,7 +23,8 @@ from genserve.scheduler.types import IDLE_REPLAN_S, ClusterSpec, DeviceView, Dis
 from genserve.tracked import Sink, Tracked
 from genserve.types import EventType, Request, RequestError
 from genserve.workers import protocol as P
-from genserve.workers.executor import Executor, WorkerDied
+from genserve.worker_loss import WorkerLoss
+from genserve.workers.executor import Executor
 
 log = logging.getLogger("genserve.engine")
 
@@ -32,7 +33,7 @@ def make_fallback_policy(spec: ClusterSpec):
     return _make_named_policy("fcfs", spec)
 
 
-class Engine:
+class Engine(WorkerLoss):
     def __init__(self, config: EngineConfig, executor: Executor, make_policy, cost, metrics,
                  cards: dict[str, P.ModelCard], max_queue: int = 4096):
         """``make_policy(ClusterSpec) -> Policy``: the policy is rebuilt if what
@@ -302,21 +303,7 @@ class Engine:
             self._on_dispatch_done(device_id, msg)
         elif isinstance(msg, P.Exported):
             self._on_exported(msg)
-        elif isinstance(msg, WorkerDied):
-            self._on_worker_died(msg)
-        elif isinstance(msg, P.Ready):
-            log.info("worker %d is back", device_id)
-            self.executor.ready[device_id] = msg
-            self.down.discard(device_id)
-            self.on_workers_down(len(self.down))
-        elif isinstance(msg, P.Failed) and device_id in self.down:  # a restarted worker that did not start
-            log.error("worker %d failed to start: %s", device_id, msg.message)
-        elif isinstance(msg, P.Rejoined):
-            if self.recovery.answered(msg):
-                log.info("sequence parallelism is back (groups of up to %d devices)",
-                         self.executor.configured_sp_degree)
-                self._set_sp_degree(self.executor.configured_sp_degree)
-        else:
+        elif not self._on_worker_lifecycle(device_id, msg):
             log.warning("unexpected message from worker %d: %r", device_id, msg)
 
     def _on_step(self, device_id: int, msg: P.StepDone) -> None:
@@ -438,86 +425,12 @@ class Engine:
             self._finish(t, EventType.CANCELLED, "CANCELLED", "cancelled")
         return True
 
-    def _on_worker_died(self, msg: WorkerDied) -> None:
-        log.error("worker %d died (exit code %s); restarting it", msg.device_id, msg.exitcode)
-        self.down.add(msg.device_id)
-        self.on_workers_down(len(self.down))
-        now = time.monotonic()
-        for dispatch_id, fl in list(self.inflight.items()):
-            if fl.moving and self._involves(fl, msg.device_id):
-                # not sent yet (a state move is awaited): it never will be
-                self._withdraw(dispatch_id, now, msg.device_id)
-            elif msg.device_id in fl.dispatch.device_ids:
-                fl.pending.discard(msg.device_id)
-                self.busy.pop(msg.device_id, None)
-                if not fl.pending:
-                    self.inflight.pop(dispatch_id)
-        for t in [t for t in self.tracked.values() if msg.device_id in t.holders]:
-            self._lost_copy(t, msg)
-        self.metrics.worker_restarted(msg.device_id)
-        self.recovery.lost(msg.device_id)
-        if self.max_sp_degree > 1:
-            # a restarted process cannot join the running process groups
-            log.warning("sequence parallelism is off until every worker has joined a new process group")
-            self._set_sp_degree(1)
-        delay = self.restarts.died(msg.device_id)
-        if delay > 0:
-            log.warning("worker %d keeps dying soon after it starts (%d times in a row); restarting it in %.0f s",
-                        msg.device_id, self.restarts.quick_deaths[msg.device_id], delay)
-
     def _set_sp_degree(self, degree: int) -> None:
         """The largest SP group plans may use; the policies are rebuilt for it."""
         self.max_sp_degree = degree
         self.policy = self._make_policy(self.cluster_spec())
         self._fallback = make_fallback_policy(self.cluster_spec())
         self.metrics.set_sp_max_degree(degree)
-
-    def _involves(self, fl: InFlight, device_id: int) -> bool:
-        """``device_id`` is in the block of ``fl`` or holds a member's state."""
-        return device_id in fl.dispatch.device_ids or any(
-            device_id in t.holders for t in map(self.tracked.get, fl.dispatch.req_ids) if t is not None)
-
-    def _withdraw(self, dispatch_id: int, now: float, dead: int) -> None:
-        """Take back a dispatch that has not gone out because worker ``dead``
-        died: its devices free and its requests wait again where their state
-        is (the workers never saw it); a state only ``dead`` held is lost,
-        which ``_lost_copy`` reports."""
-        fl = self.inflight.pop(dispatch_id)
-        for device_id in fl.dispatch.device_ids:
-            if self.busy.get(device_id) == dispatch_id:
-                self.busy.pop(device_id)
-        for req_id in fl.dispatch.req_ids:
-            t = self._current(req_id, dispatch_id)
-            if t is None:
-                continue
-            t.running, t.paused, t.dispatch_id = False, True, -1
-            t.device_ids = tuple(sorted(t.holders))
-            if t.cancel_requested:
-                self._finish(t, EventType.CANCELLED, "CANCELLED", "cancelled")
-            elif t.holders != {dead}:
-                t.emit(now, EventType.PREEMPTED, reason=f"worker {dead} crashed before its next step went out")
-
-    def _lost_copy(self, t: Tracked, msg: WorkerDied) -> None:
-        """A worker holding ``t``'s state died: go on from a surviving copy,
-        else restart from step 0 (once), else fail it."""
-        in_group = t.running and msg.device_id in t.device_ids
-        t.holders.discard(msg.device_id)
-        if t.holders and not in_group:
-            return  # a replica on a live worker carries on
-        survivors = t.holders
-        if survivors:  # its running group lost a member: the others stop at their next collective
-            for device_id in survivors:
-                self.executor.send(device_id, P.Drop((t.req.req_id,)))
-        if t.crash_restarts >= 1:
-            t.running = False
-            self._finish(t, EventType.FAILED, "UNAVAILABLE",
-                         f"worker {msg.device_id} crashed (exit code {msg.exitcode}) again while running "
-                         "this request; not retrying")
-            return
-        t.restart_from_scratch()
-        t.dispatch_id = -1  # whatever its last dispatch still reports is stale
-        t.emit(time.monotonic(), EventType.PREEMPTED,
-               reason=f"worker {msg.device_id} crashed; restarting from step 0")
 
     def cluster_spec(self) -> ClusterSpec:
         # Only the Wan adapter has a sequence-parallel path: images run on one device.
