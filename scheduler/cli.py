@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .metrics import json_safe
-from .policies import BASELINES, POLICY_NAMES
+from .policies import BASELINES, POLICY_NAMES, make_policy
 from .profile import load_profile
 from .runner import Experiment, resolve_workload, run_policies, sweep
 from .types import ClusterSpec
@@ -43,7 +43,9 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--policy", default=",".join(DEFAULT_POLICIES),
                    help=f"comma-separated, from: {', '.join(POLICY_NAMES)}")
     g.add_argument("--admission-control", action="store_true")
-    g.add_argument("--fixed-sp-degree", type=int, default=4)
+    g.add_argument("--fixed-sp-degree", type=int, default=4,
+                   help="video SP degree of fcfs, sjf, edf, static, fixed-sp and "
+                        "genserve:no-elastic-sp (a power of two; capped at the devices; default 4)")
     g.add_argument("--static-image-fraction", type=float,
                    help="static: image share of devices (default: the workload's demand)")
     g.add_argument("--max-preemptions", type=int)
@@ -73,12 +75,13 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_simulate(args: argparse.Namespace) -> int:
     try:
+        swept = _sweep_values(args)
         exp, policies, spec, trace = _setup(args)
     except (ValueError, OSError) as e:
         print(f"genserve simulate: {e}", file=sys.stderr)
         return 2
-    if args.sweep_rates or args.sweep_slo_scales:
-        return _run_sweep(args, exp, policies, spec, trace)
+    if swept:
+        return _run_sweep(args, exp, policies, spec, trace, *swept)
     requests = resolve_workload(exp, trace, args.slo_scale)
     results = run_policies(exp, policies, requests, args.jobs)
     if args.json:
@@ -93,16 +96,25 @@ def _setup(args):
     bad = [p for p in policies if p not in POLICY_NAMES]
     if bad or not policies:
         raise ValueError(f"unknown policies {bad}; choose from {', '.join(POLICY_NAMES)}")
+    for flag, value, ok in (("--slo-scale", args.slo_scale, args.slo_scale > 0),
+                            ("--true-scale", args.true_scale, args.true_scale > 0),
+                            ("--noise-cv", args.noise_cv, args.noise_cv >= 0),
+                            ("--duration-s", args.duration_s, args.duration_s >= 0),
+                            ("--jobs", args.jobs, args.jobs >= 1)):
+        if not ok:  # also NaN
+            raise ValueError(f"{flag} {value} is out of range")
     cluster = ClusterSpec(args.devices, args.max_sp_degree, True, args.max_image_batch,
                           args.max_image_sp_degree)
     options = {"admission_control": args.admission_control,
                "fixed_sp_degree": args.fixed_sp_degree,
                "static_image_fraction": args.static_image_fraction,
                "max_preemptions": args.max_preemptions}
+    options = {k: v for k, v in options.items() if v is not None}
+    for name in policies:  # bad cluster or option values: an error before any run
+        make_policy(name, cluster, **options)
     exp = Experiment(cluster, load_profile(args.profile),
                      load_profile(args.true_profile) if args.true_profile else None,
-                     args.true_scale, args.noise_cv, args.seed, not args.no_check,
-                     {k: v for k, v in options.items() if v is not None})
+                     args.true_scale, args.noise_cv, args.seed, not args.no_check, options)
     spec = None
     if args.trace:
         trace = read_trace(args.trace)
@@ -117,9 +129,24 @@ def _setup(args):
     return exp, policies, spec, trace
 
 
-def _run_sweep(args, exp, policies, spec, trace) -> int:
-    param = "rate" if args.sweep_rates else "slo_scale"
-    values = [float(x) for x in (args.sweep_rates or args.sweep_slo_scales).split(",") if x]
+def _sweep_values(args) -> tuple[str, list[float]] | None:
+    """(swept parameter, its values) in sweep mode, else None."""
+    if args.sweep_rates and args.sweep_slo_scales:
+        raise ValueError("give --sweep-rates or --sweep-slo-scales, not both")
+    text = args.sweep_rates or args.sweep_slo_scales
+    if not text:
+        return None
+    flag = "--sweep-rates" if args.sweep_rates else "--sweep-slo-scales"
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated numbers, not {text!r}") from None
+    if not values or not all(v > 0 for v in values):
+        raise ValueError(f"{flag} takes positive numbers, not {text!r}")
+    return ("rate" if args.sweep_rates else "slo_scale"), values
+
+
+def _run_sweep(args, exp, policies, spec, trace, param: str, values: list[float]) -> int:
     if param == "rate" and trace is not None and spec is None:
         print("genserve simulate: --sweep-rates needs a generated workload", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ def make_policy(name: str, cluster: ClusterSpec, **options) -> Policy:
     if name not in POLICY_NAMES:
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
     _validate(cluster)
+    _validate_options(options)
     if name.startswith("genserve"):
         return make_genserve(cluster, name, **_pick(options, _GENSERVE))
     if name in ("tetris", "edf-step"):
@@ -59,3 +60,25 @@ def _validate(cluster: ClusterSpec) -> None:
         raise ValueError("max_sp_degree must be a power of two")
     if cluster.max_image_batch < 1:
         raise ValueError("max_image_batch must be at least 1")
+    if cluster.max_image_sp_degree < 1:
+        raise ValueError("max_image_sp_degree must be at least 1")
+
+
+def _is_power_of_two(n) -> bool:
+    return isinstance(n, int) and n >= 1 and not n & (n - 1)
+
+
+def _validate_options(options: dict) -> None:
+    """Values no policy could run with: an error, not a silent substitute."""
+    get = options.get
+    if get("fixed_sp_degree") is not None and not _is_power_of_two(get("fixed_sp_degree")):
+        raise ValueError("fixed_sp_degree must be a power of two (1, 2, 4, 8 ...)")
+    if get("static_image_fraction") is not None and not 0.0 <= get("static_image_fraction") <= 1.0:
+        raise ValueError("static_image_fraction must be in [0, 1]")
+    if get("max_preemptions") is not None and get("max_preemptions") < 0:
+        raise ValueError("max_preemptions must not be negative")
+    if get("starvation_factor") is not None and not get("starvation_factor") > 0:
+        raise ValueError("starvation_factor must be positive")
+    for key in ("chunk_ms", "round_ms"):
+        if get(key) is not None and not get(key) >= 0:
+            raise ValueError(f"{key} must not be negative")

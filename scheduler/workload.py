@@ -196,11 +196,17 @@ def parse_shapes(text: str, task: str) -> tuple[Shape, ...]:
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         dims, _, weight = part.partition(":")
-        nums = [int(x) for x in dims.lower().split("x")]
+        try:
+            nums = [int(x) for x in dims.lower().split("x")]
+            w = float(weight or 1.0)
+        except ValueError:
+            raise ValueError(f"bad shape {part!r}") from None
         if len(nums) not in (2, 3) or (task == VIDEO and len(nums) != 3):
-            raise ValueError(f"bad shape {part!r}")
+            raise ValueError(f"bad shape {part!r}: WIDTHxHEIGHT{'xFRAMES' if task == VIDEO else ''}")
+        if min(nums) < 1 or not w > 0:
+            raise ValueError(f"bad shape {part!r}: sizes and weight must be positive")
         frames = nums[2] if len(nums) == 3 else 1
-        out.append(Shape(nums[0], nums[1], frames, float(weight or 1.0)))
+        out.append(Shape(nums[0], nums[1], frames, w))
     if not out:
         raise ValueError("no shapes given")
     return tuple(out)

@@ -89,3 +89,28 @@ def test_simulate_table_trace_and_sweep(tmp_path, capsys):
     assert [r["policy"] for r in rows] == ["genserve", "fcfs"] * 2
     assert out["sweep"]["png"] and (tmp_path / "sweep_slo_scale.png").stat().st_size > 1000
     assert main(["simulate", "--policy", "nope"]) == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--devices", "0"], "num_devices must be at least 1"),
+    (["--max-sp-degree", "3"], "max_sp_degree must be a power of two"),
+    (["--max-image-sp-degree", "0"], "max_image_sp_degree must be at least 1"),
+    (["--fixed-sp-degree", "3"], "fixed_sp_degree must be a power of two"),
+    (["--static-image-fraction", "1.5"], "static_image_fraction must be in [0, 1]"),
+    (["--max-preemptions", "-1"], "max_preemptions must not be negative"),
+    (["--slo-scale", "0"], "--slo-scale 0.0 is out of range"),
+    (["--slo-scale", "nan"], "--slo-scale nan is out of range"),
+    (["--duration-s", "-5"], "--duration-s -5.0 is out of range"),
+    (["--jobs", "0"], "--jobs 0 is out of range"),
+    (["--image-shapes", "0x512"], "bad shape '0x512': sizes and weight must be positive"),
+    (["--image-shapes", "5xa"], "bad shape '5xa'"),
+    (["--video-shapes", "832x480"], "bad shape '832x480': WIDTHxHEIGHTxFRAMES"),
+    (["--sweep-rates", "0.1,abc"], "--sweep-rates takes comma-separated numbers"),
+    (["--sweep-slo-scales", "0,1"], "--sweep-slo-scales takes positive numbers"),
+    (["--sweep-rates", "0.2", "--sweep-slo-scales", "2"], "not both"),
+])
+def test_simulate_refuses_bad_input_with_one_line(flags, message, capsys):
+    assert main(["simulate", "--num-requests", "5", "--policy", "fcfs,genserve", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("genserve simulate: ") and message in err
+    assert "Traceback" not in err and err.count("\n") == 1
