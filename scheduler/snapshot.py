@@ -46,7 +46,7 @@ class Snapshot:
     """Inputs of one decision, indexed, plus memoised remaining-time predictions."""
 
     __slots__ = ("now_s", "cluster", "cost", "requests", "_by_id", "idle_mask",
-                 "free_time_s", "ready", "running", "degrees", "_memo", "num_devices", "dispatch_ms")
+                 "free_time_s", "ready", "_running", "degrees", "_memo", "num_devices", "dispatch_ms")
 
     def __init__(self, now_s: float, requests: Sequence[RequestView],
                  devices: Sequence[DeviceView], cost: CostModel, cluster: ClusterSpec,
@@ -67,10 +67,18 @@ class Snapshot:
                 free[d.device_id] = t if t > now_s else now_s
         self.idle_mask = idle_mask
         self.ready = [r for r in requests if not r.running]
-        self.running = [r for r in requests if r.running]
+        self._running: list[RequestView] | None = None
         self.degrees = degrees_upto(min(cluster.max_sp_degree, cluster.num_devices))
         self._memo = memo.table(cost, cluster) if memo is not None else {}
         self.dispatch_ms = cost.dispatch_ms() if hasattr(cost, "dispatch_ms") else 0.0
+
+    @property
+    def running(self) -> list[RequestView]:
+        """Requests with a step in flight (made on first use: a pass over all
+        requests that most decisions of the request-level policies skip)."""
+        if self._running is None:
+            self._running = [r for r in self.requests if r.running]
+        return self._running
 
     @property
     def by_id(self) -> dict[str, RequestView]:
