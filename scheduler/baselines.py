@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from operator import attrgetter
 
 from .blocks import BlockPool, block_mask, ids_of, tile_blocks
 from .guards import FirstSight, admit_in_order
@@ -78,39 +79,46 @@ class RequestLevelPolicy:
             return finish_plan(requests)  # the usual decision: nothing waits, or no room
         snap = Snapshot(now_s, requests, devices, cost, self.cluster, self._predictions)
         waiting = [r for r in snap.ready if r.steps_done == 0]  # in no order yet
-        resuming = len(waiting) < len(snap.ready)  # started ones wait too (rare here)
+        # started ones that wait too (rare here): only they can be preempted
+        started = [r for r in snap.ready if r.steps_done > 0] if (
+            len(waiting) < len(snap.ready)) else []
         rejected = (self._admission(snap, requests, waiting)
                     if self.options.admission_control else [])
         if not snap.idle_mask or not snap.ready:  # nowhere to place, or nothing to
-            return snap.finish_plan([], rejected)
+            return finish_plan(started, (), rejected)
         if rejected:
             gone = {r.req_id for r in rejected}
             waiting = [r for r in waiting if r.req_id not in gone]
         pool = BlockPool(self.cluster.num_devices, snap.idle_mask)
-        out = self._resume(snap, pool) if resuming else []
+        out = self._resume(snap, pool, started) if started else []
         if self._groups is None:
             out += self._buddy(snap, pool, self._ordered(snap, waiting))
         else:
             out += self._grouped(snap, pool, waiting)
-        return snap.finish_plan(out, rejected)
+        return finish_plan(started, out, rejected)
 
     # -- ordering and admission ---------------------------------------------
     def _degree(self, r: RequestView) -> int:
         return self.video_degree if is_video(r) else self.image_degree
 
-    def _key(self, snap: Snapshot):
-        order = self.options.order
-        if order == "fcfs":
-            return lambda r: (r.arrival_s, r.req_id)
-        if order == "sjf":
-            return lambda r: (snap.remaining_s(r, self._degree(r)), r.arrival_s, r.req_id)
-        return lambda r: (snap.hopeless(r), r.deadline_s, r.req_id)
-
     def _ordered(self, snap: Snapshot, waiting: list) -> list:
-        """``waiting`` in queue order."""
+        """``waiting`` in queue order: fcfs by (arrival, id), sjf by (remaining
+        time, arrival, id), edf by (hopeless, deadline, id)."""
         if len(waiting) < 2:  # the usual case; keys are pure, so none need computing
             return list(waiting)
-        return sorted(waiting, key=self._key(snap))
+        order = self.options.order
+        if order == "fcfs":
+            return sorted(waiting, key=_BY_ARRIVAL)
+        if order == "sjf":
+            return sorted(waiting, key=lambda r: (
+                snap.remaining_s(r, self._degree(r)), r.arrival_s, r.req_id))
+        # edf: the deadline order, stably split into on-time then hopeless (the
+        # same order as the key (hopeless, deadline, id), at one test a request)
+        on_time, late = [], []
+        hopeless = snap.hopeless
+        for r in sorted(waiting, key=_BY_DEADLINE):
+            (late if hopeless(r) else on_time).append(r)
+        return on_time + late if late else on_time
 
     def _admission(self, snap: Snapshot, requests, waiting: list) -> list:
         if not self.options.admission_control:
@@ -126,12 +134,10 @@ class RequestLevelPolicy:
             lambda r: snap.remaining_s(r, self._degree(r)))
 
     # -- placement -------------------------------------------------------------
-    def _resume(self, snap: Snapshot, pool: BlockPool) -> list[Dispatch]:
+    def _resume(self, snap: Snapshot, pool: BlockPool, started: list) -> list[Dispatch]:
         """Started requests that are not running (rare here) go back first."""
         out = []
-        for r in snap.ready:
-            if r.steps_done == 0:
-                continue
+        for r in started:
             size = len(r.device_ids) or self._degree(r)
             pin = snap.pinned_mask(r)
             mask = (pin if pool.take_exact(pin) else 0) if pin else pool.take(
@@ -179,18 +185,17 @@ class RequestLevelPolicy:
         taken: set[str] = set()
         free_groups = [(m, tasks) for m, tasks in self._groups if pool.free & m == m]
         # a request no free group serves is passed over: only the others need ordering
-        servable = {task for _, tasks in free_groups for task in tasks}
+        servable = _tasks_of(free_groups)
         queue = self._ordered(snap, [r for r in waiting if r.task in servable])
         groups = _image_groups(snap, queue) if self.options.batching else {}
         for r in queue:
             if not free_groups:
                 break
-            if r.req_id in taken:
+            if r.task not in servable or r.req_id in taken:
                 continue
-            group = next((g for g in free_groups if r.task in g[1]), None)
-            if group is None:
-                continue
+            group = next(g for g in free_groups if r.task in g[1])
             free_groups.remove(group)
+            servable = _tasks_of(free_groups)
             slots = sum(1 for _, t in free_groups if r.task in t) + 1
             members = self._batch(snap, r, groups, taken, slots) if (
                 self.options.groups != "fixed-sp") else [r]
@@ -222,6 +227,15 @@ class RequestLevelPolicy:
                     snap.slack_s(m, 1, len(members)) < 0 for m in members if not snap.hopeless(m)):
                 members.pop()
         return members
+
+
+_BY_ARRIVAL = attrgetter("arrival_s", "req_id")  # fcfs order
+_BY_DEADLINE = attrgetter("deadline_s", "req_id")
+
+
+def _tasks_of(groups: list) -> set[str]:
+    """The tasks some group in ``groups`` serves."""
+    return {task for _, tasks in groups for task in tasks}
 
 
 def _may_dispatch(requests, devices) -> bool:
