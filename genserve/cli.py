@@ -88,6 +88,7 @@ def add_attention_arg(p) -> None:
 
 def cmd_serve(args) -> None:
     from genserve.app import run_server
+    from genserve.scheduler import load_profile
     from genserve.security import SecurityError
     from genserve.workers.executor import WorkerStartError
 
@@ -119,7 +120,9 @@ def cmd_serve(args) -> None:
 
     try:
         config.validate()
-    except ValueError as err:  # a flag combination such as --tls-cert without --tls-key
+        if config.engine.profile:  # a missing or malformed file: before any worker starts
+            load_profile(config.engine.profile)
+    except (ValueError, OSError) as err:  # e.g. --tls-cert without --tls-key, an unknown policy
         sys.exit(f"error: {err}")
     if args.demo and (args.tls_cert or args.auth_tokens):
         sys.exit("error: --demo talks to the server in plaintext without a token; leave out --tls-cert and "
@@ -195,6 +198,10 @@ def cmd_generate(args) -> None:
     from genserve.v1 import genserve_pb2 as pb
 
     T = pb.GenerateEvent.Type
+    for flag in ("width", "height", "frames", "fps", "steps", "slo_ms"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:  # the request's fields are unsigned
+            sys.exit(f"error: --{flag.replace('_', '-')} must not be negative, got {value}")
     with Client(args.target, **client_options(args)) as client:
         stream = client.stream(args.prompt, task=args.task, model=args.model, negative_prompt=args.negative_prompt,
                                width=args.width, height=args.height, num_frames=args.frames, fps=args.fps,

@@ -44,7 +44,11 @@ class EngineConfig:
     chunk_ms: float = 0.0  # step-level policies: dispatch up to this much work per decision (0: one step)
 
     def validate(self) -> None:
-        if self.default_slo_scale <= 0:
+        from genserve.scheduler import POLICY_NAMES  # torch-free
+
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICY_NAMES)}")
+        if not self.default_slo_scale > 0:
             raise ValueError("default_slo_scale must be positive")
         if self.max_image_batch < 1:
             raise ValueError("max_image_batch must be at least 1")
@@ -112,6 +116,9 @@ class ServerConfig:
             raise ValueError("max_sp_degree must be 1, 2, 4 or 8")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"unsupported dtype {self.dtype!r}")
+        for name in ("num_workers", "threads_per_worker", "paused_budget_mb", "grace_s"):
+            if not getattr(self, name) >= 0:  # also NaN
+                raise ValueError(f"{name} must not be negative")
         check_attention(self.attention, self.device)
         self.engine.validate()
         self.limits.validate()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from pathlib import Path
 
 from genserve.models.base import GenParams
 from genserve.scheduler import DecodeSample, Profile, StepSample, save_profile
@@ -177,11 +178,19 @@ def cmd_profile(args) -> None:
     from genserve.workers.executor import MultiprocessExecutor, WorkerStartError, make_worker_specs
 
     device = args.device
+    num_workers = args.num_workers if args.num_workers is not None else (2 if device == "cpu" else 0)
     try:
         check_attention(args.attention, device)
-    except ValueError as err:
+        least = {"--steps": (args.steps, 2), "--repeats": (args.repeats, 1),
+                 "--max-batch": (args.max_batch, 1),
+                 "--threads-per-worker": (args.threads_per_worker, 0),
+                 "--num-workers": (num_workers, 1 if device == "cpu" else 0)}
+        for flag, (value, low) in least.items():
+            if value < low:
+                raise ValueError(f"{flag} must be at least {low}, got {value}")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # fail now, not after measuring
+    except (ValueError, OSError) as err:
         raise SystemExit(f"error: {err}") from None
-    num_workers = args.num_workers if args.num_workers is not None else (2 if device == "cpu" else 0)
     threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, num_workers))
     try:
         specs = make_worker_specs(device, num_workers, tuple(args.model), args.dtype, threads,
@@ -204,7 +213,10 @@ def cmd_profile(args) -> None:
             executor.shutdown()
     except WorkerStartError as err:
         raise SystemExit(f"error: {err}") from None
-    save_profile(profile, args.out)
+    try:
+        save_profile(profile, args.out)
+    except OSError as err:
+        raise SystemExit(f"error: cannot write the profile: {err}") from None
     print(f"wrote {args.out}")
 
 
@@ -223,7 +235,8 @@ def add_profile_parser(sub) -> None:
     p.add_argument("--model", action="append", default=None, metavar="NAME|NAME=PATH")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     add_attention_arg(p)
-    p.add_argument("--steps", type=int, default=6, help="steps per measurement (the first is not counted)")
+    p.add_argument("--steps", type=int, default=6,
+                   help="steps per measurement, at least 2 (the first is not counted)")
     p.add_argument("--max-batch", type=int, default=8, help="largest image batch measured")
     p.add_argument("--repeats", type=int, default=3,
                    help="passes over the grid; each point's figure is the median of all its samples")

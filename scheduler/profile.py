@@ -263,7 +263,11 @@ def load_profile(name_or_path: str | Path) -> Profile:
             raise ProfileError(f"no built-in profile or file named {str(name_or_path)!r} "
                                f"(built-in: {', '.join(BUILTIN_PROFILES)})")
         text = path.read_text(encoding="utf-8")
-    return Profile.from_dict(json.loads(text))
+    try:
+        return Profile.from_dict(json.loads(text))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # not JSON, or not a profile
+        raise ProfileError(f"profile {str(name_or_path)!r} is not a valid profile: "
+                           f"{type(err).__name__}: {err}") from err
 
 
 def save_profile(profile: Profile, path: str | Path) -> None:

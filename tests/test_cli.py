@@ -28,3 +28,26 @@ def test_generate_and_models(server, tmp_path):
 def test_generate_bad_input_exits_nonzero(server):
     done = genserve("generate", "a cat", "--target", server.target, "--width", "30")
     assert done.returncode != 0 and "width" in done.stderr
+
+
+def test_bad_flags_fail_before_anything_starts(tmp_path):
+    """One ``error:`` line and a non-zero exit, no traceback, nothing started:
+    ``serve`` would otherwise load models and workers first."""
+    bad_profile = tmp_path / "profile.json"
+    bad_profile.write_text('{"models": 5}')
+    cases = [
+        (("serve", "--policy", "nope"), "unknown policy 'nope'"),
+        (("serve", "--profile", "no-such-profile"), "no built-in profile or file named"),
+        (("serve", "--profile", str(bad_profile)), "is not a valid profile"),
+        (("serve", "--grace-s", "-1"), "grace_s must not be negative"),
+        (("serve", "--paused-budget-mb", "-1"), "paused_budget_mb must not be negative"),
+        (("serve", "--threads-per-worker", "-2"), "threads_per_worker must not be negative"),
+        (("generate", "a cat", "--target", "127.0.0.1:1", "--width", "-5"), "--width must not be negative"),
+        (("profile", "--out", str(tmp_path / "p.json"), "--steps", "1"), "--steps must be at least 2"),
+        (("profile", "--out", str(tmp_path / "p.json"), "--repeats", "0"), "--repeats must be at least 1"),
+    ]
+    for args, message in cases:
+        done = genserve(*args, timeout=60)
+        assert done.returncode != 0, args
+        assert message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+    assert not (tmp_path / "p.json").exists()
