@@ -8,6 +8,7 @@ Modes (the optional first positional):
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from dataclasses import asdict
@@ -15,6 +16,37 @@ from pathlib import Path
 
 MODES = ("run", "compare", "summarize")
 CLOSED_LOOP_CAP = 100_000  # requests planned for a closed loop bounded only by time
+
+
+def _not_negative(v) -> bool:
+    return v >= 0
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _zero_or_power_of_two(v) -> bool:
+    return v == 0 or (v > 0 and not v & (v - 1))
+
+
+# (argument, test, what it must be): checked before anything is built or sent.
+# Workload shapes, rates and the class mix are checked by WorkloadOptions / WorkloadSpec.
+RANGES = (
+    ("num_requests", _not_negative, "must not be negative"),
+    ("duration_s", _not_negative, "must not be negative"),
+    ("slo_ms_image", _not_negative, "must not be negative (0: the server's default)"),
+    ("slo_ms_video", _not_negative, "must not be negative (0: the server's default)"),
+    ("slo_scale", _not_negative, "must not be negative (0: the server's default)"),
+    ("concurrency", _not_negative, "must not be negative (0: open loop)"),
+    ("warmup_s", _not_negative, "must not be negative"),
+    ("warmup_requests", _not_negative, "must not be negative"),
+    ("timeout_s", _not_negative, "must not be negative (0: no deadline)"),
+    ("drain_timeout_s", _positive, "must be positive"),
+    ("scrape_interval_s", _positive, "must be positive"),
+    ("num_workers", _positive, "must be at least 1"),
+    ("sim_max_sp_degree", _zero_or_power_of_two, "must be 0 or a power of two"),
+)
 
 
 def _workload_args(p: argparse.ArgumentParser) -> None:
@@ -38,7 +70,8 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--slo-ms-video", type=float, default=0.0, help="fixed SLO of every video")
     s.add_argument("--slo-scale", type=float, default=0.0,
                    help="SLO = scale x isolated latency from --profile (compare without a "
-                        "profile: passed to the servers as --default-slo-scale)")
+                        "profile: passed to the servers as --default-slo-scale; 0: the "
+                        "server's default)")
     s.add_argument("--profile", default="", help="latency profile (name or JSON path): SLOs for "
                                                  "--slo-scale, and the simulator in compare; compare "
                                                  "also takes 'auto' (measured on the live servers)")
@@ -50,29 +83,33 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sending (TLS and token: for --target and compare's --targets)")
     add_client_args(g)
     g.add_argument("--concurrency", type=int, default=0,
-                   help="closed loop with N clients (default: open loop at the arrival times)")
+                   help="closed loop with N clients (default 0: open loop at the arrival times)")
     g.add_argument("--warmup-s", type=float, default=0.0, help="requests before this are warm-up")
     g.add_argument("--warmup-requests", type=int, default=0, help="the first N requests are warm-up")
     g.add_argument("--timeout-s", type=float, default=0.0, help="per-request deadline (0: none)")
     g.add_argument("--drain-timeout-s", type=float, default=600.0,
-                   help="after the last send, wait this long for outstanding requests")
-    g.add_argument("--output-format", default="", help="png|jpeg|webp|mp4|gif|raw (default png/mp4)")
+                   help="after the last send, wait this long (> 0) for outstanding requests")
+    g.add_argument("--output-format", default="",
+                   help="png|jpeg|webp|mp4|gif|raw (default png/mp4)")
     g.add_argument("--out", default="loadgen-out", help="output directory")
-    g.add_argument("--metrics-url", default="", help="server /metrics URL (or HOST:PORT) to scrape")
-    g.add_argument("--scrape-interval-s", type=float, default=0.5)
+    g.add_argument("--metrics-url", default="",
+                   help="run only: server /metrics URL (or HOST:PORT) to scrape")
+    g.add_argument("--scrape-interval-s", type=float, default=0.5, help="seconds (> 0)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plots", action="store_true")
 
 
 def _compare_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compare")
-    g.add_argument("--policies", default="", help="start a server per policy, e.g. genserve,fcfs,static")
+    g.add_argument("--policies", default="",
+                   help="start a server per policy, e.g. genserve,fcfs,static (from: "
+                        "genserve.scheduler.POLICY_NAMES)")
     g.add_argument("--targets", default="", help="running servers: NAME=HOST:PORT,...")
-    g.add_argument("--num-workers", type=int, default=2, help="workers of each started server")
+    g.add_argument("--num-workers", type=int, default=2, help="workers of each started server (>= 1)")
     g.add_argument("--server-args", default="", help="extra `genserve serve` flags (one string)")
     g.add_argument("--sim-max-sp-degree", type=int, default=0,
-                   help="simulated cluster's SP limit (default: as the live engine, the largest "
-                        "power of two of --num-workers)")
+                   help="simulated cluster's SP limit, 0 or a power of two (default 0: as the live "
+                        "engine, the largest power of two of --num-workers)")
 
 
 def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -129,15 +166,51 @@ def run_options(args):
         progress=not args.no_progress)
 
 
+def check_args(args) -> None:
+    """Refuse what no run can use, before anything is built or sent: a
+    ValueError naming the flag (numbers out of ``RANGES`` or not finite, an
+    unknown output format)."""
+    from genserve.client import FORMATS
+
+    from .scrape import metrics_url
+
+    for name, value in sorted(vars(args).items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{_flag(name)} must be a finite number, not {value}")
+    for name, ok, rule in RANGES:
+        if not ok(getattr(args, name)):
+            raise ValueError(f"{_flag(name)} {rule}, not {getattr(args, name)}")
+    if args.output_format.lower() not in FORMATS:
+        raise ValueError(f"--output-format must be one of {'|'.join(filter(None, FORMATS))}, "
+                         f"not {args.output_format!r}")
+    if args.metrics_url:
+        metrics_url(args.metrics_url)  # the syntax
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _compare_options(args):
+    from genserve.scheduler import POLICY_NAMES
+
     from .compare import CompareOptions
 
     targets = tuple(tuple(t.split("=", 1)) for t in filter(None, args.targets.split(",")))
-    if any(len(t) != 2 for t in targets):
-        sys.exit("--targets: expected NAME=HOST:PORT,...")
+    if any(len(t) != 2 or not all(t) for t in targets):
+        raise ValueError(f"--targets: expected NAME=HOST:PORT,..., not {args.targets!r}")
     policies = tuple(filter(None, (p.strip() for p in args.policies.split(","))))
     if not policies and not targets:
-        sys.exit("compare: give --policies and/or --targets")
+        raise ValueError("compare: give --policies and/or --targets")
+    unknown = [p for p in policies if p not in POLICY_NAMES]
+    if unknown:
+        raise ValueError(f"--policies: unknown {', '.join(map(repr, unknown))}; choose from "
+                         f"{', '.join(POLICY_NAMES)}")
+    names = [*policies, *(name for name, _ in targets)]
+    if len(set(names)) != len(names):
+        raise ValueError(f"compare: each policy or target name once, not {', '.join(names)}")
+    if args.metrics_url:
+        raise ValueError("--metrics-url is for run (compare scrapes the servers it starts)")
     server_args = shlex.split(args.server_args)
     # Without a profile the loadgen cannot compute SLOs: the servers apply the scale.
     if args.slo_scale and args.profile in ("", "auto"):
@@ -149,31 +222,50 @@ def _compare_options(args):
 
 
 def cmd_loadgen(args) -> None:
-    from genserve.scheduler.workload import write_trace
-
-    from .plan import build_workload
-
+    """The command. Bad input (flags, trace, run directory) is one
+    ``loadgen: ...`` line and exit status 1, before anything is sent or written."""
     out = Path(args.out)
-    if args.mode == "summarize":
-        return _cmd_summarize(out)
-    if args.profile == "auto" and args.mode != "compare":
-        sys.exit("loadgen: --profile auto is for compare")
-    scale = 0.0 if args.mode == "compare" and args.profile in ("", "auto") else None
-    wopts = workload_options(args, slo_scale=scale)
     try:
-        items = build_workload(wopts)
-    except (ValueError, OSError) as err:
+        if args.mode == "summarize":
+            return _cmd_summarize(out, _read_run(out))
+        items, wopts, copts, client = _prepare(args)
+    except (ValueError, OSError) as err:  # SecurityError is a ValueError
         sys.exit(f"loadgen: {err}")
-    if not items:
-        sys.exit("loadgen: the workload is empty")
-    client = _client_options(args)
     out.mkdir(parents=True, exist_ok=True)
-    if args.mode == "compare":
+    if copts:
+        from genserve.scheduler.workload import write_trace
+
         from .compare import compare
 
         write_trace(out / "workload.jsonl", items)
-        compare(items, run_options(args), _compare_options(args), out, client)
+        compare(items, run_options(args), copts, out, client)
         return
+    _cmd_run(args, out, items, wopts, client)
+
+
+def _prepare(args):
+    """(items, workload options, compare options or None, client options),
+    once every check passed; ValueError / OSError otherwise."""
+    from genserve.cli import client_options
+
+    from .plan import build_workload
+
+    if args.profile == "auto" and args.mode != "compare":
+        raise ValueError("--profile auto is for compare")
+    check_args(args)
+    copts = _compare_options(args) if args.mode == "compare" else None
+    scale = 0.0 if args.mode == "compare" and args.profile in ("", "auto") else None
+    wopts = workload_options(args, slo_scale=scale)
+    items = build_workload(wopts)
+    if not items:
+        raise ValueError("the workload is empty")
+    client = client_options(args)  # SecurityError: e.g. an unreadable certificate
+    return items, wopts, copts, client
+
+
+def _cmd_run(args, out: Path, items, wopts, client: dict) -> None:
+    from genserve.scheduler.workload import write_trace
+
     from .run import run_load, write_run
 
     result = run_load(items, run_options(args), metrics_url=args.metrics_url,
@@ -184,31 +276,36 @@ def cmd_loadgen(args) -> None:
     print(f"results in {out}/ (requests.jsonl, summary.json{', *.png' if not args.no_plots else ''})")
 
 
-def _client_options(args) -> dict:
-    from genserve.cli import client_options
-    from genserve.security import SecurityError
+def _read_run(out: Path):
+    """(records, summary.json document, metric samples) of the run directory ``out``."""
+    import json
 
+    from .records import read_records
+    from .scrape import read_samples
+
+    if not (out / "requests.jsonl").is_file():
+        raise ValueError(f"no run in {out}/ (no requests.jsonl): give the run's directory as --out")
     try:
-        return client_options(args)
-    except SecurityError as err:  # an unreadable certificate, a cert without its key
-        sys.exit(f"loadgen: {err}")
+        records = read_records(out / "requests.jsonl")
+        path = out / "summary.json"
+        doc = json.loads(path.read_text()) if path.exists() else {}
+        samples = read_samples(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    except (ValueError, TypeError, AttributeError) as err:  # not JSON lines of the expected keys
+        raise ValueError(f"{out}/ is not a readable run directory: {type(err).__name__}: {err}") \
+            from None
+    return records, doc, samples
 
 
-def _cmd_summarize(out: Path) -> None:
+def _cmd_summarize(out: Path, run) -> None:
     import json
 
     from .plots import run_plots
-    from .records import read_records
-    from .scrape import read_samples
     from .summary import format_table, summarize
 
-    records = read_records(out / "requests.jsonl")
+    records, doc, samples = run
     summary = summarize(records)
-    path = out / "summary.json"
-    doc = json.loads(path.read_text()) if path.exists() else {}
     doc["summary"] = summary.to_dict()
-    path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    samples = read_samples(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    (out / "summary.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     run_plots(records, samples, out)
     print(format_table(summary))
 

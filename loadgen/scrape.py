@@ -9,9 +9,11 @@ scrape is counted and skipped: the run never depends on the endpoint.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,10 +47,25 @@ def parse_gauges(text: str, t_s: float, names: Iterable[str] = GAUGES) -> list[M
 
 
 def metrics_url(target: str) -> str:
-    """``HOST:PORT`` or a full URL → the URL of the metrics page."""
-    if "://" not in target:
-        target = "http://" + target
-    return target if target.rstrip("/").endswith("/metrics") else target.rstrip("/") + "/metrics"
+    """``HOST:PORT`` or a full URL → the URL of the metrics page; ValueError
+    if that is not an http(s) URL with a host."""
+    url = target if "://" in target else "http://" + target
+    url = url if url.rstrip("/").endswith("/metrics") else url.rstrip("/") + "/metrics"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        ok = parts.scheme in ("http", "https") and parts.hostname and parts.port != 0
+    except ValueError:  # e.g. a port that is not a number
+        ok = False
+    if not ok or any(c.isspace() for c in url):
+        raise ValueError(f"metrics URL {target!r}: expected HOST:PORT or an http(s) URL")
+    return url
+
+
+def fetch(url: str, t_s: float, timeout_s: float) -> list[MetricSample]:
+    """One scrape of ``url``: the samples of ``GAUGES`` and ``OVERHEAD``."""
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        text = resp.read().decode("utf-8")
+    return parse_gauges(text, t_s, GAUGES + OVERHEAD)
 
 
 class Scraper:
@@ -65,10 +82,8 @@ class Scraper:
     def scrape_once(self) -> None:
         t_s = time.monotonic() - self.t0
         try:
-            with urllib.request.urlopen(self.url, timeout=self.timeout_s) as resp:
-                text = resp.read().decode("utf-8")
-            self.samples.extend(parse_gauges(text, t_s, GAUGES + OVERHEAD))
-        except (OSError, ValueError):
+            self.samples.extend(fetch(self.url, t_s, self.timeout_s))
+        except (OSError, ValueError, http.client.HTTPException):
             self.num_failed += 1
 
     def _loop(self) -> None:
