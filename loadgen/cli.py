@@ -43,6 +43,7 @@ RANGES = (
     ("warmup_requests", _not_negative, "must not be negative"),
     ("timeout_s", _not_negative, "must not be negative (0: no deadline)"),
     ("drain_timeout_s", _positive, "must be positive"),
+    ("connect_timeout_s", _positive, "must be positive"),
     ("scrape_interval_s", _positive, "must be positive"),
     ("num_workers", _positive, "must be at least 1"),
     ("sim_max_sp_degree", _zero_or_power_of_two, "must be 0 or a power of two"),
@@ -82,6 +83,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("sending (TLS and token: for --target and compare's --targets)")
     add_client_args(g)
+    g.add_argument("--connect-timeout-s", type=float, default=10.0,
+                   help="before sending, wait up to this long (> 0) for each server to answer "
+                        "ListModels; a server that does not is an error, and nothing is sent")
     g.add_argument("--concurrency", type=int, default=0,
                    help="closed loop with N clients (default 0: open loop at the arrival times)")
     g.add_argument("--warmup-s", type=float, default=0.0, help="requests before this are warm-up")
@@ -90,10 +94,12 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drain-timeout-s", type=float, default=600.0,
                    help="after the last send, wait this long (> 0) for outstanding requests")
     g.add_argument("--output-format", default="",
-                   help="png|jpeg|webp|mp4|gif|raw (default png/mp4)")
+                   help="png|jpeg|webp|mp4|gif|raw (default png/mp4); the server's models must "
+                        "offer it for every class in the workload")
     g.add_argument("--out", default="loadgen-out", help="output directory")
     g.add_argument("--metrics-url", default="",
-                   help="run only: server /metrics URL (or HOST:PORT) to scrape")
+                   help="run only: server /metrics URL (or HOST:PORT) to scrape; it must answer "
+                        "before the run")
     g.add_argument("--scrape-interval-s", type=float, default=0.5, help="seconds (> 0)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plots", action="store_true")
@@ -184,7 +190,7 @@ def check_args(args) -> None:
         raise ValueError(f"--output-format must be one of {'|'.join(filter(None, FORMATS))}, "
                          f"not {args.output_format!r}")
     if args.metrics_url:
-        metrics_url(args.metrics_url)  # the syntax
+        metrics_url(args.metrics_url)  # the syntax; it is scraped once before the run
 
 
 def _flag(name: str) -> str:
@@ -222,14 +228,18 @@ def _compare_options(args):
 
 
 def cmd_loadgen(args) -> None:
-    """The command. Bad input (flags, trace, run directory) is one
-    ``loadgen: ...`` line and exit status 1, before anything is sent or written."""
+    """The command. Bad input (flags, trace, run directory, a server that does
+    not answer or cannot serve the workload) is one ``loadgen: ...`` line and
+    exit status 1, before anything is sent or written."""
+    from .launch import ServerStartError
+    from .run import PreflightError
+
     out = Path(args.out)
     try:
         if args.mode == "summarize":
             return _cmd_summarize(out, _read_run(out))
         items, wopts, copts, client = _prepare(args)
-    except (ValueError, OSError) as err:  # SecurityError is a ValueError
+    except (ValueError, OSError) as err:  # SecurityError, PreflightError are ValueErrors
         sys.exit(f"loadgen: {err}")
     out.mkdir(parents=True, exist_ok=True)
     if copts:
@@ -238,7 +248,12 @@ def cmd_loadgen(args) -> None:
         from .compare import compare
 
         write_trace(out / "workload.jsonl", items)
-        compare(items, run_options(args), copts, out, client)
+        try:
+            compare(items, run_options(args), copts, out, client)
+        except ServerStartError as err:
+            sys.exit(f"loadgen: {err.line}")
+        except PreflightError as err:  # a server compare started cannot serve the workload
+            sys.exit(f"loadgen: {err}")
         return
     _cmd_run(args, out, items, wopts, client)
 
@@ -249,6 +264,8 @@ def _prepare(args):
     from genserve.cli import client_options
 
     from .plan import build_workload
+    from .run import check_server, check_workload
+    from .scrape import check_metrics_url
 
     if args.profile == "auto" and args.mode != "compare":
         raise ValueError("--profile auto is for compare")
@@ -260,6 +277,13 @@ def _prepare(args):
     if not items:
         raise ValueError("the workload is empty")
     client = client_options(args)  # SecurityError: e.g. an unreadable certificate
+    # Pre-flight: every server named must answer, and serve what the workload asks for
+    # (compare checks the servers it starts itself).
+    for target in [t for _, t in copts.targets] if copts else [args.target]:
+        check_workload(items, check_server(target, client, args.connect_timeout_s),
+                       args.output_format, target)
+    if args.metrics_url:
+        check_metrics_url(args.metrics_url)
     return items, wopts, copts, client
 
 

@@ -24,9 +24,9 @@ from genserve.scheduler.workload import TraceRequest
 from genserve.scheduler.profile import save_profile
 
 from .calibrate import calibrate
-from .launch import LaunchedServer
+from .launch import LaunchedServer, ServerStartError
 from .plots import compare_bars
-from .run import run_load, write_run
+from .run import check_server, check_workload, run_load, write_run
 from .runner import RunOptions
 
 CLASSES = ("all", "image", "video")
@@ -75,9 +75,18 @@ def run_live(items: Sequence[TraceRequest], run_opts: RunOptions, copts: Compare
             _calibrated(items, target, copts, out_dir, client_options)
             result = run_load(items, replace(run_opts, target=target), client_options=client_options)
         else:
-            with LaunchedServer(name, num_workers=copts.num_workers, args=copts.server_args,
-                                metrics=copts.metrics) as server:
+            try:
+                server = LaunchedServer(name, num_workers=copts.num_workers,
+                                        args=copts.server_args, metrics=copts.metrics)
+            except ServerStartError as err:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "server.log").write_text(err.output, encoding="utf-8")
+                err.line += f" (its output: {run_dir / 'server.log'})"
+                raise
+            with server:
                 try:
+                    check_workload(items, check_server(server.target), run_opts.output_format,
+                                   f"the {name} server")
                     _calibrated(items, server.target, copts, out_dir)
                     result = run_load(items, replace(run_opts, target=server.target),
                                       metrics_url=server.metrics_url)

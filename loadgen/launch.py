@@ -20,6 +20,20 @@ from typing import Sequence
 LISTENING = re.compile(r"listening on (\S+:\d+)")
 
 
+class ServerStartError(RuntimeError):
+    """The server exited, or printed no ``listening`` line in time. ``str``:
+    the reason and the end of its output; ``line``: the reason in one line."""
+
+    def __init__(self, policy: str, output: str, returncode: int | None, timeout_s: float):
+        self.policy, self.output, self.returncode = policy, output, returncode
+        name = f"the server ({policy or 'default policy'})"
+        last = next((ln.strip() for ln in reversed(output.splitlines()) if ln.strip()), "")
+        self.line = (f"{name} exited with status {returncode} before listening"
+                     if returncode is not None else f"{name} was not listening after {timeout_s:g} s")
+        self.line += f": {last}" if last else " (no output)"
+        super().__init__(f"{name} did not start:\n" + "".join(output.splitlines(True)[-40:]))
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -47,9 +61,12 @@ class LaunchedServer:
         found = threading.Event()
         threading.Thread(target=self._pump, args=(found,), daemon=True).start()
         if not found.wait(timeout_s) or not self.target:
+            try:  # the output ended without the line: the server is exiting
+                returncode = self.proc.wait(5 if found.is_set() else 0)
+            except subprocess.TimeoutExpired:
+                returncode = None
             self.stop()
-            raise RuntimeError(f"server ({policy or 'default policy'}) did not start:\n"
-                               + "".join(self.lines[-40:]))
+            raise ServerStartError(policy, self.output, returncode, timeout_s)
 
     def _pump(self, found: threading.Event) -> None:
         for line in self.proc.stdout:

@@ -18,10 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import grpc
 from tqdm import tqdm
 
-from genserve.client import AsyncClient
+from genserve.client import FORMATS, AsyncClient, Client
 from genserve.scheduler.workload import TraceRequest
+from genserve.v1 import genserve_pb2 as pb
 
 from .plots import run_plots
 from .records import RequestRecord, read_records, write_records
@@ -39,6 +41,67 @@ class RunResult:
     started_unix_s: float = 0.0
     elapsed_s: float = 0.0
     settings: dict = field(default_factory=dict)
+
+
+TASKS = {pb.TASK_TEXT_TO_IMAGE: "image", pb.TASK_TEXT_TO_VIDEO: "video"}
+
+
+class PreflightError(ValueError):
+    """A server that cannot take the run: it does not answer, or does not
+    serve what the workload asks for. The message is one line."""
+
+
+def check_server(target: str, client_options: dict | None = None,
+                 wait_s: float = 10.0) -> list[pb.ModelInfo]:
+    """The models ``target`` serves: the pre-flight call of a run. Waits up to
+    ``wait_s`` for the server to come up; PreflightError (with the gRPC status)
+    if it does not answer, or refuses the call (e.g. a bad token)."""
+    with Client(target, **(client_options or {})) as client:
+        def list_models(**kw) -> list[pb.ModelInfo]:
+            return list(client.stub.ListModels(pb.ListModelsRequest(), metadata=client.metadata,
+                                               **kw).models)
+
+        try:
+            try:
+                return list_models(timeout=wait_s, wait_for_ready=True)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+                # Still not connected: without waiting, the call fails at once with the reason
+                # (connection refused, name not resolved, TLS handshake ...).
+                return list_models(timeout=1.0)
+        except grpc.RpcError as err:
+            code = err.code()
+            what = ("cannot reach the server" if code in (
+                grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN)
+                else "the server refused the pre-flight ListModels call")
+            reason = " ".join((err.details() or "").split())
+            raise PreflightError(f"{what} at {target}: {code.name}: {reason}") from None
+
+
+def check_workload(items: Sequence[TraceRequest], models: Sequence[pb.ModelInfo],
+                   output_format: str = "", target: str = "the server") -> None:
+    """PreflightError unless ``models`` (ListModels) serve each class of
+    ``items`` (a model of one of its requests, "" being the default) in
+    ``output_format``: a run whose images or videos could only fail is not
+    started. Single requests the server will refuse (a trace may hold some)
+    are its business, recorded as they come."""
+    served = ", ".join(f"{m.name} ({TASKS.get(m.task, '?')})" for m in models) or "nothing"
+    fmt = FORMATS[output_format.lower()]
+    for task in sorted({t.task for t in items}):
+        names = sorted({t.model for t in items if t.task == task})
+        found = [m for m in models if TASKS.get(m.task) == task
+                 and (m.name in names or ("" in names and m.is_default))]
+        if not found:
+            asked = ", ".join(repr(n) if n else "the default" for n in names)
+            raise PreflightError(f"{target} serves no {task} model for the workload (asked for: "
+                                 f"{asked}; it serves: {served})")
+        for model in found:
+            if fmt and fmt not in model.output_formats:
+                offered = "|".join(pb.OutputFormat.Name(f).removeprefix("OUTPUT_FORMAT_").lower()
+                                   for f in model.output_formats)
+                raise PreflightError(f"output format {output_format}: {target}'s {task} model "
+                                     f"{model.name} offers {offered}")
 
 
 def _loop_factory():

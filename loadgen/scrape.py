@@ -68,6 +68,17 @@ def fetch(url: str, t_s: float, timeout_s: float) -> list[MetricSample]:
     return parse_gauges(text, t_s, GAUGES + OVERHEAD)
 
 
+def check_metrics_url(target: str, timeout_s: float = 5.0) -> str:
+    """The metrics URL of ``target`` once it answered one scrape; ValueError
+    (one line) if it is not an http(s) URL or does not answer with metrics."""
+    url = metrics_url(target)
+    try:
+        fetch(url, 0.0, timeout_s)
+    except (OSError, ValueError, http.client.HTTPException) as err:
+        raise ValueError(f"cannot scrape the metrics URL {url}: {err}") from None
+    return url
+
+
 class Scraper:
     """Background scraper; ``start`` / ``stop``, then read ``samples``."""
 

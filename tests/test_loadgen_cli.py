@@ -1,15 +1,55 @@
 """``genserve loadgen`` refuses bad input with one ``loadgen: ...`` line.
 
 Every refusal comes before anything is sent or written: numbers out of range,
-unknown names, unreadable traces and run directories. In process, ``main``
-must end in ``SystemExit`` with a one-line message: any other exception, or a
-normal return, fails the test.
+unknown names, unreadable traces and run directories, and servers that do not
+answer the pre-flight ListModels call (or do not serve what the workload asks
+for). In process, ``main`` must end in ``SystemExit`` with a one-line message:
+any other exception, or a normal return, fails the test.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from concurrent import futures
+
+import grpc
 import pytest
 
 from genserve.loadgen.cli import main
+from genserve.loadgen.launch import free_port
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+
+EV = pb.GenerateEvent.Type
+IMAGE_FORMATS = [pb.OUTPUT_FORMAT_PNG, pb.OUTPUT_FORMAT_JPEG, pb.OUTPUT_FORMAT_WEBP, pb.OUTPUT_FORMAT_RAW]
+
+
+class ModelsOnly(pb_grpc.GenServeServicer):
+    """Serves one image model; every request completes at once."""
+
+    def __init__(self):
+        self.num_generated = 0
+
+    def ListModels(self, request, context):
+        return pb.ListModelsResponse(models=[pb.ModelInfo(
+            name="tiny-image", task=pb.TASK_TEXT_TO_IMAGE, is_default=True, output_formats=IMAGE_FORMATS)])
+
+    def GenerateStream(self, request, context):
+        self.num_generated += 1
+        yield pb.GenerateEvent(request_id=request.request_id, type=EV.COMPLETED,
+                               response=pb.GenerateResponse(request_id=request.request_id, slo_met=True))
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    servicer = ModelsOnly()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    pb_grpc.add_GenServeServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(grace=None)
 
 
 def refusal(argv: list[str]) -> str:
@@ -32,6 +72,7 @@ NOWHERE = ["--target", "127.0.0.1:9"]  # nothing listens on port 9 (the discard 
     (["--warmup-s", "-1"], "--warmup-s must not be negative"),
     (["--drain-timeout-s", "0"], "--drain-timeout-s must be positive"),
     (["--scrape-interval-s", "0"], "--scrape-interval-s must be positive"),
+    (["--connect-timeout-s", "0"], "--connect-timeout-s must be positive"),
     (["--slo-ms-image", "-5"], "--slo-ms-image must not be negative"),
     (["--slo-ms-video", "-5"], "--slo-ms-video must not be negative"),
     (["--slo-scale", "-1", "--profile", "reference-h100"], "--slo-scale must not be negative"),
@@ -78,3 +119,73 @@ def test_summarize_without_a_run_directory(tmp_path):
     assert "no run in" in refusal(["summarize", "--out", str(tmp_path)])
     (tmp_path / "requests.jsonl").write_text("not json\n")
     assert "not a readable run directory" in refusal(["summarize", "--out", str(tmp_path)])
+
+
+def test_nothing_listening_fails_fast_and_writes_nothing(tmp_path):
+    """20 requests at 1/s would take 20 s to send: failing in well under that
+    proves nothing was sent, and the pre-flight waited only --connect-timeout-s."""
+    out = tmp_path / "out"
+    target = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    message = refusal(["--target", target, "--connect-timeout-s", "1", "--rate", "1",
+                       "--num-requests", "20", "--no-progress", "--out", str(out)])
+    assert time.monotonic() - started < 8.0
+    assert message.startswith(f"loadgen: cannot reach the server at {target}: UNAVAILABLE: ")
+    assert not out.exists()
+    targets = f"a={target}"
+    message = refusal(["compare", "--targets", targets, "--connect-timeout-s", "1", "--out", str(out)])
+    assert f"cannot reach the server at {target}" in message and not out.exists()
+
+
+def test_cli_prints_one_line_and_no_traceback(tmp_path):
+    """The real command line: stderr is exactly the one line, the status 1."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "genserve", "loadgen", "--target", f"127.0.0.1:{free_port()}",
+                           "--connect-timeout-s", "0.5", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("loadgen: cannot reach")
+    assert not out.exists()
+
+
+def test_workload_the_server_cannot_serve_is_refused(image_server, tmp_path):
+    servicer, target = image_server
+    out = tmp_path / "out"
+    base = ["--target", target, "--num-requests", "4", "--no-progress", "--out", str(out)]
+    assert (f"{target} serves no video model for the workload (asked for: the default; it serves: "
+            "tiny-image (image))") in refusal(base)
+    assert "serves no image model for the workload (asked for: 'big';" in refusal(
+        [*base, "--image-fraction", "1", "--image-model", "big"])
+    assert "offers png|jpeg|webp|raw" in refusal([*base, "--image-fraction", "1", "--output-format", "mp4"])
+    assert servicer.num_generated == 0 and not out.exists()
+    main([*base, "--image-fraction", "1", "--rate", "100", "--no-plots"])  # a servable workload runs
+    assert servicer.num_generated == 4 and (out / "requests.jsonl").exists()
+    # A trace may hold requests the server refuses one by one: they are sent and recorded.
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"arrival_s": 0, "task": "image", "width": 64, "height": 64}\n'
+                     '{"arrival_s": 0, "task": "image", "width": 64, "height": 64, "model": "big"}\n')
+    main(["--target", target, "--trace", str(trace), "--no-progress", "--no-plots", "--out", str(out)])
+    assert servicer.num_generated == 6
+
+
+def test_metrics_url_must_answer_before_the_run(image_server, tmp_path):
+    servicer, target = image_server
+    before = servicer.num_generated
+    message = refusal(["--target", target, "--image-fraction", "1", "--metrics-url",
+                       f"127.0.0.1:{free_port()}", "--out", str(tmp_path / "out")])
+    assert "cannot scrape the metrics URL http://127.0.0.1:" in message
+    assert servicer.num_generated == before and not (tmp_path / "out").exists()
+
+
+def test_a_server_that_does_not_start_is_one_line(tmp_path):
+    """compare --policies: the server's own error, and where its output went."""
+    out = tmp_path / "out"
+    message = refusal(["compare", "--policies", "fcfs", "--server-args=--no-such-flag",
+                       "--num-requests", "1", "--no-progress", "--out", str(out)])
+    assert "the server (fcfs) exited with status 2 before listening: " in message
+    assert "unrecognized arguments: --no-such-flag" in message
+    assert (out / "live-fcfs" / "server.log").read_text().strip()
+    from genserve.loadgen.launch import ServerStartError
+
+    err = ServerStartError("fcfs", "", None, 5.0)
+    assert err.line == "the server (fcfs) was not listening after 5 s (no output)"
