@@ -9,7 +9,6 @@ still come from its ``generate``, only the times are replaced.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -101,29 +100,10 @@ def with_scaled_slos(trace: Sequence[TraceRequest], cost, slo_scale: float,
     return tuple(replace(t, slo_ms=t.slo_ms or round(r.slo_ms, 3)) for t, r in zip(ordered, resolved))
 
 
-def replayed(path: str) -> tuple[TraceRequest, ...]:
-    """The requests of a trace file; ValueError (one line) for a request no
-    server could take (``read_trace`` checks the syntax and the task)."""
-    try:
-        trace = read_trace(path)
-    except AttributeError:  # a line that is JSON but not an object
-        raise ValueError(f"{path}: every line must be a JSON object") from None
-    for n, t in enumerate(trace, 1):
-        checks = ((0 <= t.arrival_s < math.inf, "arrival_s must be a finite number >= 0"),
-                  (min(t.width, t.height, t.num_frames) >= 1,
-                   "width, height and num_frames must be positive"),
-                  (t.num_inference_steps >= 0, "num_inference_steps must not be negative"),
-                  (0 <= t.slo_ms < math.inf, "slo_ms must be a finite number >= 0"))
-        bad = [what for ok, what in checks if not ok]
-        if bad:
-            raise ValueError(f"{path}: request {n}: {bad[0]}")
-    return trace
-
-
 def build_workload(opts: WorkloadOptions) -> tuple[TraceRequest, ...]:
     """The requests of a run, sorted by arrival time."""
     opts.validate()
-    trace = replayed(opts.trace) if opts.trace else generated(opts)
+    trace = read_trace(opts.trace) if opts.trace else generated(opts)
     if opts.trace and opts.duration_s:
         trace = tuple(t for t in trace if t.arrival_s <= opts.duration_s)
     if opts.trace and opts.num_requests:

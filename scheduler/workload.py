@@ -153,17 +153,28 @@ def to_json(t: TraceRequest) -> dict:
 
 
 def from_json(d: dict) -> TraceRequest:
+    """One trace line's request; ValueError for one no server could take."""
+    if not isinstance(d, dict):
+        raise ValueError("a trace line must be a JSON object")
     task = d.get("task")
     if task not in TASKS:
         raise ValueError(f"trace line: task must be image or video, got {task!r}")
     frames = int(d.get("num_frames", 1) or 1)
-    return TraceRequest(
+    t = TraceRequest(
         arrival_s=float(d["arrival_s"]), task=task, width=int(d["width"]),
         height=int(d["height"]), num_frames=1 if task == IMAGE else frames,
         model=str(d.get("model", "") or ""),
         num_inference_steps=int(d.get("num_inference_steps", 0) or 0),
         slo_ms=float(d.get("slo_ms", 0) or 0),
         extra=tuple(sorted((k, v) for k, v in d.items() if k not in TRACE_KEYS)))
+    for ok, rule in ((0 <= t.arrival_s < math.inf, "arrival_s must be a finite number >= 0"),
+                     (min(t.width, t.height, t.num_frames) >= 1,
+                      "width, height and num_frames must be positive"),
+                     (t.num_inference_steps >= 0, "num_inference_steps must not be negative"),
+                     (0 <= t.slo_ms < math.inf, "slo_ms must be a finite number >= 0")):
+        if not ok:  # also NaN
+            raise ValueError(f"trace line: {rule}")
+    return t
 
 
 def read_trace(path: str | Path) -> tuple[TraceRequest, ...]:

@@ -100,7 +100,7 @@ def test_bad_flags_are_one_line_before_anything_runs(args, expected, tmp_path):
 
 
 @pytest.mark.parametrize("line,expected", [
-    ("[1, 2]", "every line must be a JSON object"),
+    ("[1, 2]", "must be a JSON object"),
     ('{"arrival_s": 0, "task": "image", "width": -64, "height": 64}', "must be positive"),
     ('{"arrival_s": 0, "task": "image", "width": 64, "height": 64, "slo_ms": -5}', "slo_ms must"),
     ('{"arrival_s": NaN, "task": "image", "width": 64, "height": 64}', "arrival_s must"),
@@ -111,8 +111,7 @@ def test_bad_trace_lines_are_one_line(line, expected, tmp_path):
     trace = tmp_path / "t.jsonl"
     trace.write_text('{"arrival_s": 0, "task": "image", "width": 64, "height": 64}\n' + line + "\n")
     message = refusal(["--trace", str(trace), *NOWHERE, "--no-progress", "--out", str(tmp_path / "out")])
-    assert f"{trace}: " in message and expected in message
-    assert "request 2" in message or "JSON object" in message
+    assert f"{trace}:2: " in message and expected in message
 
 
 def test_summarize_without_a_run_directory(tmp_path):
