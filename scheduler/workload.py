@@ -171,7 +171,9 @@ def from_json(d: dict) -> TraceRequest:
                      (min(t.width, t.height, t.num_frames) >= 1,
                       "width, height and num_frames must be positive"),
                      (t.num_inference_steps >= 0, "num_inference_steps must not be negative"),
-                     (0 <= t.slo_ms < math.inf, "slo_ms must be a finite number >= 0")):
+                     (0 <= t.slo_ms < math.inf, "slo_ms must be a finite number >= 0"),
+                     (max(t.width, t.height, t.num_frames, t.num_inference_steps, t.slo_ms)
+                      < 2 ** 32, "sizes, steps and slo_ms must fit 32 bits (the API's fields)")):
         if not ok:  # also NaN
             raise ValueError(f"trace line: {rule}")
     return t

@@ -106,6 +106,7 @@ def test_bad_flags_are_one_line_before_anything_runs(args, expected, tmp_path):
     ('{"arrival_s": NaN, "task": "image", "width": 64, "height": 64}', "arrival_s must"),
     ('{"arrival_s": 0, "task": "image", "width": 64, "height": 64, "num_inference_steps": -1}',
      "num_inference_steps must not be negative"),
+    ('{"arrival_s": 0, "task": "image", "width": 4294967296, "height": 64}', "must fit 32 bits"),
 ])
 def test_bad_trace_lines_are_one_line(line, expected, tmp_path):
     trace = tmp_path / "t.jsonl"
