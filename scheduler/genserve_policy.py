@@ -34,7 +34,7 @@ from .dp import solve_mckp
 from .guards import FirstSight, forced_set, rejection
 from .imagepool import ImagePool
 from .placement import place, to_dispatches
-from .snapshot import Snapshot, is_image, is_video
+from .snapshot import PredictionMemo, Snapshot, is_image, is_video
 from .targets import Commitments, ImageLoad, select_targets
 from .types import ClusterSpec, CostModel, DeviceView, RequestView, StepPlan
 
@@ -94,10 +94,11 @@ class GenServePolicy:
         self._commitments = Commitments(admit_margin=self.options.admit_margin,
                                         start_now_s=self.options.start_now_s)
         self._image_load = ImageLoad()
+        self._predictions = PredictionMemo()  # kept while the calibration holds
 
     def plan(self, now_s: float, requests: list[RequestView] | tuple,
              devices: list[DeviceView] | tuple, cost: CostModel) -> StepPlan:
-        snap = Snapshot(now_s, requests, devices, cost, self.cluster)
+        snap = Snapshot(now_s, requests, devices, cost, self.cluster, self._predictions)
         o = self.options
         new_ids = self._first_sight.new_ids(requests)
         self._image_load.observe(snap, [snap.by_id[rid] for rid in new_ids])

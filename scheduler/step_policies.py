@@ -20,7 +20,7 @@ from .blocks import BlockPool
 from .dp import solve_mckp
 from .guards import FirstSight, admit_in_order, is_forced
 from .placement import Claim, grow, place, step_gain, worth_growing, to_dispatches
-from .snapshot import Snapshot, is_image, is_video, slo_s
+from .snapshot import PredictionMemo, Snapshot, is_image, is_video, slo_s
 from .types import ClusterSpec, CostModel, RequestView, StepPlan
 
 BIG = 1e3
@@ -42,9 +42,10 @@ class _StepBase:
         self.options = options
         self.name = name
         self._first_sight = FirstSight()
+        self._predictions = PredictionMemo()  # kept while the calibration holds
 
     def _start(self, now_s, requests, devices, cost):
-        snap = Snapshot(now_s, requests, devices, cost, self.cluster)
+        snap = Snapshot(now_s, requests, devices, cost, self.cluster, self._predictions)
         new_ids = self._first_sight.new_ids(requests)
         rejected = []
         if self.options.admission_control and new_ids:
