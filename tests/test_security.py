@@ -355,8 +355,8 @@ def test_cli_client_flags(tls_server, pki):
 
 def test_loadgen_through_tls_and_token(tls_server, pki, tmp_path):
     """``genserve loadgen`` takes the client flags: through TLS with a token
-    every request is served; with a wrong token each is refused, none lost;
-    the token is not written to the run's files."""
+    every request is served and the token is not written to the run's files;
+    with a wrong token the pre-flight call is refused and nothing is sent."""
     import json
 
     from genserve.loadgen.cli import main
@@ -364,13 +364,17 @@ def test_loadgen_through_tls_and_token(tls_server, pki, tmp_path):
     args = ["run", "--target", tls_server.target, "--tls-ca", str(pki / "ca.pem"), "--num-requests", "3",
             "--concurrency", "1", "--image-fraction", "1", "--steps-image", "1", "--output-format", "raw",
             "--no-progress", "--no-plots"]
-    for token, status in (("s3cret-alice", "OK"), ("wrong", "UNAUTHENTICATED")):
-        out = tmp_path / token
-        main(args + ["--token", token, "--out", str(out)])
-        records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
-        assert [r["status"] for r in records] == [status] * 3
-        summary = (out / "summary.json").read_text()
-        assert token not in summary and json.loads(summary)["settings"]["tls"] is True
+    out = tmp_path / "alice"
+    main(args + ["--token", "s3cret-alice", "--out", str(out)])
+    records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["OK"] * 3
+    summary = (out / "summary.json").read_text()
+    assert "s3cret-alice" not in summary and json.loads(summary)["settings"]["tls"] is True
+    out = tmp_path / "wrong"
+    with pytest.raises(SystemExit) as refused:
+        main(args + ["--token", "wrong", "--out", str(out)])
+    assert "refused the pre-flight ListModels call" in str(refused.value)
+    assert "UNAUTHENTICATED" in str(refused.value) and not out.exists()
 
 
 def test_health_needs_no_token(tls_server, pki):
