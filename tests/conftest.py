@@ -1,7 +1,9 @@
 """Shared fixtures: a real server process on loopback with 2 CPU workers."""
 from __future__ import annotations
 
+import contextlib
 import time
+from concurrent import futures
 
 import pytest
 
@@ -37,3 +39,21 @@ def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.05):
             return True
         time.sleep(interval_s)
     return False
+
+
+@contextlib.contextmanager
+def fake_genserve(servicer, max_workers: int = 8):
+    """An in-process gRPC server of ``servicer`` (a GenServeServicer stand-in)
+    on a free loopback port; yields its HOST:PORT."""
+    import grpc
+
+    from genserve.v1 import genserve_pb2_grpc as pb_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+    pb_grpc.add_GenServeServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None)

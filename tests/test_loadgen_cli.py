@@ -11,15 +11,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from concurrent import futures
 
-import grpc
 import pytest
 
 from genserve.loadgen.cli import main
 from genserve.loadgen.launch import free_port
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
+
+from conftest import fake_genserve
 
 EV = pb.GenerateEvent.Type
 IMAGE_FORMATS = [pb.OUTPUT_FORMAT_PNG, pb.OUTPUT_FORMAT_JPEG, pb.OUTPUT_FORMAT_WEBP, pb.OUTPUT_FORMAT_RAW]
@@ -44,12 +44,8 @@ class ModelsOnly(pb_grpc.GenServeServicer):
 @pytest.fixture(scope="module")
 def image_server():
     servicer = ModelsOnly()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    pb_grpc.add_GenServeServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield servicer, f"127.0.0.1:{port}"
-    server.stop(grace=None)
+    with fake_genserve(servicer) as target:
+        yield servicer, target
 
 
 def refusal(argv: list[str]) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from concurrent import futures
 
 import grpc
 import pytest
@@ -24,6 +23,8 @@ from genserve.loadgen.summary import summarize
 from genserve.scheduler.workload import TraceRequest
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
+
+from conftest import fake_genserve
 
 EV = pb.GenerateEvent.Type
 STEP_S = 0.002
@@ -62,13 +63,9 @@ class FakeGenServe(pb_grpc.GenServeServicer):
 @pytest.fixture(scope="module")
 def fake():
     servicer = FakeGenServe()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64))
-    pb_grpc.add_GenServeServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield servicer, f"127.0.0.1:{port}"
-    servicer.release.set()
-    server.stop(grace=None)
+    with fake_genserve(servicer, max_workers=64) as target:
+        yield servicer, target
+        servicer.release.set()
 
 
 def _item(t: float, task: str = "image", width: int = 64, slo_ms: float = 0, steps: int = 2) -> TraceRequest:
