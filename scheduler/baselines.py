@@ -102,8 +102,8 @@ class RequestLevelPolicy:
         return self.video_degree if is_video(r) else self.image_degree
 
     def _ordered(self, snap: Snapshot, waiting: list) -> list:
-        """``waiting`` in queue order: fcfs by (arrival, id), sjf by (remaining
-        time, arrival, id), edf by (hopeless, deadline, id)."""
+        """``waiting`` (requests not started) in queue order: fcfs by (arrival,
+        id), sjf by (remaining time, arrival, id), edf by (hopeless, deadline, id)."""
         if len(waiting) < 2:  # the usual case; keys are pure, so none need computing
             return list(waiting)
         order = self.options.order
@@ -113,11 +113,18 @@ class RequestLevelPolicy:
             return sorted(waiting, key=lambda r: (
                 snap.remaining_s(r, self._degree(r)), r.arrival_s, r.req_id))
         # edf: the deadline order, stably split into on-time then hopeless (the
-        # same order as the key (hopeless, deadline, id), at one test a request)
+        # same order as the key (hopeless, deadline, id)). Snapshot.hopeless,
+        # with the best remaining time looked up once per lane: the waiting
+        # requests of a lane share it (and the Snapshot's memo entry)
         on_time, late = [], []
-        hopeless = snap.hopeless
+        now = snap.now_s
+        best: dict[tuple, float] = {}
         for r in sorted(waiting, key=_BY_DEADLINE):
-            (late if hopeless(r) else on_time).append(r)
+            lane = (r.model, r.width, r.height, r.num_frames, r.num_steps)
+            b = best.get(lane)
+            if b is None:
+                b = best[lane] = snap.best_remaining_s(r)
+            (late if r.deadline_s - now < b else on_time).append(r)
         return on_time + late if late else on_time
 
     def _admission(self, snap: Snapshot, requests, waiting: list) -> list:
