@@ -27,7 +27,7 @@ from operator import attrgetter
 from .blocks import BlockPool, block_mask, ids_of, tile_blocks
 from .guards import FirstSight, admit_in_order
 from .snapshot import PredictionMemo, Snapshot, finish_plan, is_image, is_video
-from .types import IMAGE, ClusterSpec, CostModel, Dispatch, RequestView, StepPlan
+from .types import IMAGE, TASKS, ClusterSpec, CostModel, Dispatch, RequestView, StepPlan
 
 ORDERS = ("fcfs", "sjf", "edf")
 
@@ -75,7 +75,7 @@ class RequestLevelPolicy:
         return None
 
     def plan(self, now_s: float, requests, devices, cost: CostModel) -> StepPlan:
-        if not self.options.admission_control and not _may_dispatch(requests, devices):
+        if not self.options.admission_control and not self._may_start(requests, devices):
             return finish_plan(requests)  # the usual decision: nothing waits, or no room
         snap = Snapshot(now_s, requests, devices, cost, self.cluster, self._predictions)
         waiting = [r for r in snap.ready if r.steps_done == 0]  # in no order yet
@@ -96,6 +96,25 @@ class RequestLevelPolicy:
         else:
             out += self._grouped(snap, pool, waiting)
         return finish_plan(started, out, rejected)
+
+    def _may_start(self, requests, devices) -> bool:
+        """Whether this decision might place a request (False: its plan is
+        surely empty). Made before any Snapshot: most decisions place nothing."""
+        if self._groups is None:
+            return _may_dispatch(requests, devices)
+        idle = 0
+        for d in devices:
+            if d.idle:
+                idle |= 1 << d.device_id
+        if not idle:
+            return False
+        tasks = _tasks_of([g for g in self._groups if idle & g[0] == g[0]])
+        # a waiting request a free group serves, or a started one (rare here:
+        # it may resume on any idle devices); newest first, the likeliest to wait
+        for r in reversed(requests):
+            if (r.task in tasks or r.steps_done > 0) and not r.running:
+                return True
+        return False
 
     # -- ordering and admission ---------------------------------------------
     def _degree(self, r: RequestView) -> int:
@@ -191,9 +210,13 @@ class RequestLevelPolicy:
         out = []
         taken: set[str] = set()
         free_groups = [(m, tasks) for m, tasks in self._groups if pool.free & m == m]
+        if not free_groups:
+            return out
         # a request no free group serves is passed over: only the others need ordering
         servable = _tasks_of(free_groups)
-        queue = self._ordered(snap, [r for r in waiting if r.task in servable])
+        if len(servable) < len(TASKS):
+            waiting = [r for r in waiting if r.task in servable]
+        queue = self._ordered(snap, waiting)
         groups = _image_groups(snap, queue) if self.options.batching else {}
         for r in queue:
             if not free_groups:

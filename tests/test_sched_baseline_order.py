@@ -1,7 +1,9 @@
 """Shortcuts of the request-level baselines that must not change a plan:
 the queue order (``RequestLevelPolicy._ordered``: edf looks up one best
 remaining time per lane, as the waiting requests of one class and step count
-share every prediction) must be the sort by the documented keys."""
+share every prediction) must be the sort by the documented keys, and the
+quick test that a decision places nothing (``_may_start``) must never skip
+a decision that places something."""
 
 from hypothesis import given, settings, strategies as st
 
@@ -54,3 +56,34 @@ def test_queue_order_is_the_sort_by_the_documented_key(waiting, name):
     got = [r.req_id for r in policy._ordered(snap, list(waiting))]
     assert got == [r.req_id for r in sorted(waiting, key=key)]
 
+
+@st.composite
+def states(draw):
+    """Waiting, started (paused or not) and running requests, some devices idle."""
+    requests = []
+    for r in draw(waiting_requests(max_size=12)):
+        kind = draw(st.sampled_from(["waiting", "waiting", "started", "running"]))
+        if kind == "waiting":
+            requests.append(r)
+            continue
+        degree = 1 if r.task == "image" else 4
+        start = draw(st.sampled_from(range(0, CLUSTER.num_devices, degree)))
+        requests.append(RequestView(r.req_id, r.task, r.model, r.width, r.height, r.num_frames,
+                                    r.num_steps, draw(st.integers(1, r.num_steps - 1)),
+                                    r.arrival_s, r.deadline_s, 0,
+                                    tuple(range(start, start + degree)), kind == "running",
+                                    kind == "started" and draw(st.booleans())))
+    idle = draw(st.lists(st.booleans(), min_size=CLUSTER.num_devices,
+                         max_size=CLUSTER.num_devices))
+    devices = [DeviceView(d, idle[d], NOW if idle[d] else NOW + 5.0) for d in range(len(idle))]
+    return requests, devices
+
+
+@settings(max_examples=300, deadline=None)
+@given(states(), st.sampled_from(["fcfs", "edf", "static", "fixed-sp"]))
+def test_a_decision_skipped_as_empty_would_place_nothing(state, name):
+    requests, devices = state
+    policy = make_policy(name, CLUSTER)
+    full = make_policy(name, CLUSTER)
+    full._may_start = lambda requests, devices: True  # always the whole decision
+    assert policy.plan(NOW, requests, devices, COST) == full.plan(NOW, requests, devices, COST)
