@@ -60,6 +60,9 @@ class RequestLevelPolicy:
         self.image_degree = (min(self.video_degree, cluster.max_image_sp_degree)
                              if options.groups == "fixed-sp" else 1)
         self._groups = self._make_groups(n)
+        self._free_tasks: dict[int, set[str]] = {}  # idle mask -> tasks its free groups serve
+        # the quick test that a decision can place nothing, made before any Snapshot
+        self._may_start = _may_dispatch if self._groups is None else self._may_start_in_groups
 
     def _make_groups(self, n: int):
         """(mask, tasks) per fixed group, or None for buddy allocation."""
@@ -97,18 +100,19 @@ class RequestLevelPolicy:
             out += self._grouped(snap, pool, waiting)
         return finish_plan(started, out, rejected)
 
-    def _may_start(self, requests, devices) -> bool:
+    def _may_start_in_groups(self, requests, devices) -> bool:
         """Whether this decision might place a request (False: its plan is
-        surely empty). Made before any Snapshot: most decisions place nothing."""
-        if self._groups is None:
-            return _may_dispatch(requests, devices)
+        surely empty; at a high load most decisions of static and fixed-sp)."""
         idle = 0
         for d in devices:
             if d.idle:
                 idle |= 1 << d.device_id
         if not idle:
             return False
-        tasks = _tasks_of([g for g in self._groups if idle & g[0] == g[0]])
+        tasks = self._free_tasks.get(idle)
+        if tasks is None:
+            tasks = self._free_tasks[idle] = _tasks_of(
+                [g for g in self._groups if idle & g[0] == g[0]])
         # a waiting request a free group serves, or a started one (rare here:
         # it may resume on any idle devices); newest first, the likeliest to wait
         for r in reversed(requests):
