@@ -71,8 +71,11 @@ class Client:
     def cancel(self, request_id: str) -> bool:
         return self.stub.Cancel(pb.CancelRequest(request_id=request_id), metadata=self.metadata).cancelled
 
-    def models(self) -> list[pb.ModelInfo]:
-        return list(self.stub.ListModels(pb.ListModelsRequest(), metadata=self.metadata).models)
+    def models(self, *, timeout_s: float | None = None, wait_for_ready: bool = False) -> list[pb.ModelInfo]:
+        """The served models; ``wait_for_ready``: wait (up to ``timeout_s``) for
+        a server that is not reachable yet instead of failing at once."""
+        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s, metadata=self.metadata,
+                                         wait_for_ready=wait_for_ready).models)
 
     def close(self) -> None:
         self.channel.close()

@@ -57,19 +57,15 @@ def check_server(target: str, client_options: dict | None = None,
     ``wait_s`` for the server to come up; PreflightError (with the gRPC status)
     if it does not answer, or refuses the call (e.g. a bad token)."""
     with Client(target, **(client_options or {})) as client:
-        def list_models(**kw) -> list[pb.ModelInfo]:
-            return list(client.stub.ListModels(pb.ListModelsRequest(), metadata=client.metadata,
-                                               **kw).models)
-
         try:
             try:
-                return list_models(timeout=wait_s, wait_for_ready=True)
+                return client.models(timeout_s=wait_s, wait_for_ready=True)
             except grpc.RpcError as err:
                 if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise
                 # Still not connected: without waiting, the call fails at once with the reason
                 # (connection refused, name not resolved, TLS handshake ...).
-                return list_models(timeout=1.0)
+                return client.models(timeout_s=1.0)
         except grpc.RpcError as err:
             code = err.code()
             what = ("cannot reach the server" if code in (
