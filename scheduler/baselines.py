@@ -85,7 +85,7 @@ class RequestLevelPolicy:
         # started ones that wait too (rare here): only they can be preempted
         started = [r for r in snap.ready if r.steps_done > 0] if (
             len(waiting) < len(snap.ready)) else []
-        rejected = (self._admission(snap, requests, waiting)
+        rejected = (self._admission(snap, requests, started, waiting)
                     if self.options.admission_control else [])
         if not snap.idle_mask or not snap.ready:  # nowhere to place, or nothing to
             return finish_plan(started, (), rejected)
@@ -150,14 +150,13 @@ class RequestLevelPolicy:
             (late if r.deadline_s - now < b else on_time).append(r)
         return on_time + late if late else on_time
 
-    def _admission(self, snap: Snapshot, requests, waiting: list) -> list:
-        if not self.options.admission_control:
-            return []
+    def _admission(self, snap: Snapshot, requests, started: list, waiting: list) -> list:
+        """Refusals of newcomers the queue ahead of them would push past their
+        deadline (admission control on)."""
         new_ids = self._first_sight.new_ids(requests)
         if not new_ids:
             return []
-        ordered = (snap.running + [r for r in snap.ready if r.steps_done > 0]
-                   + self._ordered(snap, waiting))
+        ordered = snap.running + started + self._ordered(snap, waiting)
         return admit_in_order(
             snap, new_ids, ordered,
             lambda r: self._degree(r) * snap.remaining_s(r, self._degree(r)),
