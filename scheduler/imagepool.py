@@ -8,6 +8,9 @@ new unit while devices remain (spreading: lower latency) and otherwise join
 a unit of their class (batching: less device time). An image that cannot
 meet its deadline at SP degree 1 opens a unit at the smallest degree that
 does (elastic SP for images), when enough slots remain.
+
+A policy forms units for several device budgets in one decision, so each
+image's budget at each degree is computed once per pool (``_cap``).
 """
 from __future__ import annotations
 
@@ -32,6 +35,11 @@ class Unit:
     pin: int = 0  # devices it must run on (state cannot move); 0: anywhere
     prefer: int = 0  # devices holding some member's state
     serial_s: float = 0.0  # members' encodes and decodes: run one after another
+    index: list = field(default_factory=list)  # members' positions in the pool
+    # another image of its class can still join: not full, and its step time
+    # one member larger still within ``cap_s`` (never true again once false:
+    # a join only lowers ``cap_s`` and lengthens the step)
+    open: bool = True
 
 
 class ImagePool:
@@ -44,21 +52,31 @@ class ImagePool:
         self.max_batch = max(1, max_batch if batching else 1)
         max_degree = min(max_degree, snap.cluster.max_image_sp_degree)
         self.degrees = tuple(k for k in snap.degrees if k <= max_degree) or (1,)
-        self.need = [self._need(r) for r in images]  # smallest on-time degree, or -1
+        now = snap.now_s
+        self.left = [r.num_steps - r.steps_done for r in images]  # steps left
+        self.budget = [r.deadline_s - now for r in images]  # time until the deadline
+        self._caps: dict[tuple[int, int], tuple[float, float]] = {}
+        self.need = [self._need(i) for i in range(len(images))]  # smallest on-time degree, or -1
 
     def allowed(self, r: RequestView) -> tuple[int, ...]:
         """Degrees r may run at: its pinned block's size when its state cannot move."""
         pin = self.snap.pinned_mask(r)
         return (pin.bit_count(),) if pin else self.degrees
 
-    def cap_s(self, r: RequestView, k: int) -> float:
-        """Largest per-step time at degree k that still finishes r on time."""
-        budget = r.deadline_s - self.snap.now_s
-        return (budget - self.snap.overhead_s(r, k, r.steps_left)) / r.steps_left
+    def _cap(self, i: int, k: int) -> tuple[float, float]:
+        """(largest per-step time at degree k that still finishes image i on
+        time, its encode and decode at k)."""
+        v = self._caps.get((i, k))
+        if v is None:
+            left = self.left[i]
+            over = self.snap.overhead_s(self.images[i], k, left)
+            v = self._caps[(i, k)] = ((self.budget[i] - over) / left, over)
+        return v
 
-    def _need(self, r: RequestView) -> int:
+    def _need(self, i: int) -> int:
+        r = self.images[i]
         for k in self.allowed(r):
-            if self.snap.step_s(r, k, 1) <= self.cap_s(r, k):
+            if self.snap.step_s(r, k, 1) <= self._cap(i, k)[0]:
                 return k
         return -1
 
@@ -72,6 +90,7 @@ class ImagePool:
         """
         units: list[Unit] = []
         by_key: dict[tuple, list] = {}  # class -> heap of (size, seq, unit)
+        joinable: dict[tuple, int] = {}  # class -> its open units
         used = 0
         idle = self.snap.idle_mask
         limit = len(self.images) if scan_limit is None else min(scan_limit, len(self.images))
@@ -88,51 +107,69 @@ class ImagePool:
                 k = self.allowed(r)[0]
             key = (r.model, r.width, r.height, r.num_frames, pin)
             if used + k <= slots:  # spread while devices remain
-                unit = Unit(key, k, [r], self.cap_s(r, k) if on_time else INF, pin, _prefer(r),
-                            self.snap.overhead_s(r, k, r.steps_left))
+                cap, over = self._cap(i, k)
+                unit = Unit(key, k, [r], cap if on_time else INF, pin, _prefer(r), over, [i])
                 units.append(unit)
                 heapq.heappush(by_key.setdefault(key, []), (1, len(units), unit))
                 used += k
-            elif self.max_batch > 1 and key in by_key:
-                self._join(by_key[key], r, on_time)
+                if self._reopen(unit):
+                    joinable[key] = joinable.get(key, 0) + 1
+            elif joinable.get(key):  # (no open unit: every try would fail)
+                joined = self._join(by_key[key], i, on_time)
+                if joined is not None and not self._reopen(joined):
+                    joinable[key] -= 1
         return units, used
 
-    def _join(self, heap: list, r: RequestView, on_time: bool) -> bool:
-        """Add r to the smallest unit of its class that stays on time with it
-        (the three smallest are tried)."""
+    def _reopen(self, unit: Unit) -> bool:
+        """Whether another member could join ``unit`` (sets ``unit.open``)."""
+        size = len(unit.members)
+        unit.open = size < self.max_batch and self.snap.step_s(
+            unit.members[0], unit.degree, size + 1) <= unit.cap_s
+        return unit.open
+
+    def _join(self, heap: list, i: int, on_time: bool) -> Unit | None:
+        """Add image i to the smallest unit of its class that stays on time
+        with it (the three smallest are tried); the unit it joined."""
+        r = self.images[i]
         tried = []
-        joined = False
+        joined = None
         while heap and len(tried) < 3:
             size, seq, unit = heapq.heappop(heap)
             tried.append((size, seq, unit))
             if size >= self.max_batch:
                 break
-            cap = min(unit.cap_s, self.cap_s(r, unit.degree) if on_time else INF)
-            if self.snap.step_s(r, unit.degree, size + 1) <= cap and self._fits(unit, r, on_time):
+            if not unit.open:
+                continue
+            own_cap, over = self._cap(i, unit.degree)
+            cap = min(unit.cap_s, own_cap) if on_time else unit.cap_s
+            if self.snap.step_s(r, unit.degree, size + 1) <= cap and self._fits(
+                    unit, i, over, on_time):
                 unit.members.append(r)
+                unit.index.append(i)
                 unit.cap_s = cap
-                unit.serial_s += self.snap.overhead_s(r, unit.degree, r.steps_left)
+                unit.serial_s += over
                 unit.prefer |= _prefer(r)
                 tried[-1] = (size + 1, seq, unit)
-                joined = True
+                joined = unit
                 break
         for entry in tried:
             heapq.heappush(heap, entry)
         return joined
 
-    def _fits(self, unit: Unit, r: RequestView, on_time: bool) -> bool:
-        """No member on time without r is late with it, nor r itself if it
-        can be on time: a worker encodes each new member and decodes each
-        finished one in turn, so each waits for the others' encodes and
+    def _fits(self, unit: Unit, i: int, over: float, on_time: bool) -> bool:
+        """No member on time without image i is late with it, nor i itself
+        if it can be on time: a worker encodes each new member and decodes
+        each finished one in turn, so each waits for the others' encodes and
         decodes (``cap_s`` counts only its own)."""
         snap, k, size = self.snap, unit.degree, len(unit.members)
+        r = self.images[i]
         before, after = snap.step_s(r, k, size), snap.step_s(r, k, size + 1)
-        serial = unit.serial_s + snap.overhead_s(r, k, r.steps_left)
-        for m in unit.members:
-            left = m.deadline_s - snap.now_s
-            if m.steps_left * before + unit.serial_s <= left < m.steps_left * after + serial:
+        serial = unit.serial_s + over
+        left, budget = self.left, self.budget
+        for m in unit.index:
+            if left[m] * before + unit.serial_s <= budget[m] < left[m] * after + serial:
                 return False
-        return not on_time or r.steps_left * after + serial <= r.deadline_s - snap.now_s
+        return not on_time or left[i] * after + serial <= budget[i]
 
 
 def _prefer(r: RequestView) -> int:
