@@ -168,8 +168,9 @@ def image_holds(dec, pool: BlockPool, placed: list, hold_s: float) -> int:
     taken = {r.req_id for c in placed for r in c.members}
     claimed = snap.idle_mask & ~pool.free  # idle at the snapshot, taken by this plan
     held = 0
+    placeable = {k: pool.can_take(k) for k in set(img.need) if k > 0}  # (pool is not changed here)
     for r, k in zip(img.images, img.need):
-        if k <= 0 or r.req_id in taken or r.req_id not in dec.targets or pool.can_take(k):
+        if k <= 0 or r.req_id in taken or r.req_id not in dec.targets or placeable[k]:
             continue
         if snap.pinned_mask(r):
             continue
@@ -332,7 +333,7 @@ def _video_behind(dec, placed: list) -> bool:
     snap = dec.snap
     degree = {c.members[0].req_id: c.degree for c in placed}
     for r in snap.requests:
-        if is_video(r) and r.req_id in dec.targets:
+        if r.req_id in dec.targets and is_video(r):
             k = len(r.device_ids) if r.running else degree.get(r.req_id, 0)
             if k < need_degree(snap, r, dec.video_degrees(r)):
                 return True

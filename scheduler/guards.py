@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Sequence
 
-from .snapshot import Snapshot, is_video, slo_s
+from .snapshot import Snapshot, is_video
 from .types import Rejection, RequestView
 
 REASON = "RESOURCE_EXHAUSTED"
@@ -64,11 +64,13 @@ def is_forced(snap: Snapshot, r: RequestView, max_preemptions: int,
     if (is_video(r) and r.steps_done > 0 and r.num_preemptions >= max_preemptions
             and (r.req_id in targets if targets is not None else not snap.hopeless(r))):
         return True
-    return starvation_factor > 0 and snap.now_s - r.arrival_s >= starvation_factor * slo_s(r)
+    return aged(snap, r, starvation_factor)
 
 
 def aged(snap: Snapshot, r: RequestView, starvation_factor: float) -> bool:
-    return starvation_factor > 0 and snap.now_s - r.arrival_s >= starvation_factor * slo_s(r)
+    # (slo_s inlined: every waiting request is tested at every decision)
+    return starvation_factor > 0 and snap.now_s - r.arrival_s >= starvation_factor * max(
+        r.deadline_s - r.arrival_s, 1e-6)
 
 
 def forced_set(snap: Snapshot, ready, max_preemptions: int, starvation_factor: float,
@@ -78,7 +80,7 @@ def forced_set(snap: Snapshot, ready, max_preemptions: int, starvation_factor: f
     included) hold at most ``share`` of the devices (at least one), so aging
     guarantees progress without letting a backlog crowd out the on-time work."""
     out = {r.req_id for r in ready
-           if is_video(r) and r.steps_done > 0 and r.num_preemptions >= max_preemptions
+           if r.num_preemptions >= max_preemptions and r.steps_done > 0 and is_video(r)
            and r.req_id in targets}
     budget = max(1, int(share * snap.num_devices))
     budget -= sum(len(r.device_ids) for r in snap.running if aged(snap, r, starvation_factor))

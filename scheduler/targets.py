@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from .snapshot import Snapshot, is_image, is_video
 
+INF = float("inf")
 MARGIN = 0.02  # a plan must leave this share of the remaining time
 
 
@@ -70,8 +71,9 @@ def min_work_s(snap: Snapshot, r, batch: int = 1) -> float:  # used by tests and
 
 def select_targets(snap: Snapshot, requests, capacity_factor: float = 0.9,
                    max_batch: int = 8, commitments: "Commitments | None" = None) -> TargetSet:
-    images = [r for r in requests if is_image(r)]
-    videos = [r for r in requests if is_video(r)]
+    images, videos = [], []
+    for r in requests:
+        (images if is_image(r) else videos).append(r)
     kept, hopeless, dropped, finish, work, tight = _images(snap, images, capacity_factor,
                                                         max_batch)
     commitments = commitments if commitments is not None else Commitments()
@@ -90,49 +92,57 @@ def select_targets(snap: Snapshot, requests, capacity_factor: float = 0.9,
 def _images(snap: Snapshot, images, capacity_factor: float, max_batch: int):
     counts: dict[tuple, int] = {}
     for r in images:
-        key = snap.class_key(r)
+        key = (r.model, r.width, r.height, r.num_frames)  # snap.class_key(r)
         counts[key] = counts.get(key, 0) + 1
     entries, hopeless = [], set()
-    table: dict[tuple, tuple] = {}  # one duration table per class and progress
+    # per class and progress, for each degree: (run time alone, work alone,
+    # run time in the class's batch, least work when that batch is on time)
+    table: dict[tuple, tuple] = {}
     now = snap.now_s
     for r in images:
-        key = (snap.class_key(r), r.steps_left, r.steps_done == 0 and not r.running,
-               snap.pinned_mask(r))
+        done = r.steps_done
+        key = (r.model, r.width, r.height, r.num_frames, r.num_steps - done,
+               done == 0 and not r.running, snap.pinned_mask(r) if done else 0)
         rows = table.get(key)
         if rows is None:
-            batch = min(counts[key[0]], max_batch)
+            batch = min(counts[key[:4]], max_batch)
             batched = snap.durations(r, batch)
-            rows = table[key] = tuple((k * dur, dur, k * bdur / batch, bdur) for (k, dur), (
-                _, bdur) in zip(snap.durations(r), batched))
+            rows = table[key] = tuple(
+                (dur, k * dur, bdur, min(k * bdur / batch, k * dur))
+                for (k, dur), (_, bdur) in zip(snap.durations(r), batched))
         budget = r.deadline_s - now
-        work = float("inf")
-        for solo_work, dur, batch_work, bdur in rows:
+        work = INF
+        for dur, solo_work, bdur, least_work in rows:
             if dur <= budget:
-                work = min(work, batch_work if bdur <= budget else solo_work, solo_work)
-        if work == float("inf"):
+                w = least_work if bdur <= budget else solo_work
+                if w < work:
+                    work = w
+        if work == INF:
             hopeless.add(r.req_id)
         else:
             entries.append((r.deadline_s, work, r.req_id))
     entries.sort()
     n = snap.num_devices * capacity_factor
     heap: list[tuple[float, str]] = []
-    total, tight = 0.0, 0.0
+    total, load = 0.0, 0.0  # load: the largest work / capacity so far
     dropped: set[str] = set()
     finish: dict[str, float] = {}
     for deadline, work, rid in entries:
         heapq.heappush(heap, (-work, rid))
         total += work
-        capacity = n * max(deadline - snap.now_s, 1e-9)
+        span = deadline - now
+        capacity = n * (span if span > 1e-9 else 1e-9)
         while total > capacity and heap:
             w, victim = heapq.heappop(heap)
             total += w
             dropped.add(victim)
             finish[victim] = deadline
-        tight = max(tight, min(total / capacity, 1.0))
+        if total / capacity > load:
+            load = total / capacity
         if rid not in dropped:
-            finish[rid] = snap.now_s + total / n
+            finish[rid] = now + total / n
     kept = {rid for _, _, rid in entries if rid not in dropped}
-    return kept, hopeless, dropped, finish, total, tight
+    return kept, hopeless, dropped, finish, total, min(load, 1.0)
 
 
 class Commitments:
