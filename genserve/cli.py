@@ -194,14 +194,14 @@ def cmd_generate(args) -> None:
     import grpc
     from tqdm import tqdm
 
-    from genserve.client import Client
+    from genserve.client import UINT32_MAX, Client
     from genserve.v1 import genserve_pb2 as pb
 
     T = pb.GenerateEvent.Type
     for flag in ("width", "height", "frames", "fps", "steps", "slo_ms"):
         value = getattr(args, flag)
-        if value is not None and value < 0:  # the request's fields are unsigned
-            sys.exit(f"error: --{flag.replace('_', '-')} must not be negative, got {value}")
+        if value is not None and not 0 <= value <= UINT32_MAX:  # unsigned 32-bit fields
+            sys.exit(f"error: --{flag.replace('_', '-')} must be in 0..{UINT32_MAX}, got {value}")
     with Client(args.target, **client_options(args)) as client:
         stream = client.stream(args.prompt, task=args.task, model=args.model, negative_prompt=args.negative_prompt,
                                width=args.width, height=args.height, num_frames=args.frames, fps=args.fps,

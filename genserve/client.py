@@ -22,6 +22,7 @@ FORMATS = {"": pb.OUTPUT_FORMAT_UNSPECIFIED, "png": pb.OUTPUT_FORMAT_PNG, "jpeg"
            "webp": pb.OUTPUT_FORMAT_WEBP, "mp4": pb.OUTPUT_FORMAT_MP4, "gif": pb.OUTPUT_FORMAT_GIF,
            "raw": pb.OUTPUT_FORMAT_RAW}
 _OPTIONS = [("grpc.max_receive_message_length", 512 << 20)]
+UINT32_MAX = 2**32 - 1
 
 
 def build_request(prompt: str, *, task: str = "image", model: str = "", negative_prompt: str = "",
@@ -29,7 +30,20 @@ def build_request(prompt: str, *, task: str = "image", model: str = "", negative
                   fps: int | None = None, steps: int | None = None, guidance_scale: float | None = None,
                   seed: int | None = None, slo_ms: int = 0, output_format: str = "",
                   request_id: str = "") -> pb.GenerateRequest:
-    """A GenerateRequest; ``None`` leaves a field unset (the server's default)."""
+    """A GenerateRequest; ``None`` leaves a field unset (the server's default).
+
+    ValueError names a field that cannot be sent (the server decides what is
+    served: a size it does not support is INVALID_ARGUMENT there)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(t for t in TASKS if t)}, got {task!r}")
+    if output_format.lower() not in FORMATS:
+        raise ValueError(f"output_format must be one of {', '.join(f for f in FORMATS if f)}, "
+                         f"got {output_format!r}")
+    sizes = {"width": width, "height": height, "num_frames": num_frames, "fps": fps,
+             "steps": steps, "slo_ms": slo_ms}
+    for name, value in sizes.items():  # unsigned 32-bit in the request
+        if value is not None and not 0 <= value <= UINT32_MAX:
+            raise ValueError(f"{name} must be in 0..{UINT32_MAX}, got {value}")
     req = pb.GenerateRequest(request_id=request_id, model=model, task=TASKS[task], prompt=prompt,
                              negative_prompt=negative_prompt, slo_ms=slo_ms,
                              output_format=FORMATS[output_format.lower()])

@@ -83,3 +83,17 @@ def test_server_caps_lower_model_limits():
         v.request(build_request("a", task="image", steps=11))
     with pytest.raises(RequestError, match="^num_frames: 21 is outside 1..17"):
         v.request(build_request("a", task="video", num_frames=21))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(width=-5), "width must be in 0..4294967295, got -5"),
+    (dict(num_frames=2**32), "num_frames must be in 0..4294967295"),
+    (dict(slo_ms=-1), "slo_ms must be in 0.."),
+    (dict(task="audio"), "task must be one of image, video, got 'audio'"),
+    (dict(output_format="bmp"), "output_format must be one of png, jpeg"),
+])
+def test_client_refuses_fields_it_cannot_send(fields, message):
+    """What the request cannot carry is a clear ValueError in the caller, not
+    protobuf's; what it can carry the server judges (above)."""
+    with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        build_request("a cat", **fields)
