@@ -31,8 +31,11 @@ def _zero_or_power_of_two(v) -> bool:
 
 
 # (argument, test, what it must be): checked before anything is built or sent.
-# Workload shapes, rates and the class mix are checked by WorkloadOptions / WorkloadSpec.
+# Workload shapes are checked by WorkloadOptions / WorkloadSpec (which check
+# the rest again for callers other than this command).
 RANGES = (
+    ("rate", _positive, "must be positive"),
+    ("image_fraction", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     ("num_requests", _not_negative, "must not be negative"),
     ("duration_s", _not_negative, "must not be negative"),
     ("slo_ms_image", _not_negative, "must not be negative (0: the server's default)"),
@@ -186,6 +189,10 @@ def check_args(args) -> None:
     for name, ok, rule in RANGES:
         if not ok(getattr(args, name)):
             raise ValueError(f"{_flag(name)} {rule}, not {getattr(args, name)}")
+    if args.arrival == "gamma" and not args.cv > 0:
+        raise ValueError(f"--cv must be positive with gamma arrivals, not {args.cv}")
+    if not (args.trace or args.num_requests or args.duration_s):
+        raise ValueError("give --num-requests or --duration-s (or --trace)")
     if args.output_format.lower() not in FORMATS:
         raise ValueError(f"--output-format must be one of {'|'.join(filter(None, FORMATS))}, "
                          f"not {args.output_format!r}")

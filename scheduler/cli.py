@@ -96,7 +96,12 @@ def _setup(args):
     bad = [p for p in policies if p not in POLICY_NAMES]
     if bad or not policies:
         raise ValueError(f"unknown policies {bad}; choose from {', '.join(POLICY_NAMES)}")
-    for flag, value, ok in (("--slo-scale", args.slo_scale, args.slo_scale > 0),
+    if args.num_requests <= 0 and args.duration_s <= 0 and not args.trace:
+        raise ValueError("give --num-requests or --duration-s (a positive number)")
+    for flag, value, ok in (("--rate", args.rate, args.rate > 0),
+                            ("--cv", args.cv, args.cv > 0 or args.arrival != "gamma"),
+                            ("--mix", args.mix, 0 <= args.mix <= 1),
+                            ("--slo-scale", args.slo_scale, args.slo_scale > 0),
                             ("--true-scale", args.true_scale, args.true_scale > 0),
                             ("--noise-cv", args.noise_cv, args.noise_cv >= 0),
                             ("--duration-s", args.duration_s, args.duration_s >= 0),

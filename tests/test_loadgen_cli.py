@@ -75,6 +75,10 @@ NOWHERE = ["--target", "127.0.0.1:9"]  # nothing listens on port 9 (the discard 
     (["--num-requests", "-3"], "--num-requests must not be negative"),
     (["--duration-s", "-1"], "--duration-s must not be negative"),
     (["--rate", "nan"], "--rate must be a finite number"),
+    (["--rate", "0"], "--rate must be positive"),
+    (["--arrival", "gamma", "--cv", "0"], "--cv must be positive with gamma arrivals"),
+    (["--image-fraction", "1.5"], "--image-fraction must be in [0, 1]"),
+    (["--num-requests", "0"], "give --num-requests or --duration-s (or --trace)"),
     (["--output-format", "bogus"], "--output-format must be one of"),
     (["--metrics-url", "garbage url"], "metrics URL 'garbage url'"),
     (["--metrics-url", "host:port"], "metrics URL 'host:port'"),
@@ -129,7 +133,8 @@ def test_nothing_listening_fails_fast_and_writes_nothing(tmp_path):
     assert message.startswith(f"loadgen: cannot reach the server at {target}: UNAVAILABLE: ")
     assert not out.exists()
     targets = f"a={target}"
-    message = refusal(["compare", "--targets", targets, "--connect-timeout-s", "1", "--out", str(out)])
+    message = refusal(["compare", "--targets", targets, "--connect-timeout-s", "1", "--num-requests", "20",
+                       "--out", str(out)])
     assert f"cannot reach the server at {target}" in message and not out.exists()
 
 
@@ -137,7 +142,7 @@ def test_cli_prints_one_line_and_no_traceback(tmp_path):
     """The real command line: stderr is exactly the one line, the status 1."""
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "genserve", "loadgen", "--target", f"127.0.0.1:{free_port()}",
-                           "--connect-timeout-s", "0.5", "--out", str(out)],
+                           "--connect-timeout-s", "0.5", "--num-requests", "5", "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("loadgen: cannot reach")
@@ -167,7 +172,7 @@ def test_workload_the_server_cannot_serve_is_refused(image_server, tmp_path):
 def test_metrics_url_must_answer_before_the_run(image_server, tmp_path):
     servicer, target = image_server
     before = servicer.num_generated
-    message = refusal(["--target", target, "--image-fraction", "1", "--metrics-url",
+    message = refusal(["--target", target, "--image-fraction", "1", "--num-requests", "3", "--metrics-url",
                        f"127.0.0.1:{free_port()}", "--out", str(tmp_path / "out")])
     assert "cannot scrape the metrics URL http://127.0.0.1:" in message
     assert servicer.num_generated == before and not (tmp_path / "out").exists()
