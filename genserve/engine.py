@@ -21,7 +21,7 @@ from genserve.recovery import RestartBackoff, SPRecovery
 from genserve.scheduler import make_policy as _make_named_policy
 from genserve.scheduler.types import IDLE_REPLAN_S, ClusterSpec, DeviceView, Dispatch, StepPlan
 from genserve.tracked import Sink, Tracked
-from genserve.types import EventType, Request, RequestError
+from genserve.types import Event, EventType, Request, RequestError
 from genserve.workers import protocol as P
 from genserve.worker_loss import WorkerLoss
 from genserve.workers.executor import Executor
@@ -88,10 +88,12 @@ class Engine(WorkerLoss):
         """Requests accepted and not yet ended (read from any thread)."""
         return len(self.tracked) + self._inbox.qsize()
 
-    def abandon(self, req_id: str) -> None:
-        """Cancel without waiting for the answer (safe from any thread or an
-        event loop: the client that owned the request is gone)."""
-        self._post(("cancel", req_id, [False], threading.Event()))
+    def abandon(self, req_id: str, sink: Sink) -> None:
+        """The caller that submitted with ``sink`` is gone (its deadline
+        passed, or it cancelled or closed its call): it gets no more events,
+        and the request is cancelled when no caller is left. Does not wait
+        (safe from any thread or an event loop)."""
+        self._post(("abandon", req_id, sink))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="genserve-engine", daemon=True)
@@ -115,8 +117,9 @@ class Engine(WorkerLoss):
             except Exception:  # the loop must survive its own bugs
                 log.exception("engine step failed")
                 time.sleep(0.05)
-        for t in list(self.tracked.values()):
-            self._finish(t, EventType.FAILED, "UNAVAILABLE", "server shutting down")
+        while self.tracked:  # (a finished request may admit a resubmission of its id)
+            for t in list(self.tracked.values()):
+                self._finish(t, EventType.FAILED, "UNAVAILABLE", "server shutting down")
 
     def step(self) -> None:
         self._take_inbox()
@@ -165,12 +168,22 @@ class Engine(WorkerLoss):
                 _, req_id, answer, done = item
                 answer[0] = self._cancel(req_id)
                 done.set()
+            elif item[0] == "abandon":
+                self._abandon(item[1], item[2])
         self._num_waiting = sum(1 for t in self.tracked.values() if t.started_s is None)
 
     def _admit(self, req: Request, sink: Sink) -> None:
         existing = self.tracked.get(req.req_id)
-        if existing is not None:  # same id still running: attach to it
-            existing.sinks.append(sink)
+        if existing is not None:  # same id still unfinished
+            if existing.req.fingerprint != req.fingerprint:
+                self.metrics.request_finished(req.task, req.model, "ALREADY_EXISTS", None, None, None)
+                sink(Event(req.req_id, EventType.FAILED, 0.0, status="ALREADY_EXISTS",
+                           reason="request_id: in use by a different unfinished request; "
+                                  "resubmit the same request to attach to it, or use another id"))
+            elif existing.cancel_requested:  # stopping: the resubmission starts afresh after it
+                existing.successors.append((req, sink))
+            else:  # attach: every caller gets the events from here on
+                existing.sinks.append(sink)
             return
         slo_ms = req.slo_ms or self._default_slo_ms(req)
         t = Tracked(req, slo_ms, [sink])
@@ -412,6 +425,18 @@ class Engine(WorkerLoss):
         slo_met = None if status == "CANCELLED" else False  # a failure counts as a miss
         self.metrics.request_finished(t.req.task, t.req.model, status, now - t.req.arrival_s, queue_s, slo_met)
         t.emit(now, kind, reason=reason, status=status)
+        for req, sink in t.successors:  # its id is free again
+            self._admit(req, sink)
+
+    def _abandon(self, req_id: str, sink: Sink) -> None:
+        t = self.tracked.get(req_id)
+        if t is None or t.done:
+            return
+        t.successors = [(r, s) for r, s in t.successors if s is not sink]
+        if sink in t.sinks:
+            t.sinks.remove(sink)
+            if not t.sinks:  # nobody waits for it any more
+                self._cancel(req_id)
 
     def _cancel(self, req_id: str) -> bool:
         t = self.tracked.get(req_id)

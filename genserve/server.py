@@ -7,6 +7,7 @@ the other.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from dataclasses import replace
 
@@ -40,6 +41,15 @@ def client_id(req_id: str) -> str:
 RETRY_AFTER_MS = 1000  # hint sent with RESOURCE_EXHAUSTED (trailing metadata retry-after-ms)
 
 
+def fingerprint(request: pb.GenerateRequest) -> str:
+    """What a request asks for, without its id: resubmitting a running id
+    attaches only with the same request (an id is an idempotency key)."""
+    rest = pb.GenerateRequest()
+    rest.CopyFrom(request)
+    rest.request_id = ""
+    return hashlib.sha256(rest.SerializeToString(deterministic=True)).hexdigest()
+
+
 async def _abort(context, status: str, message: str):
     if status == "RESOURCE_EXHAUSTED":
         context.set_trailing_metadata((("retry-after-ms", str(RETRY_AFTER_MS)),))
@@ -51,30 +61,35 @@ class GenServeService(pb_grpc.GenServeServicer):
         self.engine, self.validator = engine, validator
         self.draining = False  # set on SIGTERM: new requests get UNAVAILABLE
 
-    async def _submit(self, request: pb.GenerateRequest, context) -> tuple[str, asyncio.Queue]:
+    async def _submit(self, request: pb.GenerateRequest, context):
+        """(engine id, the call's event queue, its sink: what abandon takes)."""
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica")
         try:
-            req = self.validator.request(request)
+            req = replace(self.validator.request(request), fingerprint=fingerprint(request))
             tenant = current_tenant.get()
             if tenant:  # ids are per tenant: nobody attaches to or cancels another's request
                 req = replace(req, req_id=f"{tenant}{TENANT_SEP}{req.req_id}")
             events: asyncio.Queue[Event] = asyncio.Queue()
             loop = asyncio.get_running_loop()
-            self.engine.submit(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+
+            def sink(ev: Event) -> None:
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+
+            self.engine.submit(req, sink)
         except RequestError as err:
             await _abort(context, err.status, err.message)
-        return req.req_id, events
+        return req.req_id, events, sink
 
     async def Generate(self, request, context):
-        req_id, events = await self._submit(request, context)
+        req_id, events, sink = await self._submit(request, context)
         event = None
         try:
             while not (event := await events.get()).terminal:
                 pass
         finally:
-            if event is None or not event.terminal:  # deadline or cancel: free the work
-                self.engine.abandon(req_id)
+            if event is None or not event.terminal:  # deadline or cancel: this caller is gone
+                self.engine.abandon(req_id, sink)
         if event.type == EventType.COMPLETED:
             reply = result_to_pb(event.result)
             reply.request_id = client_id(req_id)
@@ -82,7 +97,7 @@ class GenServeService(pb_grpc.GenServeServicer):
         await _abort(context, event.status, event.reason)
 
     async def GenerateStream(self, request, context):
-        req_id, events = await self._submit(request, context)
+        req_id, events, sink = await self._submit(request, context)
         finished = False
         try:
             while not finished:
@@ -95,9 +110,9 @@ class GenServeService(pb_grpc.GenServeServicer):
                 yield msg
         finally:
             # Cancelled, past its deadline, or closed by a client that stopped
-            # reading (GeneratorExit): the request ends with the stream.
+            # reading (GeneratorExit): the request ends with its last caller.
             if not finished:
-                self.engine.abandon(req_id)
+                self.engine.abandon(req_id, sink)
 
     async def Cancel(self, request, context):
         if not request.request_id:

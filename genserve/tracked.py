@@ -33,6 +33,10 @@ class Tracked:
     done: bool = False
     dispatch_id: int = 0  # its latest dispatch; outcomes of older ones are stale
     crash_restarts: int = 0  # times it restarted from step 0 after losing its state
+    # submissions of its id that arrived after it was cancelled but before it
+    # stopped (a running request stops at its next step boundary): each is a
+    # new request, admitted when this one ends
+    successors: list[tuple[Request, Sink]] = field(default_factory=list)
 
     @property
     def deadline_s(self) -> float:

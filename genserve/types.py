@@ -30,6 +30,9 @@ class Request:
     fps: int
     slo_ms: int  # 0: the engine picks the default SLO
     arrival_s: float  # time.monotonic() at arrival
+    # what the client asked for (its request message without the id): a
+    # resubmission of a running id attaches only when this is the same
+    fingerprint: str = ""
 
 
 class EventType(enum.Enum):

@@ -65,6 +65,21 @@ def test_cancel_running_video(client):
     assert client.generate("after cancel", task="image", steps=2).media.data  # still serving
 
 
+def test_an_attached_caller_that_times_out_leaves_the_request_running(client):
+    """Resubmitting a running id attaches; that caller's deadline ends its own
+    call only. A different request on the id is ALREADY_EXISTS."""
+    same = dict(task="video", steps=20, seed=5, request_id="shared-e2e")
+    stream = client.stream("a shared video", **same)
+    assert next(stream).type == T.QUEUED
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate("a shared video", timeout_s=0.3, **same)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate("another video", **same)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and "request_id" in err.value.details()
+    assert [e.type for e in stream][-1] == T.COMPLETED
+
+
 def test_cancel_unknown_and_empty(client):
     assert not client.cancel("no-such-request")
     with pytest.raises(grpc.RpcError) as err:

@@ -31,10 +31,10 @@ def engine():
 
 
 def make_request(req_id: str, task: str = "image", steps: int = 3, seed: int = 0, prompt: str = "a cat",
-                 fmt: str = "raw") -> Request:
+                 fmt: str = "raw", fingerprint: str = "") -> Request:
     model, frames = ("sd3-tiny", 1) if task == "image" else ("wan-tiny", 9)
     params = GenParams(prompt, "", 64, 64, frames, steps, 1.0, seed)
-    return Request(req_id, model, task, params, fmt, 8, 0, time.monotonic())
+    return Request(req_id, model, task, params, fmt, 8, 0, time.monotonic(), fingerprint)
 
 
 def run(engine, req: Request, timeout_s: float = 60.0) -> list:
@@ -85,6 +85,74 @@ def test_cancel_queued_and_duplicate_id_attaches(engine):
     last_b = _last(b)
     assert last_a.type == last_b.type == EventType.COMPLETED
     assert last_a.result is last_b.result
+
+
+def test_a_caller_that_leaves_does_not_end_the_request_for_the_others(engine):
+    """Attached callers share one request: one abandoning it (its deadline,
+    its closed stream) leaves it running for the rest; the last one to
+    leave cancels it."""
+    a: queue.Queue = queue.Queue()
+    b: queue.Queue = queue.Queue()
+    req = make_request("shared", task="video", steps=6)
+    engine.submit(req, a.put)
+    engine.submit(req, b.put)
+    engine.abandon("shared", a.put)
+    assert _last(b).type == EventType.COMPLETED
+    c: queue.Queue = queue.Queue()
+    engine.submit(make_request("alone", task="video", steps=40), c.put)
+    _wait_for(c, EventType.STEP)
+    engine.abandon("alone", c.put)
+    _wait_until(lambda: "alone" not in engine.tracked)
+
+
+def test_a_different_request_on_a_running_id_is_refused(engine):
+    """An id is an idempotency key: the same request attaches, another one
+    gets ALREADY_EXISTS, and the running one is untouched."""
+    a: queue.Queue = queue.Queue()
+    b: queue.Queue = queue.Queue()
+    engine.submit(make_request("key", task="video", steps=6, fingerprint="a video of a cat"), a.put)
+    engine.submit(make_request("key", steps=3, prompt="a dog", fingerprint="an image of a dog"), b.put)
+    refused = _last(b)
+    assert refused.type == EventType.FAILED and refused.status == "ALREADY_EXISTS"
+    assert "request_id" in refused.reason
+    assert _last(a).type == EventType.COMPLETED
+
+
+def test_an_id_cancelled_while_running_can_be_reused_at_once(engine, monkeypatch):
+    """Cancel answers True before a running request reaches its step
+    boundary; a resubmission of the id meanwhile is a new request that
+    runs to the end, not the old one's CANCELLED."""
+    for worker_models in _worker_models(engine):  # steps long enough to resubmit inside one
+        model = worker_models["wan-tiny"]
+
+        def slow(states, original=model.denoise_step):
+            time.sleep(0.3)
+            return original(states)
+
+        monkeypatch.setattr(model, "denoise_step", slow)
+    a: queue.Queue = queue.Queue()
+    engine.submit(make_request("again", task="video", steps=40), a.put)
+    _wait_for(a, EventType.STEP)
+    assert engine.cancel("again")
+    b: queue.Queue = queue.Queue()
+    engine.submit(make_request("again", task="video", steps=3), b.put)
+    assert _last(a).type == EventType.CANCELLED
+    last = _last(b)
+    assert last.type == EventType.COMPLETED and last.result.num_steps == 3
+
+
+def _wait_for(q: queue.Queue, kind: EventType, timeout_s: float = 60.0):
+    deadline = time.monotonic() + timeout_s
+    while (e := q.get(timeout=max(0.01, deadline - time.monotonic()))).type != kind:
+        assert not e.terminal, e
+    return e
+
+
+def _wait_until(cond, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 def _last(q: queue.Queue, timeout_s: float = 60.0):
