@@ -23,17 +23,25 @@ FORMATS = {"": pb.OUTPUT_FORMAT_UNSPECIFIED, "png": pb.OUTPUT_FORMAT_PNG, "jpeg"
            "raw": pb.OUTPUT_FORMAT_RAW}
 _OPTIONS = [("grpc.max_receive_message_length", 512 << 20)]
 UINT32_MAX = 2**32 - 1
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 
 
 def build_request(prompt: str, *, task: str = "image", model: str = "", negative_prompt: str = "",
                   width: int | None = None, height: int | None = None, num_frames: int | None = None,
                   fps: int | None = None, steps: int | None = None, guidance_scale: float | None = None,
                   seed: int | None = None, slo_ms: int = 0, output_format: str = "",
-                  request_id: str = "") -> pb.GenerateRequest:
+                  request_id: str = "", num_inference_steps: int | None = None) -> pb.GenerateRequest:
     """A GenerateRequest; ``None`` leaves a field unset (the server's default).
+    ``num_inference_steps`` (the request field's name) is another name for
+    ``steps``; give either, or both with the same value.
 
     ValueError names a field that cannot be sent (the server decides what is
     served: a size it does not support is INVALID_ARGUMENT there)."""
+    if num_inference_steps is not None:
+        if steps is not None and steps != num_inference_steps:
+            raise ValueError(f"steps and num_inference_steps are the same field; got {steps} and "
+                             f"{num_inference_steps}")
+        steps = num_inference_steps
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(t for t in TASKS if t)}, got {task!r}")
     if output_format.lower() not in FORMATS:
@@ -44,6 +52,8 @@ def build_request(prompt: str, *, task: str = "image", model: str = "", negative
     for name, value in sizes.items():  # unsigned 32-bit in the request
         if value is not None and not 0 <= value <= UINT32_MAX:
             raise ValueError(f"{name} must be in 0..{UINT32_MAX}, got {value}")
+    if seed is not None and not INT64_MIN <= seed <= INT64_MAX:  # signed 64-bit
+        raise ValueError(f"seed must be in {INT64_MIN}..{INT64_MAX}, got {seed}")
     req = pb.GenerateRequest(request_id=request_id, model=model, task=TASKS[task], prompt=prompt,
                              negative_prompt=negative_prompt, slo_ms=slo_ms,
                              output_format=FORMATS[output_format.lower()])
@@ -126,8 +136,11 @@ class AsyncClient:
         reply = await self.stub.Cancel(pb.CancelRequest(request_id=request_id), metadata=self.metadata)
         return reply.cancelled
 
-    async def models(self) -> list[pb.ModelInfo]:
-        return list((await self.stub.ListModels(pb.ListModelsRequest(), metadata=self.metadata)).models)
+    async def models(self, *, timeout_s: float | None = None, wait_for_ready: bool = False) -> list[pb.ModelInfo]:
+        """As ``Client.models``."""
+        reply = await self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s, metadata=self.metadata,
+                                           wait_for_ready=wait_for_ready)
+        return list(reply.models)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -1,0 +1,139 @@
+"""``genserve generate`` and the Python clients against a fake in-process server.
+
+Every refusal is one line and a non-zero exit, with no traceback, and comes
+before anything is sent: the fake servicer records every request it receives.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+
+from genserve.cli import main
+from genserve.client import AsyncClient, Client, build_request
+from genserve.loadgen.launch import free_port
+from genserve.v1 import genserve_pb2 as pb
+from genserve.v1 import genserve_pb2_grpc as pb_grpc
+
+from conftest import fake_genserve
+
+EV = pb.GenerateEvent.Type
+F = pb.OutputFormat
+MIME = {F.OUTPUT_FORMAT_UNSPECIFIED: "image/png", F.OUTPUT_FORMAT_PNG: "image/png",
+        F.OUTPUT_FORMAT_JPEG: "image/jpeg", F.OUTPUT_FORMAT_WEBP: "image/webp", F.OUTPUT_FORMAT_MP4: "video/mp4",
+        F.OUTPUT_FORMAT_GIF: "image/gif", F.OUTPUT_FORMAT_RAW: "application/octet-stream"}
+BLOCK = "block"  # a prompt the fake server never finishes: it runs until the client goes away
+
+
+class Fake(pb_grpc.GenServeServicer):
+    """Completes every request at once with media of the requested format
+    (data: the format's name), except prompt ``BLOCK``: STARTED, then nothing
+    until the call ends; ``cancelled`` is set when it ends that way."""
+
+    def __init__(self):
+        self.requests: list[pb.GenerateRequest] = []
+        self.started = threading.Event()
+        self.cancelled = threading.Event()
+
+    def _response(self, request):
+        return pb.GenerateResponse(
+            request_id=request.request_id or "server-made-id", seed=request.seed,
+            media=pb.Media(mime_type=MIME[request.output_format], width=64, height=64, num_frames=1,
+                           data=F.Name(request.output_format).encode()))
+
+    def GenerateStream(self, request, context):
+        self.requests.append(request)
+        if request.prompt == BLOCK:
+            yield pb.GenerateEvent(request_id=request.request_id, type=EV.STARTED)
+            self.started.set()
+            while context.is_active():
+                time.sleep(0.02)
+            self.cancelled.set()
+            return
+        yield pb.GenerateEvent(request_id=request.request_id, type=EV.COMPLETED, response=self._response(request))
+
+    def Generate(self, request, context):
+        self.requests.append(request)
+        return self._response(request)
+
+    def ListModels(self, request, context):
+        return pb.ListModelsResponse(models=[pb.ModelInfo(name="tiny", task=pb.TASK_TEXT_TO_IMAGE, is_default=True)])
+
+
+@pytest.fixture
+def fake():
+    servicer = Fake()
+    with fake_genserve(servicer) as target:
+        yield servicer, target
+
+
+@pytest.fixture
+def cwd(tmp_path, monkeypatch):
+    """A fresh current directory, inside tmp_path (so escapes from it show)."""
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    return here
+
+
+def generate(target, *args):
+    main(["generate", "a cat", "--target", target, *args])
+
+
+def refusal(target, *args, capsys) -> str:
+    """The one error line ``genserve generate ARGS`` exits with (argparse's included)."""
+    with pytest.raises(SystemExit) as exc:
+        generate(target, *args)
+    code = exc.value.code
+    if isinstance(code, str):
+        message = code
+    else:  # argparse: usage, then "genserve generate: error: ..."; exit status 2
+        assert code == 2
+        message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error:" in message and "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+def test_seed_int64_extremes_are_sent(fake, cwd):
+    servicer, target = fake
+    generate(target, "--seed", str(2**63 - 1), "--request-id", "hi")
+    generate(target, "--seed", str(-2**63), "--request-id", "lo")
+    assert [r.seed for r in servicer.requests] == [2**63 - 1, -2**63]
+    with pytest.raises(ValueError, match="seed must be in"):
+        build_request("x", seed=2**63)
+
+
+def test_client_accepts_num_inference_steps(fake):
+    servicer, target = fake
+    assert build_request("x", num_inference_steps=7).num_inference_steps == 7
+    assert build_request("x", steps=7, num_inference_steps=7).num_inference_steps == 7
+    assert not build_request("x").HasField("num_inference_steps")
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        build_request("x", steps=3, num_inference_steps=7)
+    with Client(target) as client:
+        client.generate("x", num_inference_steps=5)
+    assert servicer.requests[0].num_inference_steps == 5
+
+
+def test_async_client_models_takes_timeout_and_wait_for_ready(fake):
+    servicer, target = fake
+
+    async def run():
+        async with AsyncClient(target) as client:
+            models = await client.models(timeout_s=10, wait_for_ready=True)
+        assert [m.name for m in models] == ["tiny"]
+        async with AsyncClient(f"127.0.0.1:{free_port()}") as client:  # nobody listens: waits, then the deadline
+            start = time.monotonic()
+            with pytest.raises(grpc.RpcError) as exc:
+                await client.models(timeout_s=0.5, wait_for_ready=True)
+            assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - start < 10
+
+    asyncio.run(run())
