@@ -12,6 +12,8 @@ from genserve.config import DEFAULT_MODELS, EngineConfig, Limits, Security, Serv
 
 MIME_SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "video/mp4": ".mp4",
                "image/gif": ".gif", "application/octet-stream": ".raw"}
+OUTPUT_FORMATS = ("png", "jpeg", "jpg", "webp", "mp4", "gif", "raw")  # for --format; jpg is jpeg
+FORMAT_ALIASES = {"jpg": "jpeg"}
 
 
 def _default_device() -> str:
@@ -184,7 +186,9 @@ def add_generate(sub) -> None:
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--slo-ms", type=int, default=0)
-    p.add_argument("--format", default="", help="png|jpeg|webp (images), mp4|gif|webp (videos), raw")
+    p.add_argument("--format", default="", type=str.lower, choices=OUTPUT_FORMATS, metavar="FORMAT",
+                   help="png|jpeg (or jpg)|webp (images), mp4|gif|webp (videos), raw; any case "
+                        "(default: png for images, mp4 for videos)")
     p.add_argument("--request-id", default="")
     p.add_argument("-o", "--output", help="output file (default: <request id>.<ext>)")
     p.set_defaults(func=cmd_generate)
@@ -202,11 +206,12 @@ def cmd_generate(args) -> None:
         value = getattr(args, flag)
         if value is not None and not 0 <= value <= UINT32_MAX:  # unsigned 32-bit fields
             sys.exit(f"error: --{flag.replace('_', '-')} must be in 0..{UINT32_MAX}, got {value}")
+    fmt = FORMAT_ALIASES.get(args.format, args.format)
     with Client(args.target, **client_options(args)) as client:
         stream = client.stream(args.prompt, task=args.task, model=args.model, negative_prompt=args.negative_prompt,
                                width=args.width, height=args.height, num_frames=args.frames, fps=args.fps,
                                steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                               slo_ms=args.slo_ms, output_format=args.format, request_id=args.request_id)
+                               slo_ms=args.slo_ms, output_format=fmt, request_id=args.request_id)
         bar = tqdm(total=0, unit="step", desc="queued", file=sys.stderr)
         try:
             for ev in stream:

@@ -101,6 +101,23 @@ def refusal(target, *args, capsys) -> str:
     return message
 
 
+def test_format_jpg_is_jpeg_and_case_does_not_matter(fake, cwd):
+    servicer, target = fake
+    generate(target, "--format", "jpg", "--request-id", "a")
+    generate(target, "--format", "JPEG", "--request-id", "b")
+    generate(target, "--format", "Png", "--request-id", "c")
+    assert [r.output_format for r in servicer.requests] == [F.OUTPUT_FORMAT_JPEG] * 2 + [F.OUTPUT_FORMAT_PNG]
+    assert (cwd / "a.jpg").read_bytes() == b"OUTPUT_FORMAT_JPEG"
+    assert (cwd / "c.png").read_bytes() == b"OUTPUT_FORMAT_PNG"
+
+
+def test_unknown_format_is_refused_with_the_choices(fake, cwd, capsys):
+    servicer, target = fake
+    message = refusal(target, "--format", "bogus", capsys=capsys)
+    assert "--format" in message and "bogus" in message and "jpeg" in message and "mp4" in message
+    assert not servicer.requests
+
+
 def test_seed_int64_extremes_are_sent(fake, cwd):
     servicer, target = fake
     generate(target, "--seed", str(2**63 - 1), "--request-id", "hi")
