@@ -184,7 +184,7 @@ def add_generate(sub) -> None:
     p.add_argument("--fps", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="signed 64-bit (default: random, printed at the end)")
     p.add_argument("--slo-ms", type=int, default=0)
     p.add_argument("--format", default="", type=str.lower, choices=OUTPUT_FORMATS, metavar="FORMAT",
                    help="png|jpeg (or jpg)|webp (images), mp4|gif|webp (videos), raw; any case "
@@ -198,7 +198,7 @@ def cmd_generate(args) -> None:
     import grpc
     from tqdm import tqdm
 
-    from genserve.client import UINT32_MAX, Client
+    from genserve.client import INT64_MAX, INT64_MIN, UINT32_MAX, Client
     from genserve.v1 import genserve_pb2 as pb
 
     T = pb.GenerateEvent.Type
@@ -206,6 +206,8 @@ def cmd_generate(args) -> None:
         value = getattr(args, flag)
         if value is not None and not 0 <= value <= UINT32_MAX:  # unsigned 32-bit fields
             sys.exit(f"error: --{flag.replace('_', '-')} must be in 0..{UINT32_MAX}, got {value}")
+    if args.seed is not None and not INT64_MIN <= args.seed <= INT64_MAX:  # signed 64-bit
+        sys.exit(f"error: --seed must be in {INT64_MIN}..{INT64_MAX}, got {args.seed}")
     fmt = FORMAT_ALIASES.get(args.format, args.format)
     with Client(args.target, **client_options(args)) as client:
         stream = client.stream(args.prompt, task=args.task, model=args.model, negative_prompt=args.negative_prompt,

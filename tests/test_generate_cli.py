@@ -118,6 +118,14 @@ def test_unknown_format_is_refused_with_the_choices(fake, cwd, capsys):
     assert not servicer.requests
 
 
+@pytest.mark.parametrize("seed", ["99999999999999999999", str(2**63), str(-2**63 - 1)])
+def test_seed_out_of_int64_is_refused(fake, cwd, capsys, seed):
+    servicer, target = fake
+    message = refusal(target, "--seed", seed, capsys=capsys)
+    assert message == f"error: --seed must be in {-2**63}..{2**63 - 1}, got {seed}"
+    assert not servicer.requests
+
+
 def test_seed_int64_extremes_are_sent(fake, cwd):
     servicer, target = fake
     generate(target, "--seed", str(2**63 - 1), "--request-id", "hi")
