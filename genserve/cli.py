@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import pathlib
+import re
 import sys
 import threading
 
@@ -190,7 +191,11 @@ def add_generate(sub) -> None:
                    help="png|jpeg (or jpg)|webp (images), mp4|gif|webp (videos), raw; any case "
                         "(default: png for images, mp4 for videos)")
     p.add_argument("--request-id", default="")
-    p.add_argument("-o", "--output", help="output file (default: <request id>.<ext>)")
+    p.add_argument("-o", "--output", metavar="PATH",
+                   help="output file, or an existing folder to write the default name in (default: "
+                        "<request id>.<ext> in the current folder, the id made safe as a file name: "
+                        "characters other than A-Z a-z 0-9 . _ - and leading dots become _). "
+                        "Its folder must exist; checked before the request is sent")
     p.set_defaults(func=cmd_generate)
 
 
@@ -209,6 +214,7 @@ def cmd_generate(args) -> None:
     if args.seed is not None and not INT64_MIN <= args.seed <= INT64_MAX:  # signed 64-bit
         sys.exit(f"error: --seed must be in {INT64_MIN}..{INT64_MAX}, got {args.seed}")
     fmt = FORMAT_ALIASES.get(args.format, args.format)
+    folder, path = _output_target(args.output)
     with Client(args.target, **client_options(args)) as client:
         stream = client.stream(args.prompt, task=args.task, model=args.model, negative_prompt=args.negative_prompt,
                                width=args.width, height=args.height, num_frames=args.frames, fps=args.fps,
@@ -225,7 +231,7 @@ def cmd_generate(args) -> None:
                     bar.set_description(T.Name(ev.type).lower() + (f" sp={ev.sp_degree}" if ev.sp_degree else ""))
                 elif ev.type == T.COMPLETED:
                     bar.close()
-                    _save(ev.response, args.output)
+                    _save(ev.response, folder, path)
                     return
                 elif ev.type in (T.FAILED, T.CANCELLED):
                     bar.close()
@@ -236,9 +242,45 @@ def cmd_generate(args) -> None:
             sys.exit(f"error: {err.code().name}: {err.details()}")
 
 
-def _save(resp, output: str | None) -> None:
-    path = pathlib.Path(output or resp.request_id + MIME_SUFFIX.get(resp.media.mime_type, ""))
-    path.write_bytes(resp.media.data)
+def _output_target(output: str | None) -> tuple[pathlib.Path, pathlib.Path | None]:
+    """(folder, file) that ``-o`` names; file None: the default name in folder.
+    Exits with one line if the result could not be written there, before
+    anything is sent."""
+    if output is None:
+        folder = pathlib.Path(".")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            sys.exit("error: the current folder is not writable; give -o PATH")
+        return folder, None
+    path = pathlib.Path(output)
+    if output.endswith(("/", os.sep)) or path.is_dir():
+        folder, path = path, None
+    else:
+        folder = path.parent
+    if not folder.exists():
+        sys.exit(f"error: -o {output}: folder {folder} does not exist")
+    if not folder.is_dir():
+        sys.exit(f"error: -o {output}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path is not None and path.exists()
+                                                   and not os.access(path, os.W_OK)):
+        sys.exit(f"error: -o {output}: not writable")
+    return folder, path
+
+
+def _safe_name(request_id: str) -> str:
+    """``request_id`` as one harmless file name: only A-Z a-z 0-9 . _ -, no
+    leading dot (so never '.', '..' or hidden)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", request_id)
+    name = re.sub(r"^\.+", lambda m: "_" * len(m.group()), name)
+    return name or "output"
+
+
+def _save(resp, folder: pathlib.Path, path: pathlib.Path | None) -> None:
+    if path is None:
+        path = folder / (_safe_name(resp.request_id) + MIME_SUFFIX.get(resp.media.mime_type, ""))
+    try:
+        path.write_bytes(resp.media.data)
+    except OSError as err:  # e.g. the disk filled, or the folder went away during the generation
+        sys.exit(f"error: cannot write {path}: {err.strerror or err}")
     m = resp.media
     print(f"{path}: {m.mime_type} {m.width}x{m.height}, {m.num_frames} frame(s); "
           f"latency {resp.latency_ms:.0f} ms (queue {resp.queue_ms:.0f} ms), SLO {resp.slo_ms} ms "

@@ -135,6 +135,44 @@ def test_seed_int64_extremes_are_sent(fake, cwd):
         build_request("x", seed=2**63)
 
 
+def test_output_folder_must_exist_before_anything_is_sent(fake, cwd, capsys):
+    servicer, target = fake
+    (cwd / "plain-file").write_text("")
+    for output in ("/nonexistent/dir/x.png", "missing/x.png", "plain-file/x.png", "missing/"):
+        message = refusal(target, "-o", output, capsys=capsys)
+        assert message.startswith("error: ") and "-o" in message, message
+    assert not servicer.requests
+    assert sorted(os.listdir(cwd)) == ["plain-file"]
+
+
+def test_output_may_be_an_existing_folder(fake, cwd, tmp_path):
+    servicer, target = fake
+    out = tmp_path / "out"
+    out.mkdir()
+    generate(target, "-o", str(out), "--request-id", "x1")
+    generate(target, "-o", str(out) + os.sep, "--format", "gif", "--request-id", "x2")
+    assert (out / "x1.png").read_bytes() == b"OUTPUT_FORMAT_UNSPECIFIED"
+    assert (out / "x2.gif").read_bytes() == b"OUTPUT_FORMAT_GIF"
+
+
+@pytest.mark.parametrize("request_id,name", [
+    ("my/id", "my_id.png"), ("../escape", "___escape.png"), ("..", "__.png"), (".hidden", "_hidden.png"),
+    ("a b\\c:d", "a_b_c_d.png"), ("ok-1.2_x", "ok-1.2_x.png"), ("/abs", "_abs.png"),
+])
+def test_default_name_is_a_safe_name_in_the_current_folder(fake, cwd, tmp_path, request_id, name):
+    servicer, target = fake
+    generate(target, "--request-id", request_id)
+    assert servicer.requests[0].request_id == request_id  # the id itself is sent as given
+    assert sorted(os.listdir(cwd)) == [name]
+    assert sorted(os.listdir(tmp_path)) == ["cwd"]
+
+
+def test_default_name_without_request_id_uses_the_servers_id(fake, cwd):
+    servicer, target = fake
+    generate(target)
+    assert os.listdir(cwd) == ["server-made-id.png"]
+
+
 def test_client_accepts_num_inference_steps(fake):
     servicer, target = fake
     assert build_request("x", num_inference_steps=7).num_inference_steps == 7
