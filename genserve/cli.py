@@ -15,6 +15,8 @@ MIME_SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp",
                "image/gif": ".gif", "application/octet-stream": ".raw"}
 OUTPUT_FORMATS = ("png", "jpeg", "jpg", "webp", "mp4", "gif", "raw")  # for --format; jpg is jpeg
 FORMAT_ALIASES = {"jpg": "jpeg"}
+SUFFIX_FORMAT = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".mp4": "mp4", ".gif": "gif",
+                 ".raw": "raw"}  # -o's extension (any case) implies --format
 
 
 def _default_device() -> str:
@@ -189,7 +191,8 @@ def add_generate(sub) -> None:
     p.add_argument("--slo-ms", type=int, default=0)
     p.add_argument("--format", default="", type=str.lower, choices=OUTPUT_FORMATS, metavar="FORMAT",
                    help="png|jpeg (or jpg)|webp (images), mp4|gif|webp (videos), raw; any case "
-                        "(default: png for images, mp4 for videos)")
+                        "(default: the one -o's extension names, if it does, else png for images, mp4 for "
+                        "videos; a --format other than -o's extension is refused)")
     p.add_argument("--request-id", default="")
     p.add_argument("-o", "--output", metavar="PATH",
                    help="output file, or an existing folder to write the default name in (default: "
@@ -215,6 +218,11 @@ def cmd_generate(args) -> None:
         sys.exit(f"error: --seed must be in {INT64_MIN}..{INT64_MAX}, got {args.seed}")
     fmt = FORMAT_ALIASES.get(args.format, args.format)
     folder, path = _output_target(args.output)
+    implied = SUFFIX_FORMAT.get(path.suffix.lower()) if path is not None else None
+    if implied and fmt and fmt != implied:
+        sys.exit(f"error: -o {args.output} names {implied} output but --format is {args.format}; "
+                 "leave out --format or change the extension")
+    fmt = fmt or implied or ""
     with Client(args.target, **client_options(args)) as client:
         stream = client.stream(args.prompt, task=args.task, model=args.model, negative_prompt=args.negative_prompt,
                                width=args.width, height=args.height, num_frames=args.frames, fps=args.fps,

@@ -173,6 +173,27 @@ def test_default_name_without_request_id_uses_the_servers_id(fake, cwd):
     assert os.listdir(cwd) == ["server-made-id.png"]
 
 
+@pytest.mark.parametrize("output,fmt,expected", [
+    ("x.jpg", None, F.OUTPUT_FORMAT_JPEG), ("x.JPEG", None, F.OUTPUT_FORMAT_JPEG),
+    ("x.webp", None, F.OUTPUT_FORMAT_WEBP), ("x.raw", None, F.OUTPUT_FORMAT_RAW),
+    ("x.jpg", "jpeg", F.OUTPUT_FORMAT_JPEG), ("x.jpeg", "jpg", F.OUTPUT_FORMAT_JPEG),
+    ("x.bin", None, F.OUTPUT_FORMAT_UNSPECIFIED), ("x", None, F.OUTPUT_FORMAT_UNSPECIFIED),
+    ("x.bin", "webp", F.OUTPUT_FORMAT_WEBP),
+])
+def test_output_extension_picks_the_format(fake, cwd, output, fmt, expected):
+    servicer, target = fake
+    generate(target, "-o", output, *(("--format", fmt) if fmt else ()))
+    assert servicer.requests[0].output_format == expected
+    assert (cwd / output).read_bytes() == F.Name(expected).encode()
+
+
+def test_output_extension_and_format_must_agree(fake, cwd, capsys):
+    servicer, target = fake
+    message = refusal(target, "-o", "x.jpg", "--format", "png", capsys=capsys)
+    assert "x.jpg" in message and "png" in message and "--format" in message
+    assert not servicer.requests and not os.listdir(cwd)
+
+
 def test_client_accepts_num_inference_steps(fake):
     servicer, target = fake
     assert build_request("x", num_inference_steps=7).num_inference_steps == 7
