@@ -203,13 +203,8 @@ def add_generate(sub) -> None:
 
 
 def cmd_generate(args) -> None:
-    import grpc
-    from tqdm import tqdm
-
     from genserve.client import INT64_MAX, INT64_MIN, UINT32_MAX, Client
-    from genserve.v1 import genserve_pb2 as pb
 
-    T = pb.GenerateEvent.Type
     for flag in ("width", "height", "frames", "fps", "steps", "slo_ms"):
         value = getattr(args, flag)
         if value is not None and not 0 <= value <= UINT32_MAX:  # unsigned 32-bit fields
@@ -223,31 +218,52 @@ def cmd_generate(args) -> None:
         sys.exit(f"error: -o {args.output} names {implied} output but --format is {args.format}; "
                  "leave out --format or change the extension")
     fmt = fmt or implied or ""
-    with Client(args.target, **client_options(args)) as client:
+    try:
+        with Client(args.target, **client_options(args)) as client:
+            _generate(client, args, fmt, folder, path)
+    except KeyboardInterrupt:  # Ctrl-C: _generate cancelled the call, which cancels the request
+        print("cancelled", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def _generate(client, args, fmt: str, folder: pathlib.Path, path: pathlib.Path | None) -> None:
+    import grpc
+    from tqdm import tqdm
+
+    from genserve.v1 import genserve_pb2 as pb
+
+    T = pb.GenerateEvent.Type
+    try:
         stream = client.stream(args.prompt, task=args.task, model=args.model, negative_prompt=args.negative_prompt,
                                width=args.width, height=args.height, num_frames=args.frames, fps=args.fps,
                                steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
                                slo_ms=args.slo_ms, output_format=fmt, request_id=args.request_id)
-        bar = tqdm(total=0, unit="step", desc="queued", file=sys.stderr)
-        try:
-            for ev in stream:
-                if ev.type == T.STEP:
-                    bar.total = ev.num_steps
-                    bar.n = ev.step
-                    bar.set_postfix_str(f"eta {ev.eta_s:.1f}s")
-                elif ev.type in (T.STARTED, T.RESUMED, T.PREEMPTED, T.RESHARDED):
-                    bar.set_description(T.Name(ev.type).lower() + (f" sp={ev.sp_degree}" if ev.sp_degree else ""))
-                elif ev.type == T.COMPLETED:
-                    bar.close()
-                    _save(ev.response, folder, path)
-                    return
-                elif ev.type in (T.FAILED, T.CANCELLED):
-                    bar.close()
-                    sys.exit(f"{T.Name(ev.type)} ({ev.status_code}): {ev.reason}")
-                bar.refresh()
-        except grpc.RpcError as err:
-            bar.close()
-            sys.exit(f"error: {err.code().name}: {err.details()}")
+    except ValueError as err:  # a field build_request cannot send (the flags are checked above)
+        sys.exit(f"error: {err}")
+    bar = tqdm(total=0, unit="step", desc="queued", file=sys.stderr)
+    try:
+        for ev in stream:
+            if ev.type == T.STEP:
+                bar.total = ev.num_steps
+                bar.n = ev.step
+                bar.set_postfix_str(f"eta {ev.eta_s:.1f}s")
+            elif ev.type in (T.STARTED, T.RESUMED, T.PREEMPTED, T.RESHARDED):
+                bar.set_description(T.Name(ev.type).lower() + (f" sp={ev.sp_degree}" if ev.sp_degree else ""))
+            elif ev.type == T.COMPLETED:
+                bar.close()
+                _save(ev.response, folder, path)
+                return
+            elif ev.type in (T.FAILED, T.CANCELLED):
+                bar.close()
+                sys.exit(f"{T.Name(ev.type)} ({ev.status_code}): {ev.reason}")
+            bar.refresh()
+    except grpc.RpcError as err:
+        bar.close()
+        sys.exit(f"error: {err.code().name}: {err.details()}")
+    except KeyboardInterrupt:
+        stream.cancel()  # ends the server's stream, which abandons the request there
+        bar.close()
+        raise
 
 
 def _output_target(output: str | None) -> tuple[pathlib.Path, pathlib.Path | None]:

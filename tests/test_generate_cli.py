@@ -194,6 +194,23 @@ def test_output_extension_and_format_must_agree(fake, cwd, capsys):
     assert not servicer.requests and not os.listdir(cwd)
 
 
+def test_ctrl_c_prints_one_line_exits_130_and_cancels(fake, tmp_path):
+    servicer, target = fake
+    proc = subprocess.Popen([sys.executable, "-m", "genserve", "generate", BLOCK, "--target", target],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert servicer.started.wait(60), "the request never reached the server"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.rstrip().splitlines()[-1] == "cancelled", err
+    assert servicer.cancelled.wait(10), "the server-side call did not end"
+    assert not os.listdir(tmp_path)
+
+
 def test_client_accepts_num_inference_steps(fake):
     servicer, target = fake
     assert build_request("x", num_inference_steps=7).num_inference_steps == 7
