@@ -46,8 +46,9 @@ class Validator:
         card = self._card(msg)
         if not msg.prompt.strip():
             raise _bad("prompt: must not be empty")
-        if len(msg.prompt) > self.limits.max_prompt_chars or len(msg.negative_prompt) > self.limits.max_prompt_chars:
-            raise _bad(f"prompt: longer than the limit of {self.limits.max_prompt_chars} characters")
+        for field in ("prompt", "negative_prompt"):
+            if len(getattr(msg, field)) > self.limits.max_prompt_chars:
+                raise _bad(f"{field}: longer than the limit of {self.limits.max_prompt_chars} characters")
         if len(msg.request_id) > MAX_REQUEST_ID_CHARS or not msg.request_id.isprintable():
             raise _bad(f"request_id: at most {MAX_REQUEST_ID_CHARS} printable characters")
         lim, cap = card.limits, self.limits.cap
@@ -131,7 +132,8 @@ class Validator:
             raise _bad(f"output_format: unknown value {msg.output_format}")
         allowed = IMAGE_FORMATS if card.task == IMAGE else VIDEO_FORMATS
         if fmt not in allowed:
-            raise _bad(f"output_format: {fmt.upper()} is not a {card.task} format "
+            kind = "an image" if card.task == IMAGE else "a video"
+            raise _bad(f"output_format: {fmt.upper()} is not {kind} format "
                        f"(use one of {', '.join(f.upper() for f in allowed)})")
         return fmt
 

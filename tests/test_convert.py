@@ -62,6 +62,12 @@ def test_prompt_and_enum_values(v):
     for prompt in ("", "   ", "x" * 101):
         with pytest.raises(RequestError, match="^prompt:"):
             v.request(build_request(prompt, task="image"))
+    with pytest.raises(RequestError, match="^negative_prompt: longer than the limit of 100 characters"):
+        v.request(build_request("a cat", task="image", negative_prompt="x" * 101))
+    with pytest.raises(RequestError, match="^output_format: MP4 is not an image format"):
+        v.request(build_request("a cat", task="image", output_format="mp4"))
+    with pytest.raises(RequestError, match="^output_format: PNG is not a video format"):
+        v.request(build_request("a cat", task="video", output_format="png"))
     msg = build_request("a cat", task="image")
     msg.output_format = 99  # open enum: unknown numbers arrive as ints
     with pytest.raises(RequestError, match="^output_format:"):
