@@ -25,32 +25,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from genserve.models.base import ModelLimits
+from genserve.models.preset_limits import (SD3_MEDIUM_LIMITS, SD3_TINY_LIMITS,
+                                           WAN_1_3B_LIMITS, WAN_TINY_LIMITS)
 from genserve.models.tokenizer import VOCAB_SIZE
 from genserve.models.weights import place
 
-SD3_TINY_LIMITS = ModelLimits(
-    default_width=64, default_height=64, max_width=256, max_height=256,
-    default_steps=10, max_steps=50, size_multiple=16, default_guidance_scale=5.0,
-)
-WAN_TINY_LIMITS = ModelLimits(
-    default_width=64, default_height=64, max_width=256, max_height=256,
-    default_steps=20, max_steps=50, default_frames=9, max_frames=33,
-    size_multiple=16, frame_multiple=4, default_guidance_scale=5.0,
-)
-# SD3 medium at its pipeline's defaults (1024 px, 28 steps, CFG 7); 1536 px
-# is 96 latent patches a side, well inside pos_embed_max_size=192.
-SD3_MEDIUM_LIMITS = ModelLimits(
-    default_width=1024, default_height=1024, max_width=1536, max_height=1536,
-    default_steps=28, max_steps=100, size_multiple=16, default_guidance_scale=7.0,
-)
-# Wan 2.1 T2V 1.3B: 480p (832x480) and 81 frames as its model card runs it;
-# 720p allowed for profiling, 81 frames at most (the trained length).
-WAN_1_3B_LIMITS = ModelLimits(
-    default_width=832, default_height=480, max_width=1280, max_height=720,
-    default_steps=50, max_steps=100, default_frames=81, max_frames=81,
-    size_multiple=16, frame_multiple=4, default_guidance_scale=5.0,
-)
 TEXT_LEN = 32  # byte tokens per text encoder (longer prompts are truncated)
 WAN_TEXT_LEN = 64
 # the real pipelines' token lengths: StableDiffusion3Pipeline (CLIP 77,
