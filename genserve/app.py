@@ -9,7 +9,7 @@ import time
 from dataclasses import replace
 
 from genserve import __version__
-from genserve.config import ServerConfig
+from genserve.config import CAPPED_FIELDS, Limits, ServerConfig
 from genserve.convert import Validator
 from genserve.engine import Engine
 from genserve.metrics import Metrics
@@ -17,7 +17,9 @@ from genserve.scheduler import (DecodeSample, LatencyModel, Profile, StepSample,
                                 make_policy)
 from genserve.security import exposure_warnings, load_security
 from genserve.server import SERVICE_NAME, GenServeService, start_grpc
-from genserve.workers.executor import InProcessExecutor, MultiprocessExecutor, make_worker_specs
+from genserve.workers.executor import (InProcessExecutor, MultiprocessExecutor, WorkerStartError,
+                                       make_worker_specs)
+from genserve.workers.protocol import ModelCard
 
 log = logging.getLogger("genserve")
 WORKERS_HEALTH_SERVICE = "genserve.workers"
@@ -57,6 +59,23 @@ def build_cost_model(profile: str, ready: dict) -> LatencyModel:
     return LatencyModel(replace(base, models=base.models + warm.models))
 
 
+def served_cards(cards, limits: Limits) -> dict[str, ModelCard]:
+    """The loaded models' cards with the operator's caps applied
+    (``Limits.effective``). A default the caps lowered is logged: requests
+    that leave the field unset now get the lower value."""
+    served = {}
+    for card in cards:
+        own, capped = card.limits, limits.effective(card.name, card.limits)
+        for cap, field in CAPPED_FIELDS.items():
+            default = cap.replace("max_", "default_")
+            if getattr(capped, default) != getattr(own, default):
+                log.info("model %s: default %s lowered from %d to %d by --%s %d", card.name, field,
+                         getattr(own, default), getattr(capped, default), cap.replace("_", "-"),
+                         getattr(limits, cap))
+        served[card.name] = replace(card, limits=capped)
+    return served
+
+
 class Server:
     """A running GenServe: call ``start_workers`` (blocking), then ``serve``."""
 
@@ -82,7 +101,11 @@ class Server:
             executor.shutdown()
             raise
         log.info("workers ready in %.1f s", time.perf_counter() - t0)
-        cards = {card.name: card for card in ready[0].models}
+        try:  # the presets were checked before the workers started; checkpoints only now
+            cards = served_cards(ready[0].models, c.limits)
+        except ValueError as err:
+            executor.shutdown()
+            raise WorkerStartError(str(err)) from None
         self.metrics.prepare(len(specs))
         cost = build_cost_model(c.engine.profile, ready)
         engine = Engine(c.engine, executor,

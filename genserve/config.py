@@ -1,9 +1,18 @@
 """Server configuration: frozen dataclasses, validated without I/O."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from genserve.models.base import ModelLimits
 
 DEFAULT_MODELS = ("sd3-tiny", "wan-tiny")
+
+
+# Limits' caps and the request field each one bounds.
+CAPPED_FIELDS = {"max_width": "width", "max_height": "height", "max_frames": "num_frames",
+                 "max_steps": "num_inference_steps"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,14 +33,39 @@ class Limits:
         for name in ("max_prompt_chars", "max_message_bytes", "max_queue"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        for name in ("max_width", "max_height", "max_frames", "max_steps"):
+        for name in CAPPED_FIELDS:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
 
-    def cap(self, model_max: int, name: str) -> int:
-        """The effective maximum: the model's, lowered by this limit if set."""
-        own = getattr(self, name)
-        return min(model_max, own) if own else model_max
+    def effective(self, model: str, own: ModelLimits) -> ModelLimits:
+        """The limits ``model`` is served with: its own, each maximum lowered
+        to the cap (onto a value the model takes) and each default clamped to
+        its maximum. Computed once at start-up, they are what ListModels
+        publishes and what requests are held to, so a request that leaves a
+        field unset gets a value the server accepts. ValueError, naming the
+        model and the flag, when a cap leaves the model no valid value."""
+        max_width = self._capped(model, "max_width", own.max_width, own.size_multiple, own.size_multiple)
+        max_height = self._capped(model, "max_height", own.max_height, own.size_multiple, own.size_multiple)
+        max_frames = self._capped(model, "max_frames", own.max_frames, 1, own.frame_multiple)
+        max_steps = self._capped(model, "max_steps", own.max_steps, 1, 1)
+        return replace(own, max_width=max_width, max_height=max_height, max_frames=max_frames,
+                       max_steps=max_steps, default_width=min(own.default_width, max_width),
+                       default_height=min(own.default_height, max_height),
+                       default_frames=min(own.default_frames, max_frames),
+                       default_steps=min(own.default_steps, max_steps))
+
+    def _capped(self, model: str, name: str, own_max: int, first: int, step: int) -> int:
+        """The model's maximum ``own_max`` lowered to this cap, then down to
+        the largest value the model takes (``first + k * step``): the maximum
+        published is one a request can actually use."""
+        cap = getattr(self, name)
+        if not cap or cap >= own_max:
+            return own_max
+        if cap < first:
+            flag, what = "--" + name.replace("_", "-"), CAPPED_FIELDS[name]
+            raise ValueError(f"{flag} {cap} leaves model {model!r} no valid {what} "
+                             f"(the smallest it takes is {first})")
+        return first + (cap - first) // step * step
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,4 +156,15 @@ class ServerConfig:
         check_attention(self.attention, self.device)
         self.engine.validate()
         self.limits.validate()
+        self._check_caps()
         self.security.validate()
+
+    def _check_caps(self) -> None:
+        """Caps that leave a built-in preset no valid value are refused here,
+        before any worker loads it; checkpoints are checked once loaded (their
+        limits come with them)."""
+        from genserve.models.preset_limits import PRESET_LIMITS  # torch-free
+
+        for name in self.models:
+            if name in PRESET_LIMITS:
+                self.limits.effective(name, PRESET_LIMITS[name])

@@ -9,6 +9,7 @@ import math
 import secrets
 import time
 import uuid
+from dataclasses import replace
 
 from genserve.config import Limits
 from genserve.models.base import GenParams
@@ -34,10 +35,17 @@ def _bad(message: str) -> RequestError:
 
 
 class Validator:
-    """Turns GenerateRequest protos into validated ``Request``s."""
+    """Turns GenerateRequest protos into validated ``Request``s.
+
+    ``cards`` holds each model's limits with the operator's caps applied
+    (``Limits.effective``): what ListModels publishes is what is enforced, and
+    an unset field's default is always within them. ValueError when a cap
+    leaves a model no valid value."""
 
     def __init__(self, cards: dict[str, ModelCard], limits: Limits):
-        self.cards, self.limits = cards, limits
+        self.limits = limits
+        self.cards = {name: replace(card, limits=limits.effective(name, card.limits))
+                      for name, card in cards.items()}
         self.defaults: dict[str, str] = {}
         for card in cards.values():  # the first model of each task is its default
             self.defaults.setdefault(card.task, card.name)
@@ -51,15 +59,13 @@ class Validator:
                 raise _bad(f"{field}: longer than the limit of {self.limits.max_prompt_chars} characters")
         if len(msg.request_id) > MAX_REQUEST_ID_CHARS or not msg.request_id.isprintable():
             raise _bad(f"request_id: at most {MAX_REQUEST_ID_CHARS} printable characters")
-        lim, cap = card.limits, self.limits.cap
-        width = self._dim(msg, "width", lim.default_width, cap(lim.max_width, "max_width"), lim.size_multiple)
-        height = self._dim(msg, "height", lim.default_height, cap(lim.max_height, "max_height"),
-                           lim.size_multiple)
-        frames = self._frames(msg, card, cap(lim.max_frames, "max_frames"))
+        lim = card.limits
+        width = self._dim(msg, "width", lim.default_width, lim.max_width, lim.size_multiple)
+        height = self._dim(msg, "height", lim.default_height, lim.max_height, lim.size_multiple)
+        frames = self._frames(msg, card)
         steps = msg.num_inference_steps if msg.HasField("num_inference_steps") else lim.default_steps
-        max_steps = cap(lim.max_steps, "max_steps")
-        if not 1 <= steps <= max_steps:
-            raise _bad(f"num_inference_steps: {steps} is outside 1..{max_steps}")
+        if not 1 <= steps <= lim.max_steps:
+            raise _bad(f"num_inference_steps: {steps} is outside 1..{lim.max_steps}")
         guidance = msg.guidance_scale if msg.HasField("guidance_scale") else lim.default_guidance_scale
         if not math.isfinite(guidance) or not 0.0 <= guidance <= MAX_GUIDANCE:
             raise _bad(f"guidance_scale: {guidance} is outside 0..{MAX_GUIDANCE:g}")
@@ -100,7 +106,7 @@ class Validator:
         return value
 
     @staticmethod
-    def _frames(msg, card: ModelCard, max_frames: int) -> int:
+    def _frames(msg, card: ModelCard) -> int:
         lim = card.limits
         if card.task == IMAGE:
             if msg.HasField("num_frames") and msg.num_frames != 1:
@@ -109,8 +115,8 @@ class Validator:
         if not msg.HasField("num_frames"):
             return lim.default_frames
         n = msg.num_frames
-        if n == 0 or n > max_frames:
-            raise _bad(f"num_frames: {n} is outside 1..{max_frames}")
+        if n == 0 or n > lim.max_frames:
+            raise _bad(f"num_frames: {n} is outside 1..{lim.max_frames}")
         if (n - 1) % lim.frame_multiple:
             raise _bad(f"num_frames: {n} must be {lim.frame_multiple}k+1 for model {card.name!r}")
         return n
@@ -161,6 +167,9 @@ def event_to_pb(e: Event) -> pb.GenerateEvent:
 
 
 def card_to_pb(card: ModelCard, is_default: bool) -> pb.ModelInfo:
+    """ListModels' entry for ``card``, limits as they stand: give it a
+    ``Validator``'s cards, whose limits carry the operator's caps, so clients
+    are told the limits the server enforces."""
     lim = card.limits
     formats = IMAGE_FORMATS if card.task == IMAGE else VIDEO_FORMATS
     return pb.ModelInfo(

@@ -42,6 +42,8 @@ def test_bad_flags_fail_before_anything_starts(tmp_path):
         (("serve", "--grace-s", "-1"), "grace_s must not be negative"),
         (("serve", "--paused-budget-mb", "-1"), "paused_budget_mb must not be negative"),
         (("serve", "--threads-per-worker", "-2"), "threads_per_worker must not be negative"),
+        (("serve", "--max-width", "8"), "error: --max-width 8 leaves model 'sd3-tiny' no valid width"),
+        (("serve", "--model", "wan-tiny", "--max-height", "12"), "--max-height 12 leaves model 'wan-tiny'"),
         (("generate", "a cat", "--target", "127.0.0.1:1", "--width", "-5"), "--width must be in 0..4294967295"),
         (("generate", "a cat", "--target", "127.0.0.1:1", "--steps", "4294967296"), "--steps must be in 0.."),
         (("profile", "--out", str(tmp_path / "p.json"), "--steps", "1"), "--steps must be at least 2"),

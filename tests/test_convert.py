@@ -1,9 +1,11 @@
 """Edge validation: every bad field is refused with INVALID_ARGUMENT naming it."""
+import re
+
 import pytest
 
 from genserve.client import build_request
-from genserve.config import Limits
-from genserve.convert import Validator
+from genserve.config import Limits, ServerConfig
+from genserve.convert import Validator, card_to_pb
 from genserve.models.base import ModelLimits
 from genserve.types import RequestError
 from genserve.v1 import genserve_pb2 as pb
@@ -89,6 +91,55 @@ def test_server_caps_lower_model_limits():
         v.request(build_request("a", task="image", steps=11))
     with pytest.raises(RequestError, match="^num_frames: 21 is outside 1..17"):
         v.request(build_request("a", task="video", num_frames=21))
+
+
+def test_caps_are_published_and_defaults_follow_them():
+    """ListModels (``card_to_pb`` of the validator's cards) tells the capped
+    limits, and a request that leaves fields unset gets defaults lowered to
+    them instead of the model's own (64x64, 9 frames, 8 steps) or a refusal."""
+    v = Validator({"img": IMG, "vid": VID}, Limits(max_width=32, max_frames=5, max_steps=5))
+    info = card_to_pb(v.cards["vid"], True)
+    assert (info.max_width, info.max_height, info.max_num_frames, info.max_steps) == (32, 128, 5, 5)
+    assert (info.default_width, info.default_height, info.default_num_frames, info.default_steps) == (32, 64, 5, 5)
+    r = v.request(build_request("a", task="image"))
+    assert (r.params.width, r.params.height, r.params.num_steps) == (32, 64, 5)
+    r = v.request(build_request("a", task="video"))
+    assert (r.params.width, r.params.num_frames, r.params.num_steps) == (32, 5, 5)
+
+
+def test_caps_round_down_to_a_value_the_model_takes():
+    v = Validator({"img": IMG, "vid": VID}, Limits(max_width=40, max_frames=12, max_steps=100))
+    assert (v.cards["img"].limits.max_width, v.cards["vid"].limits.max_frames) == (32, 9)
+    assert v.cards["img"].limits.max_steps == 50  # a cap never raises a model's own maximum
+    with pytest.raises(RequestError, match="^width: 48 exceeds the maximum of 32"):
+        v.request(build_request("a", task="image", width=48))
+
+
+@pytest.mark.parametrize("limits, message", [
+    (Limits(max_width=8), "--max-width 8 leaves model 'img' no valid width (the smallest it takes is 16)"),
+    (Limits(max_height=15), "--max-height 15 leaves model 'img' no valid height"),
+])
+def test_cap_that_leaves_no_valid_value_is_refused(limits, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Validator({"img": IMG, "vid": VID}, limits)
+
+
+def test_server_config_refuses_preset_caps_before_workers():
+    """Built-in presets are checked by ``ServerConfig.validate``, which
+    ``serve`` runs before it starts any worker; other models' caps pass."""
+    with pytest.raises(ValueError, match="--max-width 8 leaves model 'wan-tiny' no valid width"):
+        ServerConfig(models=("wan-tiny",), limits=Limits(max_width=8)).validate()
+    ServerConfig(models=("sd3-tiny", "wan-tiny"), limits=Limits(max_width=32, max_frames=5, max_steps=1)).validate()
+
+
+def test_served_cards_log_lowered_defaults(caplog):
+    from genserve.app import served_cards
+
+    with caplog.at_level("INFO", logger="genserve"):
+        cards = served_cards([IMG, VID], Limits(max_steps=7))
+    assert (cards["img"].limits.default_steps, cards["vid"].limits.default_steps) == (7, 6)
+    assert "model img: default num_inference_steps lowered from 8 to 7 by --max-steps 7" in caplog.text
+    assert "model vid" not in caplog.text
 
 
 @pytest.mark.parametrize("fields, message", [
