@@ -57,7 +57,7 @@ def add_serve(sub) -> None:
     p.add_argument("--max-queue", type=int, default=4096, help="waiting requests before RESOURCE_EXHAUSTED")
     for flag, what in (("--max-width", "image/video width"), ("--max-height", "height"),
                        ("--max-frames", "video frames"), ("--max-steps", "denoising steps")):
-        p.add_argument(flag, type=int, default=0, help=f"cap on {what} below the models' own maxima (default: none)")
+        p.add_argument(flag, type=int, help=f"cap on {what} below the models' own maxima (default: none)")
     p.add_argument("--max-prompt-chars", type=int, default=4096, help="longest prompt accepted (default 4096)")
     p.add_argument("--max-message-bytes", type=int, default=1 << 20,
                    help="largest inbound gRPC message (default 1 MiB)")

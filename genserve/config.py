@@ -23,19 +23,21 @@ class Limits:
     max_prompt_chars: int = 4096
     max_message_bytes: int = 1 << 20  # inbound gRPC message size
     max_queue: int = 4096  # waiting requests; beyond it RESOURCE_EXHAUSTED
-    # Caps below the models' own maxima (0: the model's maximum applies).
-    max_width: int = 0
-    max_height: int = 0
-    max_frames: int = 0
-    max_steps: int = 0
+    # Caps below the models' own maxima (None: the model's maximum applies).
+    max_width: int | None = None
+    max_height: int | None = None
+    max_frames: int | None = None
+    max_steps: int | None = None
 
     def validate(self) -> None:
         for name in ("max_prompt_chars", "max_message_bytes", "max_queue"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         for name in CAPPED_FIELDS:
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
+            cap = getattr(self, name)
+            if cap is not None and cap < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {cap} "
+                                 "(leave it out for the models' own maximum)")
 
     def effective(self, model: str, own: ModelLimits) -> ModelLimits:
         """The limits ``model`` is served with: its own, each maximum lowered
@@ -59,7 +61,7 @@ class Limits:
         the largest value the model takes (``first + k * step``): the maximum
         published is one a request can actually use."""
         cap = getattr(self, name)
-        if not cap or cap >= own_max:
+        if cap is None or cap >= own_max:
             return own_max
         if cap < first:
             flag, what = "--" + name.replace("_", "-"), CAPPED_FIELDS[name]

@@ -40,6 +40,8 @@ def test_bad_flags_fail_before_anything_starts(tmp_path):
         (("serve", "--profile", "no-such-profile"), "no built-in profile or file named"),
         (("serve", "--profile", str(bad_profile)), "is not a valid profile"),
         (("serve", "--grace-s", "-1"), "grace_s must not be negative"),
+        (("serve", "--max-steps", "0"), "--max-steps must be at least 1, got 0"),
+        (("serve", "--max-frames", "-3"), "--max-frames must be at least 1, got -3"),
         (("serve", "--paused-budget-mb", "-1"), "paused_budget_mb must not be negative"),
         (("serve", "--threads-per-worker", "-2"), "threads_per_worker must not be negative"),
         (("serve", "--max-width", "8"), "error: --max-width 8 leaves model 'sd3-tiny' no valid width"),
