@@ -85,7 +85,9 @@ class Server:
         self.metrics = Metrics(version=__version__, policy=config.engine.policy, device_kind=config.device)
         self.engine: Engine | None = None
         self.port = 0
-        self.security = load_security(config.security)  # reads certificates and tokens: fail before workers start
+        # reads certificates and tokens: fail before workers start
+        self.security = load_security(config.security, refused=lambda status: self.metrics.request_finished(
+            "", "", status, None, None, None))
 
     def start_workers(self) -> None:
         c = self.config

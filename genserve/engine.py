@@ -88,12 +88,13 @@ class Engine(WorkerLoss):
         """Requests accepted and not yet ended (read from any thread)."""
         return len(self.tracked) + self._inbox.qsize()
 
-    def abandon(self, req_id: str, sink: Sink) -> None:
+    def abandon(self, req_id: str, sink: Sink, status: str = "CANCELLED") -> None:
         """The caller that submitted with ``sink`` is gone (its deadline
-        passed, or it cancelled or closed its call): it gets no more events,
-        and the request is cancelled when no caller is left. Does not wait
-        (safe from any thread or an event loop)."""
-        self._post(("abandon", req_id, sink))
+        passed: ``status`` DEADLINE_EXCEEDED; or it cancelled or closed its
+        call): it gets no more events, and the request is cancelled, with that
+        status in the metrics, when no caller is left. Does not wait (safe
+        from any thread or an event loop)."""
+        self._post(("abandon", req_id, sink, status))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="genserve-engine", daemon=True)
@@ -169,7 +170,7 @@ class Engine(WorkerLoss):
                 answer[0] = self._cancel(req_id)
                 done.set()
             elif item[0] == "abandon":
-                self._abandon(item[1], item[2])
+                self._abandon(*item[1:])
         self._num_waiting = sum(1 for t in self.tracked.values() if t.started_s is None)
 
     def _admit(self, req: Request, sink: Sink) -> None:
@@ -422,13 +423,15 @@ class Engine(WorkerLoss):
                 self.executor.send(device_id, P.Drop((t.req.req_id,)))
         now = time.monotonic()
         queue_s = ((t.started_s or now) - t.req.arrival_s)
-        slo_met = None if status == "CANCELLED" else False  # a failure counts as a miss
+        if kind == EventType.CANCELLED:
+            status = t.cancel_status
+        slo_met = None if kind == EventType.CANCELLED else False  # a failure counts as a miss
         self.metrics.request_finished(t.req.task, t.req.model, status, now - t.req.arrival_s, queue_s, slo_met)
         t.emit(now, kind, reason=reason, status=status)
         for req, sink in t.successors:  # its id is free again
             self._admit(req, sink)
 
-    def _abandon(self, req_id: str, sink: Sink) -> None:
+    def _abandon(self, req_id: str, sink: Sink, status: str) -> None:
         t = self.tracked.get(req_id)
         if t is None or t.done:
             return
@@ -436,6 +439,8 @@ class Engine(WorkerLoss):
         if sink in t.sinks:
             t.sinks.remove(sink)
             if not t.sinks:  # nobody waits for it any more
+                if not t.cancel_requested:  # (an explicit Cancel keeps CANCELLED)
+                    t.cancel_status = status
                 self._cancel(req_id)
 
     def _cancel(self, req_id: str) -> bool:

@@ -28,6 +28,7 @@ import inspect
 import logging
 import pathlib
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 
@@ -193,9 +194,12 @@ class Gate(grpc.aio.ServerInterceptor):
     client cancel or deadline.
     """
 
-    def __init__(self, tokens: TokenTable | None, max_streams: int):
+    def __init__(self, tokens: TokenTable | None, max_streams: int,
+                 refused: Callable[[str], None] = lambda status: None):
         self.tokens = tokens
         self.streams = StreamCounter(max_streams) if max_streams > 0 else None
+        # told the status of each generation refused here (the request metrics)
+        self.refused = refused
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -207,9 +211,12 @@ class Gate(grpc.aio.ServerInterceptor):
             tenant = self.tokens.tenant(token) if token else None
             if tenant is None:
                 log.debug("refused %s: %s", details.method, "bad token" if token else "no token")
+                if details.method in LIMITED_METHODS:
+                    self.refused("UNAUTHENTICATED")
                 return _deny(handler, grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN if token else MISSING_TOKEN)
-        counter = self.streams if details.method in LIMITED_METHODS else None
-        return _wrap(handler, tenant, counter)
+        limited = details.method in LIMITED_METHODS
+        return _wrap(handler, tenant, self.streams if limited else None,
+                     self.refused if limited else lambda status: None)
 
 
 def _deny(handler, code: grpc.StatusCode, message: str):
@@ -231,7 +238,7 @@ def _deny(handler, code: grpc.StatusCode, message: str):
     return handler._replace(request_deserializer=None, **{kind: body})
 
 
-def _wrap(handler, tenant: str, counter: StreamCounter | None):
+def _wrap(handler, tenant: str, counter: StreamCounter | None, refused: Callable[[str], None]):
     """``handler`` with the tenant set for the servicer and, for limited
     methods, a stream slot held for the call's lifetime. The slot is given
     back when the body returns or raises (before the client sees the end, so a
@@ -248,6 +255,7 @@ def _wrap(handler, tenant: str, counter: StreamCounter | None):
             return lambda: None
         key = client_key(tenant, context.peer())
         if not counter.acquire(key):
+            refused("RESOURCE_EXHAUSTED")
             context.set_trailing_metadata((("retry-after-ms", "1000"),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"too many concurrent generations from this client (limit "
@@ -265,7 +273,7 @@ def _wrap(handler, tenant: str, counter: StreamCounter | None):
         inner = handler.unary_unary
 
         async def unary(request, context):
-            await _refuse_malformed(request, context)
+            await _refuse_malformed(request, context, refused)
             release = await admit(context)
             try:
                 return await inner(request, context)
@@ -276,7 +284,7 @@ def _wrap(handler, tenant: str, counter: StreamCounter | None):
     inner_stream = handler.unary_stream
     if not inspect.isasyncgenfunction(inner_stream):  # a coroutine using context.write
         async def writer(request, context):
-            await _refuse_malformed(request, context)
+            await _refuse_malformed(request, context, refused)
             release = await admit(context)
             try:
                 return await inner_stream(request, context)
@@ -285,7 +293,7 @@ def _wrap(handler, tenant: str, counter: StreamCounter | None):
         return handler._replace(unary_stream=writer)
 
     async def stream(request, context):
-        await _refuse_malformed(request, context)
+        await _refuse_malformed(request, context, refused)
         release = await admit(context)
         try:
             async for item in inner_stream(request, context):
@@ -317,8 +325,9 @@ def _parse_safely(handler):
     return handler._replace(request_deserializer=parse_or_mark)
 
 
-async def _refuse_malformed(request, context) -> None:
+async def _refuse_malformed(request, context, refused: Callable[[str], None]) -> None:
     if isinstance(request, _Malformed):
+        refused("INVALID_ARGUMENT")
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request: the message does not parse "
                             f"({type(request.error).__name__})")
 
@@ -333,8 +342,9 @@ class LoadedSecurity:
     summary: str  # one line for the start-up log
 
 
-def load_security(sec: Security) -> LoadedSecurity:
-    """Read the files ``sec`` names. Raises SecurityError on any problem."""
+def load_security(sec: Security, refused: Callable[[str], None] = lambda status: None) -> LoadedSecurity:
+    """Read the files ``sec`` names. Raises SecurityError on any problem.
+    ``refused`` is told the status of each generation refused at the edge."""
     sec.validate()
     credentials = server_credentials(sec)
     tokens = None
@@ -346,7 +356,7 @@ def load_security(sec: Security) -> LoadedSecurity:
              f"max {sec.max_streams_per_client} streams per client" if sec.max_streams_per_client
              else "no per-client stream limit"]
     # Always installed: it also turns unparsable requests into INVALID_ARGUMENT.
-    return LoadedSecurity(credentials, (Gate(tokens, sec.max_streams_per_client),), ", ".join(parts))
+    return LoadedSecurity(credentials, (Gate(tokens, sec.max_streams_per_client, refused),), ", ".join(parts))
 
 
 def exposure_warnings(host: str, sec: Security) -> list[str]:

@@ -50,6 +50,15 @@ def fingerprint(request: pb.GenerateRequest) -> str:
     return hashlib.sha256(rest.SerializeToString(deterministic=True)).hexdigest()
 
 
+_TASKS = {pb.TASK_TEXT_TO_IMAGE: "image", pb.TASK_TEXT_TO_VIDEO: "video"}
+
+
+def _gone_status(context) -> str:
+    """Why a caller left before its request ended: its deadline, or not."""
+    left = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
+
+
 async def _abort(context, status: str, message: str):
     if status == "RESOURCE_EXHAUSTED":
         context.set_trailing_metadata((("retry-after-ms", str(RETRY_AFTER_MS)),))
@@ -62,8 +71,10 @@ class GenServeService(pb_grpc.GenServeServicer):
         self.draining = False  # set on SIGTERM: new requests get UNAVAILABLE
 
     async def _submit(self, request: pb.GenerateRequest, context):
-        """(engine id, the call's event queue, its sink: what abandon takes)."""
+        """(engine id, the call's event queue, its sink: what abandon takes).
+        A refusal is counted in the metrics like a request that ended."""
         if self.draining:
+            self._refused(request, "UNAVAILABLE")
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica")
         try:
             req = replace(self.validator.request(request), fingerprint=fingerprint(request))
@@ -78,8 +89,15 @@ class GenServeService(pb_grpc.GenServeServicer):
 
             self.engine.submit(req, sink)
         except RequestError as err:
+            self._refused(request, err.status)
             await _abort(context, err.status, err.message)
         return req.req_id, events, sink
+
+    def _refused(self, request: pb.GenerateRequest, status: str) -> None:
+        card = self.validator.cards.get(request.model or self.validator.defaults.get(_TASKS.get(request.task), ""))
+        # labels only from served models: a refused request's free text must not take label slots
+        self.engine.metrics.request_finished(card.task if card else "", card.name if card else "",
+                                             status, None, None, None)
 
     async def Generate(self, request, context):
         req_id, events, sink = await self._submit(request, context)
@@ -89,7 +107,7 @@ class GenServeService(pb_grpc.GenServeServicer):
                 pass
         finally:
             if event is None or not event.terminal:  # deadline or cancel: this caller is gone
-                self.engine.abandon(req_id, sink)
+                self.engine.abandon(req_id, sink, _gone_status(context))
         if event.type == EventType.COMPLETED:
             reply = result_to_pb(event.result)
             reply.request_id = client_id(req_id)
@@ -112,7 +130,7 @@ class GenServeService(pb_grpc.GenServeServicer):
             # Cancelled, past its deadline, or closed by a client that stopped
             # reading (GeneratorExit): the request ends with its last caller.
             if not finished:
-                self.engine.abandon(req_id, sink)
+                self.engine.abandon(req_id, sink, _gone_status(context))
 
     async def Cancel(self, request, context):
         if not request.request_id:

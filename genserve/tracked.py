@@ -30,6 +30,9 @@ class Tracked:
     sp_degrees: list[int] = field(default_factory=list)
     started_s: float | None = None
     cancel_requested: bool = False
+    # the status it ends with if cancelled: DEADLINE_EXCEEDED when it was
+    # abandoned by its last caller at that caller's deadline
+    cancel_status: str = "CANCELLED"
     done: bool = False
     dispatch_id: int = 0  # its latest dispatch; outcomes of older ones are stale
     crash_restarts: int = 0  # times it restarted from step 0 after losing its state

@@ -33,6 +33,9 @@ def metered():
                 client.cancel("m-cancel")
             if event.type >= 7:  # terminal
                 break
+        with pytest.raises(grpc.RpcError) as err:  # the caller's deadline passes mid-run
+            client.generate("too slow", task="video", steps=40, timeout_s=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     yield srv, f"http://127.0.0.1:{port}"
     srv.stop()
 
@@ -58,6 +61,11 @@ def test_every_family_exported_with_type_and_labels(metered):
                 if s.name == "genserve_requests_total"}
     assert requests[("image", "OK")] == 3 and requests[("video", "OK")] == 1
     assert requests[("video", "CANCELLED")] == 1
+    # refusals and abandoned calls count too, by the status the caller saw
+    assert requests[("image", "INVALID_ARGUMENT")] == 1
+    wait_for(lambda: ("video", "DEADLINE_EXCEEDED") in {  # (counted when the run stops)
+        (s.labels["task"], s.labels["status"]) for s in scrape(url)["genserve_requests"].samples},
+        30, "the abandoned video in the metrics")
 
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (apt-get install prometheus)")

@@ -284,7 +284,8 @@ def test_gate_stream_limit_is_released_however_calls_end():
 
 def test_gate_without_tokens_limits_by_peer_host():
     async def main():
-        gate = Gate(None, max_streams=1)
+        refused = []
+        gate = Gate(None, max_streams=1, refused=refused.append)
         server, service, channel, stub, target = await _gate_server(gate)
         try:
             first = stub.Generate(pb.GenerateRequest())
@@ -297,6 +298,7 @@ def test_gate_without_tokens_limits_by_peer_host():
             await first
             await other.close()
             assert gate.streams.active == {} and service.tenants == [""]
+            assert refused == ["RESOURCE_EXHAUSTED"]  # counted in the request metrics
         finally:
             await channel.close()
             await server.stop(None)
