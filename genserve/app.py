@@ -5,6 +5,8 @@ import asyncio
 import logging
 import os
 import signal
+import socket
+import threading
 import time
 from dataclasses import replace
 
@@ -23,6 +25,33 @@ from genserve.workers.protocol import ModelCard
 
 log = logging.getLogger("genserve")
 WORKERS_HEALTH_SERVICE = "genserve.workers"
+
+
+class ListenError(OSError):
+    """A port the server needs cannot be listened on."""
+
+
+def check_listen(host: str, port: int, what: str) -> None:
+    """ListenError unless ``host:port`` can be bound now: asked before the
+    workers load models (minutes for real checkpoints), so a port already in
+    use or a bad host is one line at once. (Binding for real may still fail
+    in a race; serve() reports that the same way.)"""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise ListenError(f"cannot listen on {host}:{port} ({what}): {err.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no conflict
+        try:
+            s.bind(address)
+        except OSError as err:
+            raise ListenError(f"cannot listen on {host}:{port} ({what}): {err.strerror}") from None
+
+
+def _stop_starting(signum, frame) -> None:
+    log.info("%s during start-up: stopping the workers", signal.Signals(signum).name)
+    raise SystemExit(128 + signum)
 
 
 def threads_per_worker(config: ServerConfig) -> int:
@@ -88,6 +117,10 @@ class Server:
         # reads certificates and tokens: fail before workers start
         self.security = load_security(config.security, refused=lambda status: self.metrics.request_finished(
             "", "", status, None, None, None))
+        if config.port:  # (0: any free port)
+            check_listen(config.host, config.port, "gRPC, --port")
+        if config.metrics_port:
+            check_listen(config.host, config.metrics_port, "--metrics-port")
 
     def start_workers(self) -> None:
         c = self.config
@@ -97,11 +130,18 @@ class Server:
         executor = (InProcessExecutor if c.in_process else MultiprocessExecutor)(specs)
         t0 = time.perf_counter()
         log.info("starting %d %s worker(s) with models %s", len(specs), c.device, ", ".join(c.models))
+        # SIGTERM while models load (a rollout, a restart) stops the workers
+        # too: they would otherwise load on, orphaned, holding their devices
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _stop_starting) if main else None
         try:
             ready = executor.start()
-        except Exception:
-            executor.shutdown()
+        except BaseException:  # Ctrl-C and SIGTERM included
+            executor.shutdown(timeout_s=2.0)
             raise
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
         log.info("workers ready in %.1f s", time.perf_counter() - t0)
         try:  # the presets were checked before the workers started; checkpoints only now
             cards = served_cards(ready[0].models, c.limits)
@@ -123,9 +163,15 @@ class Server:
         c, engine = self.config, self.engine
         validator = Validator(engine.cards, c.limits)
         service = GenServeService(engine, validator)
-        server, self.port, health = await start_grpc(service, c.host, c.port, c.limits.max_message_bytes,
-                                                     credentials=self.security.credentials,
-                                                     interceptors=self.security.interceptors)
+        try:
+            server, self.port, health = await start_grpc(service, c.host, c.port, c.limits.max_message_bytes,
+                                                         credentials=self.security.credentials,
+                                                         interceptors=self.security.interceptors)
+            metrics_http = self.metrics.start_http_server(c.metrics_port, c.host) if c.metrics_port else None
+        except (RuntimeError, OSError) as err:  # taken since check_listen looked (grpc raises RuntimeError)
+            engine.stop()
+            engine.executor.shutdown()
+            raise ListenError(f"cannot listen on {c.host}:{c.port} or metrics port {c.metrics_port}: {err}") from None
         log.info("gRPC security: %s", self.security.summary)
         for warning in exposure_warnings(c.host, c.security):
             log.warning("%s", warning)
@@ -133,7 +179,6 @@ class Server:
         await set_workers_health(health, len(engine.down))
         engine.on_workers_down = lambda num_down: loop.call_soon_threadsafe(
             lambda: loop.create_task(set_workers_health(health, num_down)))
-        metrics_http = self.metrics.start_http_server(c.metrics_port, c.host) if c.metrics_port else None
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)

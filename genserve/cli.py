@@ -92,7 +92,7 @@ def add_attention_arg(p) -> None:
 
 
 def cmd_serve(args) -> None:
-    from genserve.app import run_server
+    from genserve.app import ListenError, run_server
     from genserve.scheduler import load_profile
     from genserve.security import SecurityError
     from genserve.workers.executor import WorkerStartError
@@ -134,8 +134,10 @@ def cmd_serve(args) -> None:
                  "--auth-tokens, or try the secured server with `genserve generate --tls-ca FILE --token T`")
     try:
         run_server(config, ready)
-    except (SecurityError, WorkerStartError) as err:  # a bad certificate or token file; no device, a model
-        sys.exit(f"error: {err}")                       # that does not load
+    except (SecurityError, WorkerStartError, ListenError) as err:  # a bad certificate or token file; no
+        sys.exit(f"error: {err}")                                   # device, a model that does not load; a port
+    except KeyboardInterrupt:  # Ctrl-C while the workers start (they are stopped)
+        sys.exit(130)
 
 
 

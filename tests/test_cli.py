@@ -56,3 +56,54 @@ def test_bad_flags_fail_before_anything_starts(tmp_path):
         assert done.returncode != 0, args
         assert message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
     assert not (tmp_path / "p.json").exists()
+
+
+def test_a_port_in_use_is_one_line_before_the_workers_start():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        for args, what in ((("--port", port), "(gRPC, --port)"),
+                           (("--port", "0", "--metrics-port", port), "(--metrics-port)")):
+            done = genserve("serve", *args, timeout=60)
+            assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+            assert f"error: cannot listen on 127.0.0.1:{port} {what}" in done.stderr
+            assert "starting" not in done.stderr  # no worker was started
+
+
+def test_sigterm_while_the_workers_start_stops_them_too():
+    """A rollout's SIGTERM during model loading: the server exits and takes
+    its workers along (they used to load on, orphaned, for tens of seconds)."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "genserve", "serve", "--port", "0"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # the workers are being spawned
+            if "starting" in line and "worker(s)" in line:
+                break
+        time.sleep(1.0)
+        children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == proc.pid]
+        assert children, "no worker process seen"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{c}") and _ppid(c) is not None for c in children):
+            assert time.monotonic() < deadline, "a worker outlived the server"
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _ppid(pid: int) -> int | None:
+    """Parent of a live (not zombie) process, else None."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[1])
