@@ -70,7 +70,9 @@ class Validator:
         if not math.isfinite(guidance) or not 0.0 <= guidance <= MAX_GUIDANCE:
             raise _bad(f"guidance_scale: {guidance} is outside 0..{MAX_GUIDANCE:g}")
         fps = self._fps(msg, card)
-        seed = msg.seed if msg.HasField("seed") else secrets.randbits(63)
+        # the noise comes from torch's CPU generator, which (like diffusers with it) uses the
+        # seed's low 32 bits: a random seed has no more, so different seeds give different noise
+        seed = msg.seed if msg.HasField("seed") else secrets.randbits(32)
         params = GenParams(msg.prompt, msg.negative_prompt, width, height, frames, steps, float(guidance), seed)
         return Request(msg.request_id or uuid.uuid4().hex, card.name, card.task, params,
                        self._format(msg, card), fps, msg.slo_ms, time.monotonic())

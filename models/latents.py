@@ -9,7 +9,8 @@ def initial_noise(shape: tuple[int, ...], seed: int, device, dtype: torch.dtype)
     """Standard normal noise of ``shape`` from a CPU generator seeded with
     ``seed``, then moved to ``device``: the same seed gives the same noise on
     every device, and equals a diffusers pipeline called with
-    ``generator=torch.Generator("cpu").manual_seed(seed)``."""
+    ``generator=torch.Generator("cpu").manual_seed(seed)``. That generator
+    uses the seed's low 32 bits: seeds 2^32 apart give the same noise."""
     gen = torch.Generator("cpu").manual_seed(seed)
     return torch.randn(shape, generator=gen, dtype=dtype).to(device)
 
