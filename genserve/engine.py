@@ -240,8 +240,10 @@ class Engine(WorkerLoss):
             t = self.tracked.get(rej.req_id)
             if t is not None and not t.running:
                 eta = max(0.0, rej.estimated_finish_s - now)
+                late = rej.estimated_finish_s - t.deadline_s
                 self._finish(t, EventType.FAILED, "RESOURCE_EXHAUSTED",
-                             f"{rej.reason}; estimated completion in {eta:.1f} s exceeds the SLO")
+                             f"cannot meet its SLO of {t.slo_ms} ms: estimated to finish in {eta:.2f} s, "
+                             f"{late:.2f} s after its deadline (admission control)")
         for req_id in plan.preempted:
             t = self.tracked.get(req_id)
             if t is not None and t.steps_done > 0 and not t.running and not t.paused:

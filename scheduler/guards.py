@@ -6,8 +6,6 @@ from typing import Callable, Iterable, Sequence
 from .snapshot import Snapshot, is_video
 from .types import Rejection, RequestView
 
-REASON = "RESOURCE_EXHAUSTED"
-
 
 class FirstSight:
     """Remembers the requests a policy has seen, so that admission control
@@ -27,8 +25,7 @@ class FirstSight:
 
 def rejection(r: RequestView, estimated_finish_s: float) -> Rejection:
     late_s = estimated_finish_s - r.deadline_s
-    return Rejection(r.req_id, f"{REASON}: estimated finish {estimated_finish_s:.3f}s is "
-                               f"{late_s:.3f}s past the deadline {r.deadline_s:.3f}s",
+    return Rejection(r.req_id, f"estimated to finish {late_s:.2f} s after its deadline",
                      estimated_finish_s)
 
 
