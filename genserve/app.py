@@ -185,7 +185,8 @@ class Server:
         if ready_callback:
             ready_callback(self)
         await stop.wait()
-        await self._drain(service, health, c.grace_s)
+        stop.clear()  # a second SIGINT/SIGTERM cuts the drain short
+        await self._drain(service, health, c.grace_s, stop)
         await server.stop(grace=1.0)
         engine.stop()
         engine.executor.shutdown()
@@ -193,17 +194,19 @@ class Server:
             metrics_http.shutdown()
         log.info("stopped")
 
-    async def _drain(self, service: GenServeService, health, grace_s: float) -> None:
+    async def _drain(self, service: GenServeService, health, grace_s: float, cut: asyncio.Event) -> None:
         """Health goes NOT_SERVING and new requests get UNAVAILABLE; requests
-        already accepted get up to ``grace_s`` to finish."""
+        already accepted get up to ``grace_s`` to finish, or until ``cut``."""
         service.draining = True
         await health.enter_graceful_shutdown()
-        log.info("draining: %d unfinished request(s), up to %.0f s", self.engine.num_unfinished, grace_s)
+        log.info("draining: %d unfinished request(s), up to %.0f s (signal again to stop now)",
+                 self.engine.num_unfinished, grace_s)
         deadline = time.monotonic() + grace_s
-        while self.engine.num_unfinished and time.monotonic() < deadline:
+        while self.engine.num_unfinished and time.monotonic() < deadline and not cut.is_set():
             await asyncio.sleep(0.05)
         if self.engine.num_unfinished:
-            log.warning("grace period over: %d request(s) end UNAVAILABLE", self.engine.num_unfinished)
+            why = "a second signal" if cut.is_set() else "grace period over"
+            log.warning("%s: %d request(s) end UNAVAILABLE", why, self.engine.num_unfinished)
 
 
 async def set_workers_health(health, num_down: int) -> None:

@@ -146,6 +146,43 @@ def test_sigterm_drains_in_flight_then_exits_zero():
         srv.stop()
 
 
+def test_a_second_sigterm_cuts_the_drain_short():
+    """The first signal drains (up to --grace-s); a second one ends the
+    requests left UNAVAILABLE at once, and the workers stop at their step
+    boundary (a Shutdown during a dispatch used to be dropped: the workers
+    were killed 10 s later)."""
+    srv = ServerProcess("--num-workers", "1", "--grace-s", "600")
+    outcome, started = [], threading.Event()
+
+    def long_request():
+        with Client(srv.target) as client:
+            try:
+                for event in client.stream("never mind", task="video", width=128, height=128,
+                                           num_frames=17, steps=50):
+                    if event.type == T.STEP:
+                        started.set()
+            except grpc.RpcError as err:
+                outcome.append(err.code())
+            started.set()
+
+    try:
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        assert started.wait(60)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: "draining" in srv.output, 10)
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(30) == 0
+        assert time.monotonic() - t0 < 10  # not the 600 s grace, nor a 10 s kill of the worker
+        thread.join(30)
+        assert outcome == [grpc.StatusCode.UNAVAILABLE]
+        assert "a second signal: 1 request(s) end UNAVAILABLE" in srv.output
+        assert "during a dispatch" not in srv.output
+    finally:
+        srv.stop()
+
+
 def test_a_worker_that_cannot_restart_backs_off_and_returns(tmp_path):
     """Its checkpoint's volume is gone: every restart fails, ever later, while
     the other worker serves; once the files are back, so is the worker."""

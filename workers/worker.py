@@ -57,6 +57,7 @@ class Worker:
         self.live: dict[str, _Live] = {}
         self._joining: threading.Thread | None = None  # a Rejoin in progress
         self._deferred: list = []  # messages held until the running dispatch ends
+        self._stopping = False  # a Shutdown arrived during a dispatch: exit after it
 
     @classmethod
     def start(cls, spec: WorkerSpec) -> "Worker":
@@ -116,6 +117,8 @@ class Worker:
             if isinstance(msg, P.Shutdown):
                 return
             self.handle(msg, conn)
+            if self._stopping:
+                return
 
     def handle(self, msg, conn) -> None:
         if isinstance(msg, P.RunSteps):
@@ -177,6 +180,8 @@ class Worker:
                    for r in msg.req_ids if r not in self.live and all(f.req_id != r for f in failed)]
         finished: list[P.Finished] = []
         for _ in range(msg.num_steps):
+            if self._stopping:  # the server is going: no more steps
+                break
             batch = [r for r in batch if r in self.live and not self.live[r].state.done]
             if len(block) > 1 and not self.groups.broadcast_flag(bool(batch), block[0], block):
                 break  # the leader decided: no more steps (done or cancelled)
@@ -284,7 +289,9 @@ class Worker:
                     self.handle(msg, conn)
                 else:  # an old-world SP dispatch: leave that world once it ends
                     self._deferred.append(msg)
-            else:  # only Drop, Export and Rejoin may arrive while a dispatch runs
+            elif isinstance(msg, P.Shutdown):  # the server stops while this dispatch runs
+                self._stopping = True
+            else:  # only Drop, Export, Rejoin and Shutdown may arrive while a dispatch runs
                 log.error("worker %d: unexpected %r during a dispatch", self.spec.device_id, type(msg))
 
     def _enforce_budget(self) -> None:
