@@ -34,6 +34,16 @@ def _bad(message: str) -> RequestError:
     return RequestError("INVALID_ARGUMENT", message)
 
 
+def check_request_id(request_id: str, empty_ok: bool) -> None:
+    """RequestError (INVALID_ARGUMENT) unless ``request_id`` can name a
+    request: printable, at most MAX_REQUEST_ID_CHARS, not only spaces."""
+    if not request_id and empty_ok:
+        return
+    if (not request_id.strip() or len(request_id) > MAX_REQUEST_ID_CHARS
+            or not request_id.isprintable()):
+        raise _bad(f"request_id: 1 to {MAX_REQUEST_ID_CHARS} printable characters, not only spaces")
+
+
 class Validator:
     """Turns GenerateRequest protos into validated ``Request``s.
 
@@ -57,8 +67,7 @@ class Validator:
         for field in ("prompt", "negative_prompt"):
             if len(getattr(msg, field)) > self.limits.max_prompt_chars:
                 raise _bad(f"{field}: longer than the limit of {self.limits.max_prompt_chars} characters")
-        if len(msg.request_id) > MAX_REQUEST_ID_CHARS or not msg.request_id.isprintable():
-            raise _bad(f"request_id: at most {MAX_REQUEST_ID_CHARS} printable characters")
+        check_request_id(msg.request_id, empty_ok=True)
         lim = card.limits
         width = self._dim(msg, "width", lim.default_width, lim.max_width, lim.size_multiple)
         height = self._dim(msg, "height", lim.default_height, lim.max_height, lim.size_multiple)

@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from genserve.convert import Validator, card_to_pb, event_to_pb, result_to_pb
+from genserve.convert import Validator, card_to_pb, check_request_id, event_to_pb, result_to_pb
 from genserve.engine import Engine
 from genserve.security import current_tenant
 from genserve.types import Event, EventType, RequestError
@@ -133,8 +133,10 @@ class GenServeService(pb_grpc.GenServeServicer):
                 self.engine.abandon(req_id, sink, _gone_status(context))
 
     async def Cancel(self, request, context):
-        if not request.request_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
+        try:  # what Generate would refuse cannot name a request
+            check_request_id(request.request_id, empty_ok=False)
+        except RequestError as err:
+            await _abort(context, err.status, err.message)
         loop = asyncio.get_running_loop()
         tenant = current_tenant.get()
         req_id = f"{tenant}{TENANT_SEP}{request.request_id}" if tenant else request.request_id

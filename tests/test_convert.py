@@ -78,8 +78,9 @@ def test_prompt_and_enum_values(v):
     msg.task = 42
     with pytest.raises(RequestError, match="^task:"):
         v.request(msg)
-    with pytest.raises(RequestError, match="^request_id:"):
-        v.request(build_request("a cat", task="image", request_id="x" * 200))
+    for bad_id in ("x" * 200, "   ", "a\nb"):
+        with pytest.raises(RequestError, match="^request_id:"):
+            v.request(build_request("a cat", task="image", request_id=bad_id))
 
 
 def test_server_caps_lower_model_limits():

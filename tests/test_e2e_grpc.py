@@ -68,11 +68,11 @@ def test_cancel_running_video(client):
 def test_an_attached_caller_that_times_out_leaves_the_request_running(client):
     """Resubmitting a running id attaches; that caller's deadline ends its own
     call only. A different request on the id is ALREADY_EXISTS."""
-    same = dict(task="video", steps=20, seed=5, request_id="shared-e2e")
+    same = dict(task="video", width=128, height=128, num_frames=33, steps=50, seed=5, request_id="shared-e2e")
     stream = client.stream("a shared video", **same)
     assert next(stream).type == T.QUEUED
     with pytest.raises(grpc.RpcError) as err:
-        client.generate("a shared video", timeout_s=0.3, **same)
+        client.generate("a shared video", timeout_s=0.5, **same)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     with pytest.raises(grpc.RpcError) as err:
         client.generate("another video", **same)
@@ -82,9 +82,10 @@ def test_an_attached_caller_that_times_out_leaves_the_request_running(client):
 
 def test_cancel_unknown_and_empty(client):
     assert not client.cancel("no-such-request")
-    with pytest.raises(grpc.RpcError) as err:
-        client.cancel("")
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for bad_id in ("", "x" * 10_000, "   "):  # what Generate refuses names no request
+        with pytest.raises(grpc.RpcError) as err:
+            client.cancel(bad_id)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in err.value.details()
 
 
 BAD = [
