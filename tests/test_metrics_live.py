@@ -34,7 +34,8 @@ def metered():
             if event.type >= 7:  # terminal
                 break
         with pytest.raises(grpc.RpcError) as err:  # the caller's deadline passes mid-run
-            client.generate("too slow", task="video", steps=40, timeout_s=0.5)
+            client.generate("too slow", task="video", width=128, height=128, num_frames=33, steps=50,
+                            timeout_s=0.5)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     yield srv, f"http://127.0.0.1:{port}"
     srv.stop()
