@@ -112,25 +112,32 @@ def test_worker_killed_under_load_every_request_ends():
         srv.stop()
 
 
-def test_sigterm_drains_in_flight_then_exits_zero():
-    srv = ServerProcess("--num-workers", "1", "--grace-s", "60")
-    events, started = [], threading.Event()
+def _long_video_in_background(target: str, prompt: str):
+    """Streams a 50-step video from a thread: (thread, set at its first step,
+    what it saw: the events, then the RpcError that ended it if one did)."""
+    seen, started = [], threading.Event()
 
     def long_request():
-        with Client(srv.target) as client:
+        with Client(target) as client:
             try:
-                for event in client.stream("finish me", task="video", width=128, height=128,
+                for event in client.stream(prompt, task="video", width=128, height=128,
                                            num_frames=17, steps=50):
-                    events.append(event)
+                    seen.append(event)
                     if event.type == T.STEP:
                         started.set()
             except grpc.RpcError as err:
-                events.append(err)
+                seen.append(err)
             started.set()
 
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    return thread, started, seen
+
+
+def test_sigterm_drains_in_flight_then_exits_zero():
+    srv = ServerProcess("--num-workers", "1", "--grace-s", "60")
     try:
-        thread = threading.Thread(target=long_request)
-        thread.start()
+        thread, started, events = _long_video_in_background(srv.target, "finish me")
         assert started.wait(60)
         srv.proc.send_signal(signal.SIGTERM)  # with ~49 steps and a decode still to go
         assert wait_for(lambda: health(srv.target) == health_pb2.HealthCheckResponse.NOT_SERVING, 10)
@@ -152,22 +159,8 @@ def test_a_second_sigterm_cuts_the_drain_short():
     boundary (a Shutdown during a dispatch used to be dropped: the workers
     were killed 10 s later)."""
     srv = ServerProcess("--num-workers", "1", "--grace-s", "600")
-    outcome, started = [], threading.Event()
-
-    def long_request():
-        with Client(srv.target) as client:
-            try:
-                for event in client.stream("never mind", task="video", width=128, height=128,
-                                           num_frames=17, steps=50):
-                    if event.type == T.STEP:
-                        started.set()
-            except grpc.RpcError as err:
-                outcome.append(err.code())
-            started.set()
-
     try:
-        thread = threading.Thread(target=long_request)
-        thread.start()
+        thread, started, seen = _long_video_in_background(srv.target, "never mind")
         assert started.wait(60)
         srv.proc.send_signal(signal.SIGTERM)
         assert wait_for(lambda: "draining" in srv.output, 10)
@@ -176,7 +169,7 @@ def test_a_second_sigterm_cuts_the_drain_short():
         assert srv.proc.wait(30) == 0
         assert time.monotonic() - t0 < 10  # not the 600 s grace, nor a 10 s kill of the worker
         thread.join(30)
-        assert outcome == [grpc.StatusCode.UNAVAILABLE]
+        assert isinstance(seen[-1], grpc.RpcError) and seen[-1].code() == grpc.StatusCode.UNAVAILABLE
         assert "a second signal: 1 request(s) end UNAVAILABLE" in srv.output
         assert "during a dispatch" not in srv.output
     finally:
