@@ -21,22 +21,26 @@ pytestmark = pytest.mark.slow
 def metered():
     port = free_port()
     srv = ServerProcess("--num-workers", "2", "--metrics-port", str(port))
-    with Client(srv.target) as client:
-        for i in range(3):
-            client.generate(f"image {i}", task="image", steps=2, seed=i)
-        client.generate("a video", task="video", steps=2)
-        with pytest.raises(grpc.RpcError):
-            client.generate("bad", task="image", width=8)
-        stream = client.stream("cancel me", task="video", steps=40, request_id="m-cancel")
-        for event in stream:
-            if event.step == 1:
-                client.cancel("m-cancel")
-            if event.type >= 7:  # terminal
-                break
-        with pytest.raises(grpc.RpcError) as err:  # the caller's deadline passes mid-run
-            client.generate("too slow", task="video", width=128, height=128, num_frames=33, steps=50,
-                            timeout_s=0.5)
-        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    try:  # (a failure here must not leave the server running)
+        with Client(srv.target) as client:
+            for i in range(3):
+                client.generate(f"image {i}", task="image", steps=2, seed=i)
+            client.generate("a video", task="video", steps=2)
+            with pytest.raises(grpc.RpcError):
+                client.generate("bad", task="image", width=8)
+            stream = client.stream("cancel me", task="video", steps=40, request_id="m-cancel")
+            for event in stream:
+                if event.step == 1:
+                    client.cancel("m-cancel")
+                if event.type >= 7:  # terminal
+                    break
+            with pytest.raises(grpc.RpcError) as err:  # the caller's deadline passes mid-run
+                client.generate("too slow", task="video", width=128, height=128, num_frames=33, steps=50,
+                                timeout_s=0.5)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    except BaseException:
+        srv.stop()
+        raise
     yield srv, f"http://127.0.0.1:{port}"
     srv.stop()
 
