@@ -26,8 +26,8 @@ from operator import attrgetter
 
 from .blocks import BlockPool, block_mask, ids_of, tile_blocks
 from .guards import FirstSight, admit_in_order
-from .snapshot import PredictionMemo, Snapshot, finish_plan, is_image, is_video
-from .types import IMAGE, TASKS, ClusterSpec, CostModel, Dispatch, RequestView, StepPlan
+from .snapshot import NO_PLAN, PredictionMemo, Snapshot, finish_plan, is_image, is_video
+from .types import IMAGE, TASKS, VIDEO, ClusterSpec, CostModel, Dispatch, RequestView, StepPlan
 
 ORDERS = ("fcfs", "sjf", "edf")
 
@@ -60,9 +60,7 @@ class RequestLevelPolicy:
         self.image_degree = (min(self.video_degree, cluster.max_image_sp_degree)
                              if options.groups == "fixed-sp" else 1)
         self._groups = self._make_groups(n)
-        self._free_tasks: dict[int, set[str]] = {}  # idle mask -> tasks its free groups serve
-        # the quick test that a decision can place nothing, made before any Snapshot
-        self._may_start = _may_dispatch if self._groups is None else self._may_start_in_groups
+        self._startable: dict[int, set[str]] = {}  # idle mask -> tasks that could start on it
 
     def _make_groups(self, n: int):
         """(mask, tasks) per fixed group, or None for buddy allocation."""
@@ -78,8 +76,15 @@ class RequestLevelPolicy:
         return None
 
     def plan(self, now_s: float, requests, devices, cost: CostModel) -> StepPlan:
-        if not self.options.admission_control and not self._may_start(requests, devices):
-            return finish_plan(requests)  # the usual decision: nothing waits, or no room
+        if not self.options.admission_control:  # the usual decision places nothing: tell it
+            idle = 0                             # before making a Snapshot
+            for d in devices:
+                if d.idle:
+                    idle |= 1 << d.device_id
+            if not idle:  # no room (a started request left waiting is still listed as paused)
+                return finish_plan(requests)
+            if not self._may_start(requests, idle):
+                return NO_PLAN  # (no started request waits either: it could resume)
         snap = Snapshot(now_s, requests, devices, cost, self.cluster, self._predictions)
         waiting = [r for r in snap.ready if r.steps_done == 0]  # in no order yet
         # started ones that wait too (rare here): only they can be preempted
@@ -100,25 +105,27 @@ class RequestLevelPolicy:
             out += self._grouped(snap, pool, waiting)
         return finish_plan(started, out, rejected)
 
-    def _may_start_in_groups(self, requests, devices) -> bool:
-        """Whether this decision might place a request (False: its plan is
-        surely empty; at a high load most decisions of static and fixed-sp)."""
-        idle = 0
-        for d in devices:
-            if d.idle:
-                idle |= 1 << d.device_id
-        if not idle:
-            return False
-        tasks = self._free_tasks.get(idle)
+    def _may_start(self, requests, idle: int) -> bool:
+        """Whether this decision might place a request on the ``idle`` devices
+        (False: its plan is surely empty; most decisions at a high load)."""
+        tasks = self._startable.get(idle)
         if tasks is None:
-            tasks = self._free_tasks[idle] = _tasks_of(
-                [g for g in self._groups if idle & g[0] == g[0]])
-        # a waiting request a free group serves, or a started one (rare here:
-        # it may resume on any idle devices); newest first, the likeliest to wait
+            tasks = self._startable[idle] = self._startable_tasks(idle)
+        # a waiting request that could start, or a started one (rare here: it
+        # may resume on any idle devices); newest first, the likeliest to wait
         for r in reversed(requests):
             if (r.task in tasks or r.steps_done > 0) and not r.running:
                 return True
         return False
+
+    def _startable_tasks(self, idle: int) -> set[str]:
+        """The tasks a request could start on the ``idle`` devices: one a wholly
+        idle group serves, or (buddy) whose degree fits an aligned idle block."""
+        if self._groups is not None:
+            return _tasks_of([g for g in self._groups if idle & g[0] == g[0]])
+        pool = BlockPool(self.cluster.num_devices, idle)
+        return {task for task in TASKS if pool.can_take(
+            self.video_degree if task == VIDEO else self.image_degree)}
 
     # -- ordering and admission ---------------------------------------------
     def _degree(self, r: RequestView) -> int:
@@ -269,19 +276,6 @@ _BY_DEADLINE = attrgetter("deadline_s", "req_id")
 def _tasks_of(groups: list) -> set[str]:
     """The tasks some group in ``groups`` serves."""
     return {task for _, tasks in groups for task in tasks}
-
-
-def _may_dispatch(requests, devices) -> bool:
-    """Some request is not running and some device is idle."""
-    for r in requests:
-        if not r.running:
-            break
-    else:
-        return False
-    for d in devices:
-        if d.idle:
-            return True
-    return False
 
 
 def _free_times(snap: Snapshot, placed: list) -> list[float]:

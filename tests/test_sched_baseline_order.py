@@ -85,5 +85,5 @@ def test_a_decision_skipped_as_empty_would_place_nothing(state, name):
     requests, devices = state
     policy = make_policy(name, CLUSTER)
     full = make_policy(name, CLUSTER)
-    full._may_start = lambda requests, devices: True  # always the whole decision
+    full._may_start = lambda requests, idle: True  # always the whole decision
     assert policy.plan(NOW, requests, devices, COST) == full.plan(NOW, requests, devices, COST)
