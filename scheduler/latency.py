@@ -187,9 +187,7 @@ class LatencyModel:
         key = (model, STEP, width, height, num_frames, sp_degree, batch_size)
         base = self._base.get(key)
         if base is None:
-            base = self._table(model).step_ms(width * height * num_frames, sp_degree,
-                                              max(batch_size, 1))
-            self._base[key] = base
+            base = self._make_base(key)
         # the key's ratio, else its model's: predictions are the simulator's hottest calls
         ratio = self._ratio.get(key)
         return base * (self._model_ratio.get((model, STEP), 1.0) if ratio is None else ratio)
@@ -207,8 +205,7 @@ class LatencyModel:
         key = (model, DECODE, width, height, num_frames, sp_degree, 1)
         base = self._base.get(key)
         if base is None:
-            base = self._table(model).decode_ms(width * height * num_frames, sp_degree)
-            self._base[key] = base
+            base = self._make_base(key)
         ratio = self._ratio.get(key)
         return base * (self._model_ratio.get((model, DECODE), 1.0) if ratio is None else ratio)
 
@@ -244,19 +241,16 @@ class LatencyModel:
         """Feed a measured step time. ``count`` > 1 applies the same
         measurement that many times in one go (the EWMA in closed form; the
         error statistics count it ``count`` times at the first error)."""
-        predicted = self.step_ms(model, width, height, num_frames, sp_degree, batch_size)
         self._observe((model, STEP, width, height, num_frames, sp_degree, batch_size),
-                      predicted, measured_ms, count)
+                      measured_ms, count)
 
     def observe_decode(self, model: str, width: int, height: int, num_frames: int,
                        sp_degree: int, measured_ms: float) -> None:
-        predicted = self.decode_ms(model, width, height, num_frames, sp_degree)
-        self._observe((model, DECODE, width, height, num_frames, sp_degree, 1),
-                      predicted, measured_ms)
+        self._observe((model, DECODE, width, height, num_frames, sp_degree, 1), measured_ms)
 
     def observe_encode(self, model: str, measured_ms: float) -> None:
         """Feed a measured prompt encode (and latent set-up) of one request."""
-        self._observe(_encode_key(model), self.encode_ms(model), measured_ms)
+        self._observe(_encode_key(model), measured_ms)
 
     def observe_dispatch(self, measured_ms: float) -> None:
         """Feed one dispatch's measured overhead (wall time minus the compute
@@ -275,9 +269,21 @@ class LatencyModel:
                                   calibration_ratio=self._ratio.get(key, 1.0)))
         return tuple(out)
 
-    def _observe(self, key: tuple, predicted: float, measured_ms: float,
-                 count: int = 1) -> None:
-        if not (measured_ms > 0 and math.isfinite(measured_ms)) or predicted <= 0 or count < 1:
+    def _observe(self, key: tuple, measured_ms: float, count: int = 1) -> None:
+        """Feed a measurement of ``key`` (a step, decode or encode key), compared
+        with its calibrated prediction just before it: what ``step_ms``,
+        ``decode_ms`` or ``encode_ms`` gives, computed here from the same
+        lookups the update needs (the simulator calibrates three times a request)."""
+        base = self._base.get(key)
+        if base is None:
+            base = self._make_base(key)
+        mkey = key[:2]
+        old_model = self._model_ratio.get(mkey, 1.0)
+        # first sight of a key: its predictions used its model's level (prior
+        # 1.0), and its EWMA starts from there
+        old = self._ratio.get(key, old_model)
+        predicted = base * old
+        if not 0.0 < measured_ms < math.inf or predicted <= 0 or count < 1:  # NaN fails too
             return
         rel = (measured_ms - predicted) / predicted
         self.last_rel_error = rel
@@ -288,21 +294,31 @@ class LatencyModel:
         stats[1] += abs(rel) * count
         stats[2] = rel
         lo, hi = self.ratio_bounds  # _clamp twice, inlined: the simulator calibrates a lot
-        sample = measured_ms / self._base[key]
+        sample = measured_ms / base
         sample = lo if lo > sample else sample
         sample = hi if hi < sample else sample
         keep = (1 - self.ewma_alpha) ** count  # weight left on the old value
-        mkey = key[:2]
-        old_model = self._model_ratio.get(mkey, 1.0)
         model = self._model_ratio[mkey] = keep * old_model + (1 - keep) * sample
-        # first sight of a key: start from its model's level (prior 1.0), which
-        # is also what its predictions used until now
-        old = self._ratio.get(key, old_model)
         ratio = keep * old + (1 - keep) * sample
         ratio = lo if lo > ratio else ratio
         ratio = self._ratio[key] = hi if hi < ratio else ratio
         if ratio != old or model != old_model:  # a measurement equal to its prediction changes none
             self.version += 1
+
+    def _make_base(self, key: tuple) -> float:
+        """The uncalibrated prediction of a step or decode key, memoised (an
+        encode key's is there from the start: a missing one is an unknown model)."""
+        model, kind, width, height, num_frames, sp_degree, batch_size = key
+        table = self._table(model)  # raises for an unknown model
+        tokens = width * height * num_frames
+        if kind == STEP:
+            base = table.step_ms(tokens, sp_degree, max(batch_size, 1))
+        elif kind == DECODE:
+            base = table.decode_ms(tokens, sp_degree)
+        else:
+            raise KeyError(key)
+        self._base[key] = base
+        return base
 
     def _clamp(self, ratio: float) -> float:
         lo, hi = self.ratio_bounds
