@@ -106,6 +106,8 @@ class RequestLevelPolicy:
             out += self._buddy(snap, pool, self._ordered(snap, waiting))
         else:
             out += self._grouped(snap, pool, waiting)
+        if not (started or rejected):  # the usual plan: no started request to list as paused
+            return StepPlan(tuple(out)) if out else NO_PLAN
         return finish_plan(started, out, rejected)
 
     def _may_start(self, requests, idle: int) -> bool:
@@ -259,8 +261,7 @@ class RequestLevelPolicy:
             free_groups.remove(group)
             servable = _tasks_of(free_groups)
             slots = sum(1 for _, t in free_groups if r.task in t) + 1
-            members = self._batch(snap, r, groups, taken, slots) if (
-                self.options.groups != "fixed-sp") else [r]
+            members = self._batch(snap, r, groups, taken, slots) if groups else [r]
             taken.update(m.req_id for m in members)
             pool.take_exact(group[0])
             block = ids_of(group[0])
@@ -271,7 +272,8 @@ class RequestLevelPolicy:
 
     def _batch(self, snap: Snapshot, head: RequestView, groups: dict, taken: set,
                slots: int) -> list[RequestView]:
-        """The head plus same-shape, same-length images waiting with it."""
+        """The head plus same-shape, same-length images waiting with it
+        (``groups``: see _image_groups)."""
         if not is_image(head) or not self.options.batching:
             return [head]
         limit = self.cluster.max_image_batch
@@ -326,12 +328,16 @@ def _free_times(snap: Snapshot, placed: list) -> list[float]:
 
 
 def _image_groups(snap: Snapshot, queue: list) -> dict:
-    """Queued images by (class, steps left), in queue order: batch mates."""
+    """Queued images by (class, steps left), in queue order: batch mates.
+    Only groups of two or more (an image alone in its group runs alone: the
+    usual case, and _batch is not asked)."""
+    if len(queue) < 2:
+        return {}
     groups: dict = {}
     for r in queue:
         if r.task == IMAGE:  # is_image(r) without the call: once per queued request
             groups.setdefault((snap.class_key(r), r.steps_left), []).append(r)
-    return groups
+    return {key: group for key, group in groups.items() if len(group) > 1}
 
 
 def _earliest_block(snap: Snapshot, free_time: list[float], size: int) -> tuple[int, float]:
