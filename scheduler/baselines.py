@@ -60,7 +60,8 @@ class RequestLevelPolicy:
         self.image_degree = (min(self.video_degree, cluster.max_image_sp_degree)
                              if options.groups == "fixed-sp" else 1)
         self._groups = self._make_groups(n)
-        self._startable: dict[int, set[str]] = {}  # idle mask -> tasks that could start on it
+        self._group_ids = {m: ids_of(m) for m, _ in self._groups or ()}  # a group's devices
+        self._startable: dict[int, set[str]] = {}  # free mask -> tasks that could start on it
         # edf: waiting requests' best remaining times, by req_id (see _kept_bests)
         self._bests: dict[str, tuple] = {}
         self._bests_table = None  # the prediction table they were read from
@@ -84,15 +85,26 @@ class RequestLevelPolicy:
             for d in devices:
                 if d.idle:
                     idle |= 1 << d.device_id
-            if not idle:  # no room (a started request left waiting is still listed as paused)
-                return finish_plan(requests)
+            if not idle:  # no room: a started request left waiting is listed as paused
+                return finish_plan(requests) if _started_waiting(requests) else NO_PLAN
             if not self._may_start(requests, idle):
                 return NO_PLAN  # (no started request waits either: it could resume)
         snap = Snapshot(now_s, requests, devices, cost, self.cluster, self._predictions)
-        waiting = [r for r in snap.ready if r.steps_done == 0]  # in no order yet
-        # started ones that wait too (rare here): only they can be preempted
-        started = [r for r in snap.ready if r.steps_done > 0] if (
-            len(waiting) < len(snap.ready)) else []
+        if self._groups is not None and not self.options.admission_control:
+            # only a request some free group serves can start (the others are
+            # passed over): one pass picks those, and the started ones
+            tasks = self._startable_on(snap.idle_mask)
+            waiting, started = [], []
+            for r in snap.ready:
+                if r.steps_done > 0:
+                    started.append(r)
+                elif r.task in tasks:
+                    waiting.append(r)
+        else:
+            waiting = [r for r in snap.ready if r.steps_done == 0]  # in no order yet
+            # started ones that wait too (rare here): only they can be preempted
+            started = [r for r in snap.ready if r.steps_done > 0] if (
+                len(waiting) < len(snap.ready)) else []
         rejected = (self._admission(snap, requests, started, waiting)
                     if self.options.admission_control else [])
         if not snap.idle_mask or not snap.ready:  # nowhere to place, or nothing to
@@ -115,7 +127,9 @@ class RequestLevelPolicy:
         (False: its plan is surely empty; most decisions at a high load)."""
         tasks = self._startable.get(idle)
         if tasks is None:
-            tasks = self._startable[idle] = self._startable_tasks(idle)
+            tasks = self._startable_on(idle)
+        if not tasks:  # no new request fits (fixed-sp: a group's leader still decodes)
+            return _started_waiting(requests)
         # a waiting request that could start, or a started one (rare here: it
         # may resume on any idle devices); newest first, the likeliest to wait
         for r in reversed(requests):
@@ -123,14 +137,20 @@ class RequestLevelPolicy:
                 return True
         return False
 
-    def _startable_tasks(self, idle: int) -> set[str]:
-        """The tasks a request could start on the ``idle`` devices: one a wholly
-        idle group serves, or (buddy) whose degree fits an aligned idle block."""
-        if self._groups is not None:
-            return _tasks_of([g for g in self._groups if idle & g[0] == g[0]])
-        pool = BlockPool(self.cluster.num_devices, idle)
-        return {task for task in TASKS if pool.can_take(
-            self.video_degree if task == VIDEO else self.image_degree)}
+    def _startable_on(self, free: int) -> set[str]:
+        """The tasks a request could start on the ``free`` devices: one a
+        wholly free group serves, or (buddy) whose degree fits an aligned free
+        block. Memoised per mask (a node has few)."""
+        tasks = self._startable.get(free)
+        if tasks is None:
+            if self._groups is not None:
+                tasks = _tasks_of([g for g in self._groups if free & g[0] == g[0]])
+            else:
+                pool = BlockPool(self.cluster.num_devices, free)
+                tasks = {task for task in TASKS if pool.can_take(
+                    self.video_degree if task == VIDEO else self.image_degree)}
+            self._startable[free] = tasks
+        return tasks
 
     # -- ordering and admission ---------------------------------------------
     def _degree(self, r: RequestView) -> int:
@@ -242,29 +262,34 @@ class RequestLevelPolicy:
 
     def _grouped(self, snap: Snapshot, pool: BlockPool, waiting: list) -> list[Dispatch]:
         out = []
-        taken: set[str] = set()
-        free_groups = [(m, tasks) for m, tasks in self._groups if pool.free & m == m]
-        if not free_groups:
+        # the tasks the wholly free groups serve (none: no group is free); the
+        # free groups are those inside pool.free, as the groups do not overlap
+        servable = self._startable_on(pool.free)
+        if not servable:
             return out
         # a request no free group serves is passed over: only the others need ordering
-        servable = _tasks_of(free_groups)
         if len(servable) < len(TASKS):
             waiting = [r for r in waiting if r.task in servable]
         queue = self._ordered(snap, waiting)
         groups = _image_groups(snap, queue) if self.options.batching and IMAGE in servable else {}
+        taken: set[str] = set()
         for r in queue:
-            if not free_groups:
+            if not servable:  # every group is taken
                 break
             if r.task not in servable or r.req_id in taken:
                 continue
-            group = next(g for g in free_groups if r.task in g[1])
-            free_groups.remove(group)
-            servable = _tasks_of(free_groups)
-            slots = sum(1 for _, t in free_groups if r.task in t) + 1
-            members = self._batch(snap, r, groups, taken, slots) if groups else [r]
+            # the first free group that serves it
+            group = next(m for m, tasks in self._groups if pool.free & m == m and r.task in tasks)
+            pool.take_exact(group)
+            servable = self._startable_on(pool.free)
+            if groups:  # a batch is sized by the free groups that serve it, this one included
+                slots = 1 + sum(1 for m, tasks in self._groups
+                                if pool.free & m == m and r.task in tasks)
+                members = self._batch(snap, r, groups, taken, slots)
+            else:
+                members = [r]
             taken.update(m.req_id for m in members)
-            pool.take_exact(group[0])
-            block = ids_of(group[0])
+            block = self._group_ids[group]
             if is_image(r):  # the group stays held; the image runs on what it can use
                 block = block[:min(len(block), self.cluster.max_image_sp_degree)]
             out.append(Dispatch(tuple(m.req_id for m in members), block, r.steps_left))
@@ -314,6 +339,15 @@ def _by_deadline(requests: list) -> list:
 def _tasks_of(groups: list) -> set[str]:
     """The tasks some group in ``groups`` serves."""
     return {task for _, tasks in groups for task in tasks}
+
+
+def _started_waiting(requests) -> bool:
+    """Some started request is not running (rare here: a request-level
+    dispatch runs all its steps): it may resume, or be listed as paused."""
+    for r in requests:
+        if r.steps_done > 0 and not r.running:
+            return True
+    return False
 
 
 def _free_times(snap: Snapshot, placed: list) -> list[float]:
