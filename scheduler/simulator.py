@@ -176,7 +176,8 @@ class Simulator:
                 if self.strict:
                     raise PlanError(f"{self.policy.name} at t={self.now:.6f}: " + "; ".join(errors))
                 return
-        self._apply(plan)
+        if plan.dispatches or plan.preempted or plan.rejected:  # most plans change nothing
+            self._apply(plan)
 
     def _apply(self, plan: StepPlan) -> None:
         for rej in plan.rejected:
