@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from operator import attrgetter
 
 from .blocks import BlockPool, block_mask, ids_of, tile_blocks
@@ -237,7 +238,7 @@ class RequestLevelPolicy:
                 break
             if r.req_id in taken:
                 continue
-            size = self._degree(r)
+            size = self.video_degree if r.task == VIDEO else self.image_degree  # _degree(r)
             slots = pool.free.bit_count()  # a batch is sized by the devices free before
             mask = pool.take(size, within=~reserved)
             # made once known to be needed (most heads do not fit); with no
@@ -254,10 +255,11 @@ class RequestLevelPolicy:
                 continue
             if members is None:
                 members = self._batch(snap, r, groups, taken, slots) if groups else [r]
-            taken.update(m.req_id for m in members)
-            block = ids_of(mask)
+            ids = tuple([m.req_id for m in members])
+            taken.update(ids)
+            block = _block_ids(mask)
             placed.append((block, r, size, len(members)))
-            out.append(Dispatch(tuple(m.req_id for m in members), block, r.steps_left))
+            out.append(Dispatch(ids, block, r.steps_left))
         return out
 
     def _grouped(self, snap: Snapshot, pool: BlockPool, waiting: list) -> list[Dispatch]:
@@ -288,11 +290,12 @@ class RequestLevelPolicy:
                 members = self._batch(snap, r, groups, taken, slots)
             else:
                 members = [r]
-            taken.update(m.req_id for m in members)
+            ids = tuple([m.req_id for m in members])
+            taken.update(ids)
             block = self._group_ids[group]
             if is_image(r):  # the group stays held; the image runs on what it can use
                 block = block[:min(len(block), self.cluster.max_image_sp_degree)]
-            out.append(Dispatch(tuple(m.req_id for m in members), block, r.steps_left))
+            out.append(Dispatch(ids, block, r.steps_left))
         return out
 
     def _batch(self, snap: Snapshot, head: RequestView, groups: dict, taken: set,
@@ -317,6 +320,9 @@ class RequestLevelPolicy:
                 members.pop()
         return members
 
+
+# blocks.ids_of, memoised: plans ask for the same few aligned blocks
+_block_ids = lru_cache(maxsize=1024)(ids_of)
 
 _BY_ARRIVAL = attrgetter("arrival_s", "req_id")  # fcfs order
 _BY_DEADLINE = attrgetter("deadline_s", "req_id")
