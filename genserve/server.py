@@ -15,7 +15,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from genserve.convert import Validator, card_to_pb, check_request_id, event_to_pb, result_to_pb
+from genserve.convert import (TASK_FROM_PB, Validator, card_to_pb, check_request_id, event_to_pb,
+                              result_to_pb)
 from genserve.engine import Engine
 from genserve.security import current_tenant
 from genserve.types import Event, EventType, RequestError
@@ -48,9 +49,6 @@ def fingerprint(request: pb.GenerateRequest) -> str:
     rest.CopyFrom(request)
     rest.request_id = ""
     return hashlib.sha256(rest.SerializeToString(deterministic=True)).hexdigest()
-
-
-_TASKS = {pb.TASK_TEXT_TO_IMAGE: "image", pb.TASK_TEXT_TO_VIDEO: "video"}
 
 
 def _gone_status(context) -> str:
@@ -94,7 +92,7 @@ class GenServeService(pb_grpc.GenServeServicer):
         return req.req_id, events, sink
 
     def _refused(self, request: pb.GenerateRequest, status: str) -> None:
-        card = self.validator.cards.get(request.model or self.validator.defaults.get(_TASKS.get(request.task), ""))
+        card = self.validator.cards.get(request.model or self.validator.defaults.get(TASK_FROM_PB.get(request.task), ""))
         # labels only from served models: a refused request's free text must not take label slots
         self.engine.metrics.request_finished(card.task if card else "", card.name if card else "",
                                              status, None, None, None)

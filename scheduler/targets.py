@@ -25,9 +25,8 @@ import heapq
 from collections import deque
 from dataclasses import dataclass
 
-from .snapshot import Snapshot, is_image, is_video
+from .snapshot import INF, Snapshot, is_image, is_video
 
-INF = float("inf")
 MARGIN = 0.02  # a plan must leave this share of the remaining time
 
 
@@ -56,7 +55,7 @@ def min_work_s(snap: Snapshot, r, batch: int = 1) -> float:  # used by tests and
     """Device-seconds of the cheapest degree that meets the deadline from now
     alone (inf when none does), amortised over ``batch`` where a batch of
     that size still meets it."""
-    best = float("inf")
+    best = INF
     budget = r.deadline_s - snap.now_s
     batched = snap.durations(r, batch) if batch > 1 else None
     for i, (k, dur) in enumerate(snap.durations(r)):
