@@ -147,11 +147,36 @@ class GenServeService(pb_grpc.GenServeServicer):
                                              for c in self.validator.cards.values()])
 
 
+class _UndeliveredResponse(logging.Filter):
+    """grpc logs a response its client would not take (over the client's
+    receive limit, or the call already gone) as an ERROR with a core traceback
+    (ExecuteBatchError); it is the client's doing and the server goes on, so
+    it becomes one WARNING line that says what to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if type(exc).__name__ == "ExecuteBatchError":
+            method = record.getMessage().rpartition("[")[2].rstrip("]") or "a call"
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = ("the response to %s was not delivered: the client closed the call or "
+                          "refused the message (larger than its receive limit? genserve's client "
+                          "accepts 512 MiB; raise grpc.max_receive_message_length in others)")
+            record.args, record.exc_info, record.exc_text = (method,), None, None
+        return True
+
+
+def _quiet_undelivered() -> None:
+    core = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _UndeliveredResponse) for f in core.filters):
+        core.addFilter(_UndeliveredResponse())
+
+
 async def start_grpc(service: GenServeService, host: str, port: int, max_message_bytes: int, *,
                      credentials: grpc.ServerCredentials | None = None, interceptors: tuple = ()
                      ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Start the gRPC server with health and reflection; returns the bound port.
     With ``credentials`` it listens with TLS only (see genserve.security)."""
+    _quiet_undelivered()
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", 512 << 20),  # videos can be large

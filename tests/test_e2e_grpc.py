@@ -6,6 +6,7 @@ import threading
 import grpc
 import numpy as np
 import pytest
+from conftest import wait_for
 
 from genserve.client import build_request, raw_frames
 from genserve.models.media import decode_media
@@ -155,6 +156,25 @@ def test_health_and_reflection(server):
                                             timeout=5)
         names = {s.name for r in replies for s in r.list_services_response.service}
     assert {"genserve.v1.GenServe", "grpc.health.v1.Health"} <= names
+
+
+def test_a_response_the_client_refuses_is_one_warning_line(server, client):
+    """A plain stub keeps grpc's 4 MiB receive limit; a 6.5 MB RAW video is
+    refused by the client. The server says so in one line, no traceback."""
+    from genserve.v1 import genserve_pb2_grpc as pb_grpc
+
+    before = len(server.output)
+    with grpc.insecure_channel(server.target) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.GenServeStub(channel).Generate(build_request(
+                "too big", task="video", width=256, height=256, num_frames=33, steps=1,
+                output_format="raw"), timeout=120)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert wait_for(lambda: "was not delivered" in server.output[before:], timeout_s=10)
+    tail = server.output[before:]
+    assert "GenServe/Generate was not delivered" in tail and "WARNING" in tail
+    assert "Traceback" not in tail and "ExecuteBatchError" not in tail
+    assert client.generate("still serving", task="image", steps=2).media.data
 
 
 def test_zz_policy_never_planned_what_the_workers_cannot_run(server, client):
