@@ -257,7 +257,8 @@ def _generate(client, args, fmt: str, folder: pathlib.Path, path: pathlib.Path |
                 return
             elif ev.type in (T.FAILED, T.CANCELLED):
                 bar.close()
-                sys.exit(f"{T.Name(ev.type)} ({ev.status_code}): {ev.reason}")
+                code = ev.status_code or T.Name(ev.type)  # as Generate's RpcError would name it
+                sys.exit(f"error: {code}: {ev.reason or T.Name(ev.type).lower()}")
             bar.refresh()
     except grpc.RpcError as err:
         bar.close()

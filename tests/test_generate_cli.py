@@ -30,6 +30,7 @@ MIME = {F.OUTPUT_FORMAT_UNSPECIFIED: "image/png", F.OUTPUT_FORMAT_PNG: "image/pn
         F.OUTPUT_FORMAT_JPEG: "image/jpeg", F.OUTPUT_FORMAT_WEBP: "image/webp", F.OUTPUT_FORMAT_MP4: "video/mp4",
         F.OUTPUT_FORMAT_GIF: "image/gif", F.OUTPUT_FORMAT_RAW: "application/octet-stream"}
 BLOCK = "block"  # a prompt the fake server never finishes: it runs until the client goes away
+FAIL, CANCEL = "fail", "cancel"  # prompts the fake server ends with FAILED / CANCELLED events
 
 
 class Fake(pb_grpc.GenServeServicer):
@@ -56,6 +57,12 @@ class Fake(pb_grpc.GenServeServicer):
             while context.is_active():
                 time.sleep(0.02)
             self.cancelled.set()
+            return
+        if request.prompt in (FAIL, CANCEL):
+            failed = request.prompt == FAIL
+            yield pb.GenerateEvent(request_id=request.request_id, type=EV.FAILED if failed else EV.CANCELLED,
+                                   status_code="INTERNAL" if failed else "",
+                                   reason="worker 1 died twice" if failed else "")
             return
         yield pb.GenerateEvent(request_id=request.request_id, type=EV.COMPLETED, response=self._response(request))
 
@@ -209,6 +216,16 @@ def test_ctrl_c_prints_one_line_exits_130_and_cancels(fake, tmp_path):
     assert err.rstrip().splitlines()[-1] == "cancelled", err
     assert servicer.cancelled.wait(10), "the server-side call did not end"
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("prompt, line", [(FAIL, "error: INTERNAL: worker 1 died twice"),
+                                          (CANCEL, "error: CANCELLED: cancelled")])
+def test_a_request_the_server_ends_is_one_error_line_and_no_file(fake, cwd, prompt, line):
+    _, target = fake
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", prompt, "--target", target, "-o", "out.png"])
+    assert exc.value.code == line
+    assert not (cwd / "out.png").exists()
 
 
 def test_client_accepts_num_inference_steps(fake):
