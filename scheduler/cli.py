@@ -68,6 +68,8 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--sweep-slo-scales", help="comma-separated SLO scales: sweep mode")
     g.add_argument("--out", default="out/simulate", help="sweep mode: folder for CSV and PNG")
     g.add_argument("--jobs", type=int, default=1, help="parallel simulations")
+    g.add_argument("--quiet", action="store_true",
+                   help="no progress lines on stderr (one per finished simulation)")
     g.add_argument("--no-check", action="store_true", help="skip checking every plan")
     p.set_defaults(func=run_simulate)
     return p
@@ -83,12 +85,24 @@ def run_simulate(args: argparse.Namespace) -> int:
     if swept:
         return _run_sweep(args, exp, policies, spec, trace, *swept)
     requests = resolve_workload(exp, trace, args.slo_scale)
-    results = run_policies(exp, policies, requests, args.jobs)
+    results = run_policies(exp, policies, requests, args.jobs, _progress(args))
     if args.json:
         print(json.dumps(json_safe({"policies": results})))
     else:
         print(format_table(results))
     return 0
+
+
+def _progress(args):
+    """One stderr line per finished simulation (step-level policies take
+    seconds to minutes per thousand requests), unless --quiet."""
+    if args.quiet:
+        return None
+
+    def report(done: int, total: int, label: str, wall_s: float) -> None:
+        print(f"genserve simulate: [{done}/{total}] {label} done in {wall_s:.1f} s",
+              file=sys.stderr, flush=True)
+    return report
 
 
 def _setup(args):
@@ -156,7 +170,7 @@ def _run_sweep(args, exp, policies, spec, trace, param: str, values: list[float]
         print("genserve simulate: --sweep-rates needs a generated workload", file=sys.stderr)
         return 2
     points = sweep(exp, policies, spec, None if spec else trace, param, values,
-                   args.slo_scale, args.jobs)
+                   args.slo_scale, args.jobs, _progress(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / f"sweep_{param}.csv"

@@ -3,8 +3,9 @@ and the benchmark scripts (no argparse, no printing)."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .latency import LatencyModel
 from .metrics import summarize
@@ -99,19 +100,25 @@ def _best_static(exp: Experiment, requests, options: dict) -> dict:
     return best
 
 
+# progress(done, total, label, wall_s): called as each simulation ends
+Progress = Callable[[int, int, str, float], None]
+
+
 def _run_job(job):
-    exp, policy, requests = job
-    return run_one(exp, policy, requests)
+    index, exp, policy, requests, _ = job
+    t0 = time.perf_counter()
+    return index, run_one(exp, policy, requests), time.perf_counter() - t0
 
 
 def run_policies(exp: Experiment, policies: Sequence[str], requests: Sequence[Request],
-                 jobs: int = 1) -> dict[str, dict]:
-    return dict(zip(policies, _map([(exp, p, requests) for p in policies], jobs)))
+                 jobs: int = 1, progress: Progress | None = None) -> dict[str, dict]:
+    work = [(exp, p, requests, p) for p in policies]
+    return dict(zip(policies, _map(work, jobs, progress)))
 
 
 def sweep(exp: Experiment, policies: Sequence[str], spec: WorkloadSpec | None,
           trace: Sequence[TraceRequest] | None, param: str, values: Sequence[float],
-          slo_scale: float, jobs: int = 1) -> list[dict]:
+          slo_scale: float, jobs: int = 1, progress: Progress | None = None) -> list[dict]:
     """Summaries per point of a sweep over ``rate`` or ``slo_scale``; a trace
     can only sweep ``slo_scale``."""
     if param not in ("rate", "slo_scale"):
@@ -124,8 +131,8 @@ def sweep(exp: Experiment, policies: Sequence[str], spec: WorkloadSpec | None,
             replace(spec, rate_rps=x) if param == "rate" else spec)
         requests = resolve_workload(exp, base, x if param == "slo_scale" else slo_scale)
         points.append(x)
-        work += [(exp, p, requests) for p in policies]
-    results = _map(work, jobs)
+        work += [(exp, p, requests, f"{p} at {param.replace('_', ' ')} {x:g}") for p in policies]
+    results = _map(work, jobs, progress)
     out = []
     for i, x in enumerate(points):
         chunk = results[i * len(policies):(i + 1) * len(policies)]
@@ -133,10 +140,22 @@ def sweep(exp: Experiment, policies: Sequence[str], spec: WorkloadSpec | None,
     return out
 
 
-def _map(work: list, jobs: int) -> list:
+def _map(work: list, jobs: int, progress: Progress | None = None) -> list:
+    """Each (exp, policy, requests, label) of ``work`` run, results in order."""
+    work = [(i, *w) for i, w in enumerate(work)]
+    out: list = [None] * len(work)
+
+    def collect(done_jobs):
+        for n, (i, summary, wall_s) in enumerate(done_jobs, 1):
+            out[i] = summary
+            if progress is not None:
+                progress(n, len(work), work[i][-1], wall_s)
+
     if jobs <= 1 or len(work) <= 1:
-        return [_run_job(w) for w in work]
+        collect(_run_job(w) for w in work)
+        return out
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(min(jobs, len(work), os.cpu_count() or 1)) as pool:
-        return pool.map(_run_job, work)
+        collect(pool.imap_unordered(_run_job, work))
+    return out

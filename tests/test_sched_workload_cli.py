@@ -84,11 +84,27 @@ def test_simulate_table_trace_and_sweep(tmp_path, capsys):
     assert main(["simulate", "--devices", "4", "--num-requests", "15", "--policy",
                  "genserve,fcfs", "--sweep-slo-scales", "1.5,3", "--out", str(tmp_path),
                  "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
     rows = list(csv.DictReader(open(out["sweep"]["csv"])))
     assert [r["policy"] for r in rows] == ["genserve", "fcfs"] * 2
+    progress = captured.err.splitlines()  # one line per finished simulation, in finishing order
+    assert [line.split("] ")[0] for line in progress] == [f"genserve simulate: [{n}/4" for n in (1, 2, 3, 4)]
+    assert sorted(line.split("] ")[1].split(" done")[0] for line in progress) == [
+        "fcfs at slo scale 1.5", "fcfs at slo scale 3", "genserve at slo scale 1.5",
+        "genserve at slo scale 3"]
     assert out["sweep"]["png"] and (tmp_path / "sweep_slo_scale.png").stat().st_size > 1000
     assert main(["simulate", "--policy", "nope"]) == 2
+
+
+def test_simulate_progress_lines_and_quiet(capsys):
+    flags = ["simulate", "--devices", "4", "--num-requests", "10", "--policy", "fcfs,sjf", "--jobs", "2"]
+    assert main(flags) == 0
+    err = capsys.readouterr().err
+    assert err.count("genserve simulate: [") == 2 and "[2/2]" in err
+    assert "fcfs done in" in err and "sjf done in" in err
+    assert main(flags + ["--quiet"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("flags, message", [
