@@ -10,6 +10,7 @@ import sys
 import threading
 
 from genserve.config import DEFAULT_MODELS, EngineConfig, Limits, Security, ServerConfig
+from genserve.scheduler.policies import POLICY_NAMES
 
 MIME_SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "video/mp4": ".mp4",
                "image/gif": ".gif", "application/octet-stream": ".raw"}
@@ -43,18 +44,21 @@ def add_serve(sub) -> None:
     p.add_argument("--model", action="append", default=None, metavar="NAME|NAME=PATH",
                    help="a built-in preset or a diffusers checkpoint directory; repeat for several "
                         "(default: " + " ".join(DEFAULT_MODELS) + "); the first of each task is its default")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--policy", default="genserve", help="scheduling policy (default genserve)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="dtype of the model weights and activations (default float32)")
+    p.add_argument("--policy", default="genserve",
+                   help=f"scheduling policy (default genserve), one of: {', '.join(POLICY_NAMES)}")
     p.add_argument("--profile", default="", help="latency profile name or JSON path "
                                                   "(default: measured by a warm-up at start)")
     p.add_argument("--default-slo-scale", type=float, default=3.0,
-                   help="SLO of requests with slo_ms=0, as a multiple of their predicted isolated latency")
+                   help="SLO of requests with slo_ms=0, as a multiple of their predicted isolated latency "
+                        "(default 3)")
     p.add_argument("--chunk-ms", type=float, default=0.0,
                    help="step-level policies dispatch up to this many ms of steps per decision "
                         "(default 0: one step, the finest preemption granularity)")
     p.add_argument("--admission-control", action="store_true",
                    help="refuse requests that cannot meet their SLO (RESOURCE_EXHAUSTED)")
-    p.add_argument("--max-queue", type=int, default=4096, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-queue", type=int, default=4096, help="waiting requests before RESOURCE_EXHAUSTED (default 4096)")
     for flag, what in (("--max-width", "image/video width"), ("--max-height", "height"),
                        ("--max-frames", "video frames"), ("--max-steps", "denoising steps")):
         p.add_argument(flag, type=int, help=f"cap on {what} below the models' own maxima (default: none)")
