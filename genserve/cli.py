@@ -369,7 +369,9 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args.func(args)
+    status = args.func(args)
+    if isinstance(status, int) and status:  # a command that reports its exit status (simulate)
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,16 @@ def test_help_lists_commands():
     assert "--num-workers" in genserve("serve", "--help").stdout
 
 
+def test_simulate_refusal_exits_2_under_the_main_cli(tmp_path):
+    """``genserve simulate`` (not only ``python -m genserve.scheduler.cli``):
+    a CI step that runs a bad simulation must fail."""
+    for args in (["--policy", "nope"], ["--trace", str(tmp_path / "missing.jsonl")], ["--rate", "0"]):
+        done = genserve("simulate", "--num-requests", "5", *args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.startswith("genserve simulate: ") and "Traceback" not in done.stderr
+    assert genserve("simulate", "--num-requests", "5", "--policy", "fcfs", "--quiet").returncode == 0
+
+
 def test_generate_and_models(server, tmp_path):
     path = tmp_path / "cat.png"
     done = genserve("generate", "a cat", "--target", server.target, "--steps", "3", "--seed", "5", "-o", str(path))
