@@ -291,6 +291,9 @@ class Engine(WorkerLoss):
             for stale in t.holders - block:
                 self.executor.send(stale, P.Drop((t.req.req_id,)))
             t.holders = set(block)
+            if t.cancel_requested:  # cancelled while the dispatch waited for a state move:
+                for member in block:  # a Drop before it would have taken the state it runs on
+                    self.executor.send(member, P.Drop((t.req.req_id,)))
 
     def _mark_running(self, t: Tracked, d: Dispatch, now: float) -> None:
         degree = len(d.device_ids)
@@ -355,13 +358,17 @@ class Engine(WorkerLoss):
 
     def _abort_dispatch(self, dispatch_id: int, reason: str) -> None:
         fl = self.inflight.pop(dispatch_id)
+        log.warning("dispatch %d of %s not sent: %s", dispatch_id, ", ".join(fl.dispatch.req_ids), reason)
         for device_id in fl.dispatch.device_ids:
             self.busy.pop(device_id, None)
         for r in fl.dispatch.req_ids:
             t = self.tracked.get(r)
             if t is not None:
                 t.running = False
-                self._finish(t, EventType.FAILED, "INTERNAL", reason)
+                if t.cancel_requested:  # it ends as asked, whatever became of its state
+                    self._finish(t, EventType.CANCELLED, "CANCELLED", "cancelled")
+                else:
+                    self._finish(t, EventType.FAILED, "INTERNAL", reason)
 
     def _on_dispatch_done(self, device_id: int, msg: P.DispatchDone) -> None:
         fl = self.inflight.get(msg.dispatch_id)
@@ -394,6 +401,9 @@ class Engine(WorkerLoss):
             if t is not None:
                 t.running, t.holders = False, t.holders - {device_id}
                 kind = EventType.CANCELLED if f.status == "CANCELLED" else EventType.FAILED
+                if kind == EventType.FAILED:
+                    log.warning("request %s failed on worker %d: %s: %s", f.req_id, device_id, f.status,
+                                f.message)
                 self._finish(t, kind, f.status, f.message)
 
     def _current(self, req_id: str, dispatch_id: int) -> Tracked | None:
@@ -451,6 +461,9 @@ class Engine(WorkerLoss):
             return False
         if t.running:  # aborted at the next step boundary by the worker
             t.cancel_requested = True
+            fl = self.inflight.get(t.dispatch_id)
+            if fl is not None and fl.moving:  # not sent yet: _send follows it with the Drop
+                return True
             for device_id in t.device_ids:
                 self.executor.send(device_id, P.Drop((req_id,)))
         else:

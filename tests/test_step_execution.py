@@ -241,3 +241,30 @@ def wait_for_move(eng: Engine, timeout_s: float = 30.0) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def test_cancel_of_a_batch_member_while_another_moves_in(engine):
+    """A batch waits for one member's state to move in from the other worker;
+    the member already on the batch's device is cancelled meanwhile. It ends
+    CANCELLED (a Drop sent before the batch would leave the worker without
+    its state, and the batch would fail it INTERNAL), and the mover completes."""
+    a, b = image(seed=7), image(seed=8)
+    ea = submit(engine, a, [((0,), 1), "hold"])
+    eb = submit(engine, b, [((1,), 1), "hold"])
+    events_until(ea, EventType.STEP)
+    events_until(eb, EventType.STEP)
+    deadline = time.monotonic() + 30
+    while any(engine.tracked[r.req_id].running for r in (a, b)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    source = engine.executor.pid(1)
+    os.kill(source, signal.SIGSTOP)  # b's state cannot leave worker 1 until it runs again
+    try:
+        engine.policy.batches.append(((a.req_id, b.req_id), (0,), 3))
+        assert wait_for_move(engine), "the move never started"
+        assert engine.cancel(a.req_id)
+        time.sleep(0.3)  # time for anything sent on the cancel to reach worker 0 first
+    finally:
+        os.kill(source, signal.SIGCONT)
+    assert drain(ea)[-1].type == EventType.CANCELLED
+    assert drain(eb)[-1].type == EventType.COMPLETED
+    assert a.req_id not in engine.tracked and b.req_id not in engine.tracked
