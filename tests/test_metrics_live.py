@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 import urllib.request
 
 import grpc
@@ -15,6 +16,7 @@ from genserve.metrics import FAMILIES
 from test_metrics_prometheus import PROMETHEUS, free_port, series, wait_for
 
 pytestmark = pytest.mark.slow
+CONCURRENT_DEADLINES = 12  # videos abandoned at their callers' deadlines at about the same time
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,20 @@ def metered():
                 client.generate("too slow", task="video", width=128, height=128, num_frames=33, steps=50,
                                 timeout_s=0.5)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # callers whose deadlines pass together (each client cancels a few ms before
+            # the server's copy of its deadline runs out): all counted DEADLINE_EXCEEDED
+            codes = []
+
+            def too_slow(i):
+                with pytest.raises(grpc.RpcError) as err:
+                    list(client.stream(f"too slow {i}", task="video", width=128, height=128, num_frames=33,
+                                       steps=50, timeout_s=0.5 + 0.05 * (i % 4)))
+                codes.append(err.value.code())
+
+            threads = [threading.Thread(target=too_slow, args=(i,)) for i in range(CONCURRENT_DEADLINES)]
+            [t.start() for t in threads]
+            [t.join(60) for t in threads]
+            assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * CONCURRENT_DEADLINES
     except BaseException:
         srv.stop()
         raise
@@ -68,9 +84,15 @@ def test_every_family_exported_with_type_and_labels(metered):
     assert requests[("video", "CANCELLED")] == 1
     # refusals and abandoned calls count too, by the status the caller saw
     assert requests[("image", "INVALID_ARGUMENT")] == 1
-    wait_for(lambda: ("video", "DEADLINE_EXCEEDED") in {  # (counted when the run stops)
-        (s.labels["task"], s.labels["status"]) for s in scrape(url)["genserve_requests"].samples},
-        30, "the abandoned video in the metrics")
+    wait_for(lambda: video_count(url, "DEADLINE_EXCEEDED") == 1 + CONCURRENT_DEADLINES,  # (counted when
+             30, "every abandoned video in the metrics as DEADLINE_EXCEEDED")            # the run stops)
+    assert video_count(url, "CANCELLED") == 1 and video_count(url, "INTERNAL") == 0
+
+
+def video_count(url: str, status: str) -> float:
+    return sum(s.value for s in scrape(url)["genserve_requests"].samples
+               if s.name == "genserve_requests_total" and s.labels["task"] == "video"
+               and s.labels["status"] == status)
 
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (apt-get install prometheus)")
