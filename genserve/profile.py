@@ -132,6 +132,29 @@ def default_grid(card: P.ModelCard, max_block: int, max_batch: int, image_sizes:
     return [(s, s, f, degrees, [1]) for s in sizes for f in frames]
 
 
+def grid_problems(cards: dict[str, P.ModelCard], max_block: int, max_batch: int,
+                  image_sizes: tuple[int, ...] = (),
+                  video_shapes: tuple[tuple[int, int, int], ...] = ()) -> list[str]:
+    """Why a grid point cannot be measured (a size the model does not take),
+    as the server would refuse a request of that size; [] when all can."""
+    from genserve.config import Limits
+    from genserve.convert import Validator
+    from genserve.types import RequestError
+    from genserve.v1 import genserve_pb2 as pb
+
+    validator, out = Validator(cards, Limits()), []
+    for card in cards.values():
+        for width, height, frames, _, _ in default_grid(card, max_block, max_batch, image_sizes, video_shapes):
+            try:
+                validator.request(pb.GenerateRequest(prompt="profiling prompt", model=card.name, width=width,
+                                                     height=height, num_frames=frames))
+            except RequestError as err:
+                flag, shape = (("--image-sizes", f"{width}x{height}") if card.task == "image" else
+                               ("--video-shapes", f"{width}x{height}x{frames}"))
+                out.append(f"{flag}: {card.name} cannot take {shape} ({err.message})")
+    return out
+
+
 def run_profile(executor: Executor, cards: dict[str, P.ModelCard], name: str, hardware: str,
                 steps: int = 6, max_batch: int = 8, progress=print, repeats: int = 3,
                 image_sizes: tuple[int, ...] = (), video_shapes: tuple[tuple[int, int, int], ...] = ()) -> Profile:
@@ -199,6 +222,11 @@ def cmd_profile(args) -> None:
         try:
             ready = executor.start()
             cards = {c.name: c for c in ready[0].models}
+            problems = grid_problems(cards, executor.max_sp_degree, args.max_batch, args.image_sizes,
+                                     args.video_shapes)
+            if problems:  # before measuring anything (the workers stop in finally)
+                raise SystemExit(f"error: {problems[0]}" + (f" (and {len(problems) - 1} more)"
+                                                             if len(problems) > 1 else ""))
             if device == "cuda":
                 import torch
 

@@ -36,3 +36,15 @@ def test_profile_rejects_a_malformed_grid(flag, value):
     done = subprocess.run([sys.executable, "-m", "genserve", "profile", "--out", "x.json", flag, value],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "expected" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_profile_refuses_a_size_the_model_cannot_take_before_measuring(tmp_path):
+    out = tmp_path / "p.json"
+    done = subprocess.run([sys.executable, "-m", "genserve", "profile", "--out", str(out), "--num-workers", "1",
+                           "--threads-per-worker", "1", "--image-sizes", "64,1024", "--video-shapes", "64x64x10"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == ("error: --image-sizes: sd3-tiny cannot take 1024x1024 (width: 1024 exceeds the maximum "
+                    "of 256) (and 1 more)")
+    assert "sp=" not in done.stdout + done.stderr and not out.exists()  # nothing was measured
