@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import sys
 from dataclasses import asdict
@@ -246,9 +247,14 @@ def cmd_loadgen(args) -> None:
         if args.mode == "summarize":
             return _cmd_summarize(out, _read_run(out))
         items, wopts, copts, client = _prepare(args)
+        try:  # the results' folder: made (or found writable) before any load is sent
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(f"--out {out}: cannot make the folder: {err.strerror or err}") from None
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise OSError(f"--out {out}: the folder is not writable")
     except (ValueError, OSError) as err:  # SecurityError, PreflightError are ValueErrors
         sys.exit(f"loadgen: {err}")
-    out.mkdir(parents=True, exist_ok=True)
     if copts:
         from genserve.scheduler.workload import write_trace
 

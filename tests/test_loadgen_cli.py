@@ -169,6 +169,17 @@ def test_workload_the_server_cannot_serve_is_refused(image_server, tmp_path):
     assert servicer.num_generated == 6
 
 
+def test_an_out_folder_that_cannot_be_made_is_one_line_before_the_run(image_server, tmp_path):
+    servicer, target = image_server
+    before = servicer.num_generated
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    base = ["--target", target, "--image-fraction", "1", "--num-requests", "3", "--no-progress"]
+    assert refusal([*base, "--out", str(blocker / "out")]).startswith(
+        f"loadgen: --out {blocker / 'out'}: cannot make the folder: ")
+    assert servicer.num_generated == before
+
+
 def test_metrics_url_must_answer_before_the_run(image_server, tmp_path):
     servicer, target = image_server
     before = servicer.num_generated
