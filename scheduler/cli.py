@@ -145,6 +145,9 @@ def _setup(args):
         trace = generate(spec)
         if args.write_trace:
             write_trace(args.write_trace, trace)
+    if not trace:
+        raise ValueError(f"--trace {args.trace}: no requests in it" if args.trace else
+                         "the workload is empty (raise --duration-s or --rate)")
     return exp, policies, spec, trace
 
 

@@ -107,6 +107,13 @@ def test_simulate_progress_lines_and_quiet(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_simulate_refuses_an_empty_trace(tmp_path, capsys):
+    trace = tmp_path / "empty.jsonl"
+    trace.write_text("")
+    assert main(["simulate", "--trace", str(trace), "--policy", "fcfs"]) == 2
+    assert capsys.readouterr().err == f"genserve simulate: --trace {trace}: no requests in it\n"
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--devices", "0"], "num_devices must be at least 1"),
     (["--max-sp-degree", "3"], "max_sp_degree must be a power of two"),
@@ -128,6 +135,7 @@ def test_simulate_progress_lines_and_quiet(capsys):
     (["--sweep-rates", "0.1,abc"], "--sweep-rates takes comma-separated numbers"),
     (["--sweep-slo-scales", "0,1"], "--sweep-slo-scales takes positive numbers"),
     (["--sweep-rates", "0.2", "--sweep-slo-scales", "2"], "not both"),
+    (["--duration-s", "0.01", "--rate", "0.1"], "the workload is empty"),
 ])
 def test_simulate_refuses_bad_input_with_one_line(flags, message, capsys):
     assert main(["simulate", "--num-requests", "5", "--policy", "fcfs,genserve", *flags]) == 2
