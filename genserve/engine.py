@@ -96,6 +96,11 @@ class Engine(WorkerLoss):
         from any thread or an event loop)."""
         self._post(("abandon", req_id, sink, status))
 
+    def end_all(self, status: str, reason: str) -> None:
+        """End every unfinished request now, FAILED with ``status`` and
+        ``reason`` (the server is going: its callers learn why). Does not wait."""
+        self._post(("end_all", status, reason))
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="genserve-engine", daemon=True)
         self._thread.start()
@@ -171,6 +176,10 @@ class Engine(WorkerLoss):
                 done.set()
             elif item[0] == "abandon":
                 self._abandon(*item[1:])
+            elif item[0] == "end_all":
+                for _ in range(8):  # (an ending request admits the resubmissions waiting on its id)
+                    for t in list(self.tracked.values()):
+                        self._finish(t, EventType.FAILED, item[1], item[2])
         self._num_waiting = sum(1 for t in self.tracked.values() if t.started_s is None)
 
     def _admit(self, req: Request, sink: Sink) -> None:

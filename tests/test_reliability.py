@@ -170,7 +170,10 @@ def test_a_second_sigterm_cuts_the_drain_short():
         assert srv.proc.wait(30) == 0
         assert time.monotonic() - t0 < 10  # not the 600 s grace, nor a 10 s kill of the worker
         thread.join(30)
-        assert isinstance(seen[-1], grpc.RpcError) and seen[-1].code() == grpc.StatusCode.UNAVAILABLE
+        # the stream's caller is told why (not gRPC's generic "Cancelling all calls")
+        assert seen[-1].type == T.FAILED and seen[-1].status_code == "UNAVAILABLE", seen[-1]
+        assert seen[-1].reason == ("the server shut down before this request finished (a second stop "
+                                   "signal); retry on another replica")
         assert "a second signal: 1 request(s) end UNAVAILABLE" in srv.output
         assert "during a dispatch" not in srv.output
     finally:
