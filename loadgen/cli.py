@@ -289,6 +289,12 @@ def _prepare(args):
     items = build_workload(wopts)
     if not items:
         raise ValueError("the workload is empty")
+    if args.warmup_requests >= len(items):
+        raise ValueError(f"--warmup-requests {args.warmup_requests} leaves none of the workload's "
+                         f"{len(items)} request(s) to measure")
+    if not args.concurrency and args.warmup_s > 0 and all(i.arrival_s < args.warmup_s for i in items):
+        raise ValueError(f"--warmup-s {args.warmup_s:g} leaves no request to measure (the last arrives at "
+                         f"{items[-1].arrival_s:g} s)")
     client = client_options(args)  # SecurityError: e.g. an unreadable certificate
     # Pre-flight: every server named must answer, and serve what the workload asks for
     # (compare checks the servers it starts itself).

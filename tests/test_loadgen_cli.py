@@ -89,6 +89,8 @@ NOWHERE = ["--target", "127.0.0.1:9"]  # nothing listens on port 9 (the discard 
     (["compare", "--policies", "fcfs,fcfs"], "each policy or target name once"),
     (["compare", "--targets", "foo"], "--targets: expected NAME=HOST:PORT"),
     (["compare"], "give --policies and/or --targets"),
+    (["--num-requests", "3", "--warmup-requests", "3"], "--warmup-requests 3 leaves none of the workload's 3"),
+    (["--num-requests", "3", "--rate", "1", "--warmup-s", "100"], "--warmup-s 100 leaves no request to measure"),
     (["compare", "--policies", "fcfs", "--metrics-url", "h:1"], "--metrics-url is for run"),
 ])
 def test_bad_flags_are_one_line_before_anything_runs(args, expected, tmp_path):
