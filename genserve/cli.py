@@ -246,7 +246,8 @@ def _generate(client, args, fmt: str, folder: pathlib.Path, path: pathlib.Path |
                                slo_ms=args.slo_ms, output_format=fmt, request_id=args.request_id)
     except ValueError as err:  # a field build_request cannot send (the flags are checked above)
         sys.exit(f"error: {err}")
-    bar = tqdm(total=0, unit="step", desc="queued", file=sys.stderr)
+    # shown after 0.3 s: a call refused at once prints its error line alone
+    bar = tqdm(total=0, unit="step", desc="queued", file=sys.stderr, delay=0.3)
     try:
         for ev in stream:
             if ev.type == T.STEP:
