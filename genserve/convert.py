@@ -134,11 +134,11 @@ class Validator:
 
     @staticmethod
     def _fps(msg, card: ModelCard) -> int:
-        if not msg.HasField("fps"):
+        if not msg.HasField("fps") or card.task != VIDEO:  # videos only: an image's is ignored
             return DEFAULT_FPS
-        if card.task == VIDEO and not 1 <= msg.fps <= MAX_FPS:
+        if not 1 <= msg.fps <= MAX_FPS:
             raise _bad(f"fps: {msg.fps} is outside 1..{MAX_FPS}")
-        return msg.fps or DEFAULT_FPS
+        return msg.fps
 
     @staticmethod
     def _format(msg, card: ModelCard) -> str:

@@ -60,6 +60,11 @@ def test_bad_video_fields(v, fields, field):
     assert err.value.message.startswith(field + ":"), err.value.message
 
 
+def test_fps_is_for_videos_only(v):
+    assert v.request(build_request("a cat", task="image", fps=1000)).fps == 8  # ignored: the default
+    assert v.request(build_request("a boat", task="video", fps=24)).fps == 24
+
+
 def test_prompt_and_enum_values(v):
     for prompt in ("", "   ", "x" * 101):
         with pytest.raises(RequestError, match="^prompt:"):

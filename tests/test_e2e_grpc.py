@@ -22,6 +22,7 @@ def test_image_formats(client, fmt):
     assert frames.shape == (1, 48, 64, 3) and frames.dtype == np.uint8
     assert (resp.media.width, resp.media.height, resp.media.num_frames) == (64, 48, 1)
     assert resp.latency_ms > 0 and resp.slo_ms > 0 and resp.seed == 1
+    assert resp.media.fps == 0  # an image has no frame rate
 
 
 @pytest.mark.parametrize("fmt", ["mp4", "gif", "webp", "raw"])
@@ -30,7 +31,7 @@ def test_video_formats(client, fmt):
                            output_format=fmt)
     frames = decode_media(resp.media.data, resp.media.mime_type) if fmt != "raw" else raw_frames(resp.media)
     assert frames.shape == (9, 64, 64, 3)
-    assert resp.media.num_frames == 9 and resp.sp_degrees == [1]
+    assert resp.media.num_frames == 9 and resp.sp_degrees == [1] and resp.media.fps == 8  # the default
 
 
 def test_event_stream_order(client):
