@@ -79,7 +79,8 @@ class Tracked:
             req_id=r.req_id, model=r.model, task=r.task, data=fin.data,
             mime_type=fin.mime_type, output_format=r.output_format,
             width=fin.width, height=fin.height, num_frames=fin.num_frames,
-            fps=r.fps if r.task == "video" else 0, seed=p.seed,  # an image has no frame rate num_steps=p.num_steps,
+            fps=r.fps if r.task == "video" else 0,  # an image has no frame rate
+            seed=p.seed, num_steps=p.num_steps,
             queue_ms=(started - r.arrival_s) * 1e3, latency_ms=latency_ms,
             slo_ms=self.slo_ms, slo_met=latency_ms <= self.slo_ms,
             num_preemptions=self.num_preemptions, sp_degrees=tuple(self.sp_degrees))
