@@ -428,7 +428,12 @@ class Engine(WorkerLoss):
         if t.cancel_requested:  # Cancel already answered True: the result is not delivered
             self._finish(t, EventType.CANCELLED, "CANCELLED", "cancelled")
             return
-        result = t.result(now, fin)
+        try:
+            result = t.result(now, fin)
+        except Exception:  # a bug here must end the request, not leave it with no steps to run
+            log.exception("request %s: its result could not be made", t.req.req_id)
+            self._finish(t, EventType.FAILED, "INTERNAL", "the server failed to make the result (see its log)")
+            return
         self.tracked.pop(t.req.req_id, None)
         self.metrics.request_finished(t.req.task, t.req.model, "OK", result.latency_ms / 1e3,
                                       result.queue_ms / 1e3, result.slo_met)

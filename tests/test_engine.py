@@ -75,6 +75,25 @@ def test_step_failure_fails_only_its_request(engine, monkeypatch):
     assert run(engine, make_request("good"))[-1].type == EventType.COMPLETED
 
 
+def test_a_result_that_cannot_be_made_fails_its_request_and_the_engine_goes_on(engine, monkeypatch):
+    """A bug after the last step (making the Result) ends the request
+    INTERNAL; it once left it tracked with no step left, forever."""
+    from genserve.tracked import Tracked
+
+    original = Tracked.result
+
+    def broken(self, now_s, fin):
+        if self.req.req_id == "no-result":
+            raise TypeError("a bug")
+        return original(self, now_s, fin)
+
+    monkeypatch.setattr(Tracked, "result", broken)
+    events = run(engine, make_request("no-result"))
+    assert events[-1].type == EventType.FAILED and events[-1].status == "INTERNAL"
+    assert "no-result" not in engine.tracked
+    assert run(engine, make_request("after"))[-1].type == EventType.COMPLETED
+
+
 def test_cancel_queued_and_duplicate_id_attaches(engine):
     a: queue.Queue = queue.Queue()
     b: queue.Queue = queue.Queue()
