@@ -122,10 +122,23 @@ class Engine(WorkerLoss):
                 self.step()
             except Exception:  # the loop must survive its own bugs
                 log.exception("engine step failed")
+                self._end_stranded()
                 time.sleep(0.05)
         while self.tracked:  # (a finished request may admit a resubmission of its id)
             for t in list(self.tracked.values()):
                 self._finish(t, EventType.FAILED, "UNAVAILABLE", "server shutting down")
+
+    def _end_stranded(self) -> None:
+        """After a bug in the loop: a request it left with nothing to wait for
+        (running on a dispatch that is gone, or with no step left) ends
+        INTERNAL rather than hanging."""
+        for t in list(self.tracked.values()):
+            gone = t.running and t.dispatch_id not in self.inflight
+            if gone or (not t.running and t.steps_done >= t.req.params.num_steps):
+                log.error("request %s was left stranded by the failed step: it ends INTERNAL", t.req.req_id)
+                t.running = False
+                self._finish(t, EventType.FAILED, "INTERNAL",
+                             "the server hit a bug while running this request (see its log)")
 
     def step(self) -> None:
         self._take_inbox()

@@ -94,6 +94,23 @@ def test_a_result_that_cannot_be_made_fails_its_request_and_the_engine_goes_on(e
     assert run(engine, make_request("after"))[-1].type == EventType.COMPLETED
 
 
+def test_a_bug_in_the_loop_ends_the_requests_it_strands(engine, monkeypatch):
+    """The loop survives an exception in a reply's handling; the requests of
+    that reply, whose outcome was never applied, end INTERNAL (they hung)."""
+    original = engine.feedback.done
+
+    def broken(fl, msg, now, params_of):
+        if "stranded" in fl.dispatch.req_ids:
+            raise RuntimeError("a bug")
+        return original(fl, msg, now, params_of)
+
+    monkeypatch.setattr(engine.feedback, "done", broken)
+    events = run(engine, make_request("stranded", steps=1))
+    assert events[-1].type == EventType.FAILED and events[-1].status == "INTERNAL"
+    assert "stranded" not in engine.tracked
+    assert run(engine, make_request("not stranded", steps=1))[-1].type == EventType.COMPLETED
+
+
 def test_cancel_queued_and_duplicate_id_attaches(engine):
     a: queue.Queue = queue.Queue()
     b: queue.Queue = queue.Queue()
