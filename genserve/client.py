@@ -20,7 +20,7 @@ from genserve.v1 import genserve_pb2_grpc as pb_grpc
 TASKS = {"image": pb.TASK_TEXT_TO_IMAGE, "video": pb.TASK_TEXT_TO_VIDEO, "": pb.TASK_UNSPECIFIED}
 FORMATS = {"": pb.OUTPUT_FORMAT_UNSPECIFIED, "png": pb.OUTPUT_FORMAT_PNG, "jpeg": pb.OUTPUT_FORMAT_JPEG,
            "webp": pb.OUTPUT_FORMAT_WEBP, "mp4": pb.OUTPUT_FORMAT_MP4, "gif": pb.OUTPUT_FORMAT_GIF,
-           "raw": pb.OUTPUT_FORMAT_RAW}
+           "raw": pb.OUTPUT_FORMAT_RAW, "jpg": pb.OUTPUT_FORMAT_JPEG}  # jpg: jpeg, as the CLI takes it
 _OPTIONS = [("grpc.max_receive_message_length", 512 << 20)]
 UINT32_MAX = 2**32 - 1
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
@@ -45,7 +45,7 @@ def build_request(prompt: str, *, task: str = "image", model: str = "", negative
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(t for t in TASKS if t)}, got {task!r}")
     if output_format.lower() not in FORMATS:
-        raise ValueError(f"output_format must be one of {', '.join(f for f in FORMATS if f)}, "
+        raise ValueError(f"output_format must be one of {', '.join(f for f in FORMATS if f)} (any case), "
                          f"got {output_format!r}")
     sizes = {"width": width, "height": height, "num_frames": num_frames, "fps": fps,
              "steps": steps, "slo_ms": slo_ms}
@@ -92,8 +92,9 @@ class Client:
         return self.stub.GenerateStream(build_request(prompt, **fields), timeout=timeout_s,
                                         metadata=self.metadata)
 
-    def cancel(self, request_id: str) -> bool:
-        return self.stub.Cancel(pb.CancelRequest(request_id=request_id), metadata=self.metadata).cancelled
+    def cancel(self, request_id: str, *, timeout_s: float | None = None) -> bool:
+        return self.stub.Cancel(pb.CancelRequest(request_id=request_id), timeout=timeout_s,
+                                metadata=self.metadata).cancelled
 
     def models(self, *, timeout_s: float | None = None, wait_for_ready: bool = False) -> list[pb.ModelInfo]:
         """The served models; ``wait_for_ready``: wait (up to ``timeout_s``) for
@@ -112,7 +113,8 @@ class Client:
 
 
 class AsyncClient:
-    """asyncio client with the same methods as ``Client``."""
+    """asyncio client with the same methods as ``Client``. Make it inside the
+    event loop that uses it (grpc.aio binds a channel to the running loop)."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, credentials: grpc.ChannelCredentials | None = None,
                  token: str | None = None):
@@ -127,13 +129,20 @@ class AsyncClient:
 
     async def stream(self, prompt: str, *, timeout_s: float | None = None,
                      **fields) -> AsyncIterator[pb.GenerateEvent]:
+        """As ``Client.stream``. Leaving early (``break``, then ``aclose()`` or
+        ``async with contextlib.aclosing(...)``) cancels the request, as
+        dropping the blocking client's iterator does."""
         call = self.stub.GenerateStream(build_request(prompt, **fields), timeout=timeout_s,
                                         metadata=self.metadata)
-        async for event in call:
-            yield event
+        try:
+            async for event in call:
+                yield event
+        finally:
+            call.cancel()  # (a no-op once the call has ended)
 
-    async def cancel(self, request_id: str) -> bool:
-        reply = await self.stub.Cancel(pb.CancelRequest(request_id=request_id), metadata=self.metadata)
+    async def cancel(self, request_id: str, *, timeout_s: float | None = None) -> bool:
+        reply = await self.stub.Cancel(pb.CancelRequest(request_id=request_id), timeout=timeout_s,
+                                       metadata=self.metadata)
         return reply.cancelled
 
     async def models(self, *, timeout_s: float | None = None, wait_for_ready: bool = False) -> list[pb.ModelInfo]:

@@ -70,6 +70,9 @@ class Fake(pb_grpc.GenServeServicer):
         self.requests.append(request)
         return self._response(request)
 
+    def Cancel(self, request, context):
+        return pb.CancelResponse(cancelled=False)
+
     def ListModels(self, request, context):
         return pb.ListModelsResponse(models=[pb.ModelInfo(name="tiny", task=pb.TASK_TEXT_TO_IMAGE, is_default=True)])
 
@@ -255,3 +258,28 @@ def test_async_client_models_takes_timeout_and_wait_for_ready(fake):
             assert time.monotonic() - start < 10
 
     asyncio.run(run())
+
+
+def test_async_stream_left_early_cancels_the_call(fake):
+    """``break`` then ``aclose()``: the server sees the call end (it kept
+    running to completion, holding a per-client stream slot)."""
+    servicer, target = fake
+
+    async def run():
+        async with AsyncClient(target) as client:
+            events = client.stream(BLOCK, request_id="left-early")
+            async for event in events:
+                assert event.type == EV.STARTED
+                break
+            await events.aclose()
+            await asyncio.sleep(0)
+
+    asyncio.run(run())
+    assert servicer.cancelled.wait(10)
+
+
+def test_client_conveniences_match_the_cli(fake):
+    servicer, target = fake
+    assert build_request("x", output_format="JPG").output_format == pb.OUTPUT_FORMAT_JPEG
+    with Client(target) as client:
+        assert client.cancel("nothing", timeout_s=5) is False
