@@ -91,7 +91,7 @@ def image_options(dec, pool: ImagePool, free: int) -> list[tuple]:
     options = [(0, 0.0, [])]
     seen = {0}
     for g in candidate_slots(free):
-        units, used = pool.form(g, scan_limit=g * min(pool.max_batch, 8) + 16)
+        units, used = pool.form(g, scan_limit=g * min(pool.max_batch, 8) + 16, forced=dec.forced)
         if used in seen:
             continue
         seen.add(used)

@@ -81,12 +81,13 @@ class ImagePool:
         return -1
 
     def form(self, slots: int, scan_limit: int | None = None,
-             only_on_time: bool = True) -> tuple[list[Unit], int]:
+             only_on_time: bool = True, forced=frozenset()) -> tuple[list[Unit], int]:
         """Units for ``slots`` devices, and the number of slots they use.
 
         With ``only_on_time`` images that cannot meet their deadline are left
-        out; otherwise they join or open units after the others' fashion,
-        never pushing an on-time member past its deadline.
+        out, except those in ``forced`` (the starvation guard's: they must
+        run however late); late ones join or open units after the others'
+        fashion, never pushing an on-time member past its deadline.
         """
         units: list[Unit] = []
         by_key: dict[tuple, list] = {}  # class -> heap of (size, seq, unit)
@@ -102,7 +103,7 @@ class ImagePool:
                 continue  # its state is on devices that are busy now
             on_time = k > 0
             if not on_time:
-                if only_on_time:
+                if only_on_time and r.req_id not in forced:
                     continue
                 k = self.allowed(r)[0]
             key = (r.model, r.width, r.height, r.num_frames, pin)

@@ -82,6 +82,25 @@ def test_videos_do_not_starve_under_an_endless_image_stream():
         assert out["video"].num_preemptions <= max_preemptions
 
 
+def test_a_hopeless_image_behind_running_videos_is_served_once_aged():
+    """Each of 2 devices runs a video with hours of slack; an image arrives with
+    an SLO shorter than one video step (hopeless at once). The starvation
+    guard runs it at a step boundary once it has waited 4x its SLO (it used to
+    wait for the videos to end: aged images that could not be on time formed
+    no batch for the joint search)."""
+    cluster = ClusterSpec(2)
+    videos = [Request(f"v{i}", 0.0, "video", WAN, 832, 480, 81, 50, 3_600_000.0) for i in range(2)]
+    image = Request("late", 1.0, "image", FLUX, 512, 512, 1, 28, 100.0)
+    video_step_s = COST.step_ms(WAN, 832, 480, 81, 1, 1) / 1e3
+    for name in ("genserve", "edf-step"):
+        out = {o.req_id: o for o in run(name, videos + [image], cluster).outcomes}
+        assert out["late"].status == "done" and not out["late"].met_slo
+        waited = out["late"].first_start_s - image.arrival_s
+        assert waited <= 4 * 0.1 + video_step_s + 0.1, (name, waited)
+        assert out["late"].finish_s < min(out[v.req_id].finish_s for v in videos), name
+        assert all(out[v.req_id].met_slo for v in videos), name
+
+
 def _given_up_videos():
     """Two videos long past their deadlines: one running a step on device 1,
     one paused with its state on device 0."""
