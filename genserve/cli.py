@@ -172,12 +172,20 @@ def add_client_args(p) -> None:
 
 
 def client_options(args) -> dict:
-    """``Client`` keyword arguments from the shared client flags."""
+    """``Client`` keyword arguments from the shared client flags; SecurityError
+    (a ValueError) names the flag of a TLS file that is missing or malformed."""
     from genserve.security import channel_credentials
 
-    tls = args.tls or args.tls_ca or args.tls_client_cert
+    tls = args.tls or args.tls_ca or args.tls_client_cert or args.tls_client_key
     credentials = channel_credentials(args.tls_ca, args.tls_client_cert, args.tls_client_key) if tls else None
     return {"credentials": credentials, "token": args.token or None}
+
+
+def _client_options_or_exit(args) -> dict:
+    try:
+        return client_options(args)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
 
 
 def add_generate(sub) -> None:
@@ -224,8 +232,9 @@ def cmd_generate(args) -> None:
         sys.exit(f"error: -o {args.output} names {implied} output but --format is {args.format}; "
                  "leave out --format or change the extension")
     fmt = fmt or implied or ""
+    options = _client_options_or_exit(args)
     try:
-        with Client(args.target, **client_options(args)) as client:
+        with Client(args.target, **options) as client:
             _generate(client, args, fmt, folder, path)
     except KeyboardInterrupt:  # Ctrl-C: _generate cancelled the call, which cancels the request
         print("cancelled", file=sys.stderr, flush=True)
@@ -332,8 +341,9 @@ def cmd_models(args) -> None:
     from genserve.client import Client
     from genserve.v1 import genserve_pb2 as pb
 
+    options = _client_options_or_exit(args)
     try:
-        with Client(args.target, **client_options(args)) as client:
+        with Client(args.target, **options) as client:
             models = client.models()
     except grpc.RpcError as err:
         sys.exit(f"error: {err.code().name}: {err.details()}")

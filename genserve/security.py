@@ -27,6 +27,7 @@ import hmac
 import inspect
 import logging
 import pathlib
+import ssl
 from dataclasses import dataclass
 from typing import Callable
 
@@ -85,6 +86,7 @@ def parse_tokens(text: str, source: str = "<tokens>") -> TokenTable:
     skipped. Tokens are printable ASCII without spaces (they travel in an HTTP
     header) and unique. Raises SecurityError naming the first bad line."""
     tokens: dict[str, str] = {}
+    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -128,14 +130,42 @@ def _read(path: str, what: str) -> bytes:
     return data
 
 
+def _check_pair(cert_path: str, key_path: str, cert_flag: str, key_flag: str) -> None:
+    """A PEM certificate chain and the private key that belongs to it (grpc
+    would only find out when it binds or connects, with a message about the
+    port or the connection)."""
+    key, cert = _read(key_path, key_flag), _read(cert_path, cert_flag)
+    if b"-----BEGIN CERTIFICATE-----" not in cert:
+        raise SecurityError(f"{cert_flag} {cert_path}: not a PEM certificate")
+    if b"PRIVATE KEY-----" not in key:
+        raise SecurityError(f"{key_flag} {key_path}: not a PEM private key")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert_path, key_path)
+    except ssl.SSLError as err:
+        why = "is not the key of" if "KEY_VALUES_MISMATCH" in str(err) else "does not load with"
+        raise SecurityError(f"{key_flag} {key_path} {why} {cert_flag} {cert_path} ({err.reason or err})") from None
+
+
+def _check_ca(path: str, flag: str) -> bytes:
+    data = _read(path, flag)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError as err:
+        raise SecurityError(f"{flag} {path}: not a PEM CA bundle ({err.reason or err})") from None
+    return data
+
+
 def server_credentials(sec: Security) -> grpc.ServerCredentials | None:
-    """TLS credentials (mutual TLS when ``tls_client_ca`` is set), or None."""
+    """TLS credentials (mutual TLS when ``tls_client_ca`` is set), or None.
+    SecurityError names the flag of a file that is missing, malformed or
+    (a key) not the certificate's."""
     if not sec.tls_cert:
         return None
+    _check_pair(sec.tls_cert, sec.tls_key, "--tls-cert", "--tls-key")
     pair = (_read(sec.tls_key, "--tls-key"), _read(sec.tls_cert, "--tls-cert"))
     if not sec.tls_client_ca:
         return grpc.ssl_server_credentials([pair])
-    return grpc.ssl_server_credentials([pair], root_certificates=_read(sec.tls_client_ca, "--tls-client-ca"),
+    return grpc.ssl_server_credentials([pair], root_certificates=_check_ca(sec.tls_client_ca, "--tls-client-ca"),
                                        require_client_auth=True)
 
 
@@ -143,9 +173,12 @@ def channel_credentials(ca: str = "", cert: str = "", key: str = "") -> grpc.Cha
     """Client-side TLS: trust ``ca`` (empty: the system roots); ``cert`` and
     ``key`` present a client certificate for mutual TLS."""
     if bool(cert) != bool(key):
-        raise SecurityError("a client certificate needs both the certificate and its key")
+        raise SecurityError("--tls-client-cert and --tls-client-key go together (a client certificate "
+                            "needs both)")
+    if cert:
+        _check_pair(cert, key, "--tls-client-cert", "--tls-client-key")
     return grpc.ssl_channel_credentials(
-        root_certificates=_read(ca, "--tls-ca") if ca else None,
+        root_certificates=_check_ca(ca, "--tls-ca") if ca else None,
         private_key=_read(key, "--tls-client-key") if key else None,
         certificate_chain=_read(cert, "--tls-client-cert") if cert else None)
 

@@ -133,6 +133,45 @@ def test_load_security_names_the_missing_file(tmp_path):
     assert load_security(Security()).credentials is None
 
 
+def test_token_file_may_start_with_a_byte_order_mark():
+    assert parse_tokens("\ufefftokA tenantA\n").tenant("tokA") == "tenantA"
+
+
+def test_tls_files_are_checked_when_loaded(pki, tmp_path):
+    """What grpc would report only at bind or connect time, as a port or
+    connection problem: a malformed file, a key that is not the certificate's."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not pem at all\n")
+    server, cert, key, ca = (str(pki / "server.pem"), str(pki / "server.key"), str(pki / "client.key"),
+                             str(pki / "ca.pem"))
+    cases = [
+        (Security(tls_cert=str(garbage), tls_key=cert), f"--tls-cert {garbage}: not a PEM certificate"),
+        (Security(tls_cert=server, tls_key=str(garbage)), f"--tls-key {garbage}: not a PEM private key"),
+        (Security(tls_cert=server, tls_key=key), f"--tls-key {key} is not the key of --tls-cert {server}"),
+        (Security(tls_cert=server, tls_key=cert, tls_client_ca=str(garbage)),
+         f"--tls-client-ca {garbage}: not a PEM CA bundle"),
+    ]
+    for sec, message in cases:
+        with pytest.raises(SecurityError) as err:
+            load_security(sec)
+        assert str(err.value).startswith(message), err.value
+    assert load_security(Security(tls_cert=server, tls_key=cert, tls_client_ca=ca)).credentials is not None
+    with pytest.raises(SecurityError, match="--tls-ca .*not a PEM CA bundle"):
+        channel_credentials(str(garbage))
+    with pytest.raises(SecurityError, match="--tls-client-key .* is not the key of --tls-client-cert"):
+        channel_credentials(ca, str(pki / "client.pem"), cert)
+
+
+@pytest.mark.parametrize("flags", [["--tls-client-key", "k.pem"], ["--tls-ca", "/no/such/ca.pem"]])
+def test_client_commands_refuse_bad_tls_flags_with_one_line(flags):
+    from genserve.cli import main
+
+    for command in (["models"], ["generate", "a cat"]):
+        with pytest.raises(SystemExit) as err:
+            main([*command, "--target", "127.0.0.1:1", *flags])
+        assert isinstance(err.value.code, str) and err.value.code.startswith("error: --tls-"), err.value.code
+
+
 def test_client_key_uses_tenant_else_peer_host():
     assert client_key("alice", "ipv4:10.0.0.1:5000") == "tenant:alice"
     assert client_key("", "ipv4:10.0.0.1:5000") == client_key("", "ipv4:10.0.0.1:6000") == "peer:ipv4:10.0.0.1"
