@@ -6,7 +6,6 @@ import threading
 import grpc
 import numpy as np
 import pytest
-from conftest import wait_for
 
 from genserve.client import build_request, raw_frames
 from genserve.models.media import decode_media
@@ -159,23 +158,23 @@ def test_health_and_reflection(server):
     assert {"genserve.v1.GenServe", "grpc.health.v1.Health"} <= names
 
 
-def test_a_response_the_client_refuses_is_one_warning_line(server, client):
+def test_a_response_the_client_refuses_leaves_no_traceback(server, client):
     """A plain stub keeps grpc's 4 MiB receive limit; a 6.5 MB RAW video is
-    refused by the client. The server says so in one line, no traceback."""
+    refused by the client. When the server's send fails (a race: the write may
+    complete before the client resets the stream), grpc's ERROR traceback is
+    one WARNING line (tests/test_server_unit.py); the server goes on."""
     from genserve.v1 import genserve_pb2_grpc as pb_grpc
 
     before = len(server.output)
     with grpc.insecure_channel(server.target) as channel:
         with pytest.raises(grpc.RpcError) as err:
             pb_grpc.GenServeStub(channel).Generate(build_request(
-                "too big", task="video", width=256, height=256, num_frames=33, steps=1,
+                "too big", task="video", width=256, height=256, num_frames=33, steps=2,
                 output_format="raw"), timeout=120)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert wait_for(lambda: "was not delivered" in server.output[before:], timeout_s=10)
-    tail = server.output[before:]
-    assert "GenServe/Generate was not delivered" in tail and "WARNING" in tail
-    assert "Traceback" not in tail and "ExecuteBatchError" not in tail
     assert client.generate("still serving", task="image", steps=2).media.data
+    tail = server.output[before:]
+    assert "Traceback" not in tail and "ExecuteBatchError" not in tail
 
 
 def test_zz_policy_never_planned_what_the_workers_cannot_run(server, client):

@@ -1,0 +1,54 @@
+"""Pieces of the gRPC frontend that need no server: how a caller's leaving
+is counted, and how grpc's log of an undelivered response reads."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from genserve.server import _gone_status, _quiet_undelivered
+
+
+class Context:
+    def __init__(self, left):
+        self.left = left
+
+    def time_remaining(self):
+        return self.left
+
+
+@pytest.mark.parametrize("left, budget, status", [
+    (0.004, 30.0, "DEADLINE_EXCEEDED"),  # the client's deadline fired first: its cancel came in just before
+    (-0.5, 30.0, "DEADLINE_EXCEEDED"),
+    (0.9, 30.0, "DEADLINE_EXCEEDED"),
+    (5.0, 30.0, "CANCELLED"),  # left with time to spare: it cancelled
+    (0.2, 0.5, "DEADLINE_EXCEEDED"),
+    (0.4, 0.5, "CANCELLED"),  # a short call that left in its first half
+    (None, None, "CANCELLED"),  # no deadline at all
+])
+def test_a_caller_leaving_at_its_deadline_is_deadline_exceeded(left, budget, status):
+    assert _gone_status(Context(left), budget) == status
+
+
+class ExecuteBatchError(Exception):
+    """Stands in for grpc's cython exception (matched by name)."""
+
+
+def test_an_undelivered_response_is_one_warning_line(caplog):
+    _quiet_undelivered()
+    _quiet_undelivered()  # installed once however many servers start
+    core = logging.getLogger("grpc._cython.cygrpc")
+    assert sum(type(f).__name__ == "_UndeliveredResponse" for f in core.filters) == 1
+    with caplog.at_level(logging.INFO, logger="grpc._cython.cygrpc"):
+        try:
+            raise ExecuteBatchError("Failed execute_batch")
+        except ExecuteBatchError:
+            core.exception("ExecuteBatchError raised in core by servicer method [/genserve.v1.GenServe/Generate]")
+        try:
+            raise ValueError("something else")
+        except ValueError:
+            core.exception("another failure")
+    first, second = caplog.records
+    assert first.levelname == "WARNING" and first.exc_info is None
+    assert first.getMessage().startswith("the response to /genserve.v1.GenServe/Generate was not delivered")
+    assert second.levelname == "ERROR" and second.exc_info is not None  # other errors keep their traceback
