@@ -57,6 +57,17 @@ class _Outcome:
     response: pb.GenerateResponse | None = None
     num_preemptions: int = 0
     sp_degrees: list[int] = field(default_factory=list)
+    retry_after_s: float = 0.0  # a refusal's retry-after-ms hint
+
+
+def _retry_after_s(err: grpc.aio.AioRpcError) -> float:
+    for key, value in err.trailing_metadata() or ():
+        if key == "retry-after-ms":
+            try:
+                return max(0.0, float(value) / 1e3)
+            except ValueError:
+                return 0.0
+    return 0.0
 
 
 class Clock:
@@ -108,6 +119,7 @@ async def _stream(client: AsyncClient, request: pb.GenerateRequest, opts: RunOpt
         out.status, out.reason = "UNKNOWN", "stream ended without a terminal event"
     except grpc.aio.AioRpcError as err:
         out.status, out.reason = err.code().name, err.details() or ""
+        out.retry_after_s = _retry_after_s(err)
     except asyncio.CancelledError:
         call.cancel()
         out.status, out.reason = "CANCELLED", "the load generator stopped waiting (drain timeout)"
@@ -133,6 +145,12 @@ def _record(req_id: str, item: TraceRequest, index: int, intended_s: float, send
 async def send_one(client: AsyncClient, item: TraceRequest, index: int, intended_s: float,
                    opts: RunOptions, clock: Clock) -> RequestRecord:
     """Send one request and wait for its outcome; never raises (see module docstring)."""
+    return (await _send_one(client, item, index, intended_s, opts, clock))[0]
+
+
+async def _send_one(client: AsyncClient, item: TraceRequest, index: int, intended_s: float,
+                    opts: RunOptions, clock: Clock) -> tuple[RequestRecord, float]:
+    """(its record, the retry-after hint of a refusal in seconds, else 0)."""
     out = _Outcome()
     request = to_proto(item, index, opts)
     send_s = clock()
@@ -141,7 +159,7 @@ async def send_one(client: AsyncClient, item: TraceRequest, index: int, intended
         await _stream(client, request, opts, clock, out)
     except Exception as err:  # noqa: BLE001 - a record, never a crash
         out.status, out.reason = out.status or "UNKNOWN", f"{type(err).__name__}: {err}"
-    return _record(request.request_id, item, index, intended_s, send_s, clock(), out, warmup)
+    return _record(request.request_id, item, index, intended_s, send_s, clock(), out, warmup), out.retry_after_s
 
 
 async def _drain(tasks: Sequence[asyncio.Task], timeout_s: float) -> list[RequestRecord]:
@@ -167,7 +185,10 @@ async def open_loop(client: AsyncClient, items: Sequence[TraceRequest], opts: Ru
 
 async def closed_loop(client: AsyncClient, items: Sequence[TraceRequest], opts: RunOptions,
                       clock: Clock, done: Callable[[RequestRecord], None]) -> list[RequestRecord]:
-    """``opts.concurrency`` clients, each sending its next request when the last ends."""
+    """``opts.concurrency`` clients, each sending its next request when the last ends
+    (after the server's retry-after hint when it refused the last one, as a real
+    client backs off: else a client over a per-client limit burns the workload
+    in refusals)."""
     queue = iter(enumerate(items))
     records: list[RequestRecord] = []
 
@@ -175,9 +196,11 @@ async def closed_loop(client: AsyncClient, items: Sequence[TraceRequest], opts: 
         for index, item in queue:  # shared: each client takes the next unsent item
             if opts.duration_s and clock() >= opts.duration_s:
                 return
-            record = await send_one(client, item, index, -1.0, opts, clock)
+            record, retry_after_s = await _send_one(client, item, index, -1.0, opts, clock)
             records.append(record)
             done(record)
+            if retry_after_s > 0:
+                await asyncio.sleep(retry_after_s)
 
     clients = [asyncio.create_task(client_loop()) for _ in range(opts.concurrency)]
     await asyncio.gather(*clients)

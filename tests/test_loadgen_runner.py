@@ -41,6 +41,9 @@ class FakeGenServe(pb_grpc.GenServeServicer):
             self.received.append((time.monotonic(), request))
         if request.width == 70:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "width: 70 is not a multiple of 16")
+        if request.width == 80:  # a per-client limit's refusal, with its hint
+            context.set_trailing_metadata((("retry-after-ms", "300"),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many streams")
         yield pb.GenerateEvent(request_id=request.request_id, type=EV.QUEUED)
         if request.slo_ms == 1:
             yield pb.GenerateEvent(request_id=request.request_id, type=EV.FAILED,
@@ -139,6 +142,15 @@ def test_closed_loop_keeps_concurrency_and_flags_warmup(fake):
     finishes = sorted(r.finish_s for r in result.records)
     assert all(s >= f - 1e-6 for s, f in zip(sends[3:], finishes))
     assert summarize(result.records).num_warmup == 3
+
+
+def test_closed_loop_client_waits_out_a_refusals_retry_after(fake):
+    servicer, target = fake
+    items = [_item(0, width=80), _item(0), _item(0, width=80), _item(0)]
+    recs = run_load(items, _opts(target, concurrency=1, id_prefix="backoff")).records
+    assert [r.status for r in recs] == ["RESOURCE_EXHAUSTED", "OK", "RESOURCE_EXHAUSTED", "OK"]
+    assert recs[1].send_s - recs[0].finish_s >= 0.3 and recs[3].send_s - recs[2].finish_s >= 0.3
+    assert recs[2].send_s - recs[1].finish_s < 0.3  # no wait after a request that was served
 
 
 def test_closed_loop_duration_stops_sending(fake):
