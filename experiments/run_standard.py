@@ -266,7 +266,9 @@ def parse_args(argv=None):
     p.add_argument("--live-timeout-s", type=float, default=60.0, help="per-request deadline (live)")
     p.add_argument("--live-profile", default="auto", help="tiny-model profile for the simulated side "
                                                           "of the live comparison (default: measured)")
-    p.add_argument("--out", type=Path, default=HERE / "REPORT.md")
+    p.add_argument("--out", type=Path, default=HERE / "REPORT.md",
+                   help="the report's Markdown file (default experiments/REPORT.md); its figures go to a "
+                        "figures/ folder beside it")
     args = p.parse_args(argv)
     args.figures = args.out.parent / "figures"
     return args

@@ -327,7 +327,10 @@ def _read_run(out: Path):
     from .scrape import read_samples
 
     if not (out / "requests.jsonl").is_file():
-        raise ValueError(f"no run in {out}/ (no requests.jsonl): give the run's directory as --out")
+        runs = sorted(p.parent.name for p in out.glob("*/requests.jsonl"))
+        hint = (f"; it holds the runs {', '.join(runs)} (a compare folder): give one of them as --out"
+                if runs else ": give the run's directory as --out")
+        raise ValueError(f"no run in {out}/ (no requests.jsonl){hint}")
     try:
         records = read_records(out / "requests.jsonl")
         path = out / "summary.json"

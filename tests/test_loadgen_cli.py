@@ -119,6 +119,11 @@ def test_bad_trace_lines_are_one_line(line, expected, tmp_path):
 
 def test_summarize_without_a_run_directory(tmp_path):
     assert "no run in" in refusal(["summarize", "--out", str(tmp_path)])
+    for name in ("live-fcfs", "live-genserve"):  # a compare folder: its runs are one level down
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "requests.jsonl").write_text("")
+    assert "it holds the runs live-fcfs, live-genserve (a compare folder)" in refusal(
+        ["summarize", "--out", str(tmp_path)])
     (tmp_path / "requests.jsonl").write_text("not json\n")
     assert "not a readable run directory" in refusal(["summarize", "--out", str(tmp_path)])
 
