@@ -205,9 +205,10 @@ class Server:
         while self.engine.num_unfinished and time.monotonic() < deadline and not cut.is_set():
             await asyncio.sleep(0.05)
         if self.engine.num_unfinished:
-            why = "a second signal" if cut.is_set() else "grace period over"
-            log.warning("%s: %d request(s) end UNAVAILABLE", why, self.engine.num_unfinished)
-            why = "a second stop signal" if cut.is_set() else f"its {grace_s:g} s grace period ended"
+            second = cut.is_set()
+            log.warning("%s: %d request(s) end UNAVAILABLE", "a second signal" if second else "grace period over",
+                        self.engine.num_unfinished)
+            why = "a second stop signal" if second else f"its {grace_s:g} s grace period ended"
             self.engine.end_all("UNAVAILABLE", f"the server shut down before this request finished ({why}); "
                                                "retry on another replica")
             deadline = time.monotonic() + 2.0  # the callers are told before the gRPC server stops

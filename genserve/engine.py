@@ -124,9 +124,12 @@ class Engine(WorkerLoss):
                 log.exception("engine step failed")
                 self._end_stranded()
                 time.sleep(0.05)
+        self._end_all("UNAVAILABLE", "server shutting down")
+
+    def _end_all(self, status: str, reason: str) -> None:
         while self.tracked:  # (a finished request may admit a resubmission of its id)
             for t in list(self.tracked.values()):
-                self._finish(t, EventType.FAILED, "UNAVAILABLE", "server shutting down")
+                self._finish(t, EventType.FAILED, status, reason)
 
     def _end_stranded(self) -> None:
         """After a bug in the loop: a request it left with nothing to wait for
@@ -190,9 +193,7 @@ class Engine(WorkerLoss):
             elif item[0] == "abandon":
                 self._abandon(*item[1:])
             elif item[0] == "end_all":
-                for _ in range(8):  # (an ending request admits the resubmissions waiting on its id)
-                    for t in list(self.tracked.values()):
-                        self._finish(t, EventType.FAILED, item[1], item[2])
+                self._end_all(*item[1:])
         self._num_waiting = sum(1 for t in self.tracked.values() if t.started_s is None)
 
     def _admit(self, req: Request, sink: Sink) -> None:

@@ -130,10 +130,10 @@ def _read(path: str, what: str) -> bytes:
     return data
 
 
-def _check_pair(cert_path: str, key_path: str, cert_flag: str, key_flag: str) -> None:
-    """A PEM certificate chain and the private key that belongs to it (grpc
-    would only find out when it binds or connects, with a message about the
-    port or the connection)."""
+def _read_pair(cert_path: str, key_path: str, cert_flag: str, key_flag: str) -> tuple[bytes, bytes]:
+    """(key, certificate chain): PEM, and the key the certificate's (grpc would
+    only find out when it binds or connects, with a message about the port or
+    the connection)."""
     key, cert = _read(key_path, key_flag), _read(cert_path, cert_flag)
     if b"-----BEGIN CERTIFICATE-----" not in cert:
         raise SecurityError(f"{cert_flag} {cert_path}: not a PEM certificate")
@@ -144,6 +144,7 @@ def _check_pair(cert_path: str, key_path: str, cert_flag: str, key_flag: str) ->
     except ssl.SSLError as err:
         why = "is not the key of" if "KEY_VALUES_MISMATCH" in str(err) else "does not load with"
         raise SecurityError(f"{key_flag} {key_path} {why} {cert_flag} {cert_path} ({err.reason or err})") from None
+    return key, cert
 
 
 def _check_ca(path: str, flag: str) -> bytes:
@@ -161,8 +162,7 @@ def server_credentials(sec: Security) -> grpc.ServerCredentials | None:
     (a key) not the certificate's."""
     if not sec.tls_cert:
         return None
-    _check_pair(sec.tls_cert, sec.tls_key, "--tls-cert", "--tls-key")
-    pair = (_read(sec.tls_key, "--tls-key"), _read(sec.tls_cert, "--tls-cert"))
+    pair = _read_pair(sec.tls_cert, sec.tls_key, "--tls-cert", "--tls-key")
     if not sec.tls_client_ca:
         return grpc.ssl_server_credentials([pair])
     return grpc.ssl_server_credentials([pair], root_certificates=_check_ca(sec.tls_client_ca, "--tls-client-ca"),
@@ -175,12 +175,9 @@ def channel_credentials(ca: str = "", cert: str = "", key: str = "") -> grpc.Cha
     if bool(cert) != bool(key):
         raise SecurityError("--tls-client-cert and --tls-client-key go together (a client certificate "
                             "needs both)")
-    if cert:
-        _check_pair(cert, key, "--tls-client-cert", "--tls-client-key")
-    return grpc.ssl_channel_credentials(
-        root_certificates=_check_ca(ca, "--tls-ca") if ca else None,
-        private_key=_read(key, "--tls-client-key") if key else None,
-        certificate_chain=_read(cert, "--tls-client-cert") if cert else None)
+    pair = _read_pair(cert, key, "--tls-client-cert", "--tls-client-key") if cert else (None, None)
+    return grpc.ssl_channel_credentials(root_certificates=_check_ca(ca, "--tls-ca") if ca else None,
+                                        private_key=pair[0], certificate_chain=pair[1])
 
 
 # ---- the interceptor ------------------------------------------------------
