@@ -29,10 +29,10 @@ class Limits:
     max_frames: int | None = None
     max_steps: int | None = None
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # (messages name the serve flags, as users set them there)
         for name in ("max_prompt_chars", "max_message_bytes", "max_queue"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
         for name in CAPPED_FIELDS:
             cap = getattr(self, name)
             if cap is not None and cap < 1:
@@ -85,11 +85,11 @@ class EngineConfig:
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICY_NAMES)}")
         if not self.default_slo_scale > 0:
-            raise ValueError("default_slo_scale must be positive")
+            raise ValueError("--default-slo-scale must be positive")
         if self.max_image_batch < 1:
             raise ValueError("max_image_batch must be at least 1")
         if self.chunk_ms < 0:
-            raise ValueError("chunk_ms must not be negative")
+            raise ValueError("--chunk-ms must not be negative")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,11 +105,11 @@ class Security:
 
     def validate(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("tls_cert and tls_key must be given together")
+            raise ValueError("--tls-cert and --tls-key must be given together")
         if self.tls_client_ca and not self.tls_cert:
-            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         if self.max_streams_per_client < 0:
-            raise ValueError("max_streams_per_client must be >= 0 (0: no limit)")
+            raise ValueError("--max-streams-per-client must be >= 0 (0: no limit)")
 
 
 def check_attention(attention: str, device: str) -> None:
@@ -141,20 +141,20 @@ class ServerConfig:
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
-            raise ValueError("ports must be in 0..65535")
+            raise ValueError("--port and --metrics-port must be in 0..65535")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, not {self.device!r}")
         if self.device == "cpu" and self.num_workers < 1:
-            raise ValueError("num_workers must be at least 1 on cpu")
+            raise ValueError("--num-workers must be at least 1 on cpu")
         if not self.models:
             raise ValueError("at least one model is needed")
         if self.max_sp_degree not in (1, 2, 4, 8):
-            raise ValueError("max_sp_degree must be 1, 2, 4 or 8")
+            raise ValueError("--max-sp-degree must be 1, 2, 4 or 8")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"unsupported dtype {self.dtype!r}")
         for name in ("num_workers", "threads_per_worker", "paused_budget_mb", "grace_s"):
             if not getattr(self, name) >= 0:  # also NaN
-                raise ValueError(f"{name} must not be negative")
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative")
         check_attention(self.attention, self.device)
         self.engine.validate()
         self.limits.validate()

@@ -179,9 +179,9 @@ def test_client_key_uses_tenant_else_peer_host():
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--tls-cert", "c.pem"], "tls_cert and tls_key must be given together"),
-    (["--tls-client-ca", "ca.pem"], "tls_client_ca (mutual TLS) needs tls_cert and tls_key"),
-    (["--max-streams-per-client", "-1"], "max_streams_per_client must be >= 0"),
+    (["--tls-cert", "c.pem"], "--tls-cert and --tls-key must be given together"),
+    (["--tls-client-ca", "ca.pem"], "--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key"),
+    (["--max-streams-per-client", "-1"], "--max-streams-per-client must be >= 0"),
     (["--demo", "--auth-tokens", "tokens.txt"], "--demo talks to the server in plaintext without a token"),
     (["--demo", "--tls-cert", "c.pem", "--tls-key", "k.pem"], "--demo talks to the server in plaintext"),
 ])
