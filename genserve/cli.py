@@ -256,7 +256,8 @@ def _generate(client, args, fmt: str, folder: pathlib.Path, path: pathlib.Path |
     except ValueError as err:  # a field build_request cannot send (the flags are checked above)
         sys.exit(f"error: {err}")
     # shown after 0.3 s: a call refused at once prints its error line alone
-    bar = tqdm(total=0, unit="step", desc="queued", file=sys.stderr, delay=0.3)
+    bar = _held_interrupt(lambda: tqdm(total=0, unit="step", desc="queued", file=sys.stderr,
+                                       delay=0.3))
     try:
         for ev in stream:
             if ev.type == T.STEP:
@@ -281,6 +282,25 @@ def _generate(client, args, fmt: str, folder: pathlib.Path, path: pathlib.Path |
         stream.cancel()  # ends the server's stream, which abandons the request there
         bar.close()
         raise
+
+
+def _held_interrupt(make):
+    """``make()`` with Ctrl-C held until it returns, then raised. A Ctrl-C
+    inside tqdm's constructor leaves a half-made bar whose finaliser prints a
+    traceback at exit, after the one-line message."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return make()
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        made = make()
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
+    return made
 
 
 def _output_target(output: str | None) -> tuple[pathlib.Path, pathlib.Path | None]:

@@ -204,6 +204,26 @@ def test_output_extension_and_format_must_agree(fake, cwd, capsys):
     assert not servicer.requests and not os.listdir(cwd)
 
 
+def test_ctrl_c_while_the_progress_bar_is_made_is_raised_once_it_is_whole():
+    """A Ctrl-C inside tqdm's constructor left a half-made bar whose finaliser
+    printed a traceback after "cancelled" (seen on a loaded machine)."""
+    from genserve.cli import _held_interrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    made = []
+
+    def make():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # Python runs the handler here, mid-construction
+        made.append("whole")
+        return "bar"
+
+    with pytest.raises(KeyboardInterrupt):
+        _held_interrupt(make)
+    assert made == ["whole"]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_ctrl_c_prints_one_line_exits_130_and_cancels(fake, tmp_path):
     servicer, target = fake
     proc = subprocess.Popen([sys.executable, "-m", "genserve", "generate", BLOCK, "--target", target],
