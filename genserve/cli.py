@@ -260,12 +260,15 @@ def _generate(client, args, fmt: str, folder: pathlib.Path, path: pathlib.Path |
                                        delay=0.3))
     try:
         for ev in stream:
+            # refresh=False and update(0): tqdm draws only after its delay, and
+            # ends its line on close only if update() drew it (refresh() ignores both)
             if ev.type == T.STEP:
                 bar.total = ev.num_steps
                 bar.n = ev.step
-                bar.set_postfix_str(f"eta {ev.eta_s:.1f}s")
+                bar.set_postfix_str(f"eta {ev.eta_s:.1f}s", refresh=False)
             elif ev.type in (T.STARTED, T.RESUMED, T.PREEMPTED, T.RESHARDED):
-                bar.set_description(T.Name(ev.type).lower() + (f" sp={ev.sp_degree}" if ev.sp_degree else ""))
+                bar.set_description(T.Name(ev.type).lower() + (f" sp={ev.sp_degree}" if ev.sp_degree else ""),
+                                    refresh=False)
             elif ev.type == T.COMPLETED:
                 bar.close()
                 _save(ev.response, folder, path)
@@ -274,7 +277,7 @@ def _generate(client, args, fmt: str, folder: pathlib.Path, path: pathlib.Path |
                 bar.close()
                 code = ev.status_code or T.Name(ev.type)  # as Generate's RpcError would name it
                 sys.exit(f"error: {code}: {ev.reason or T.Name(ev.type).lower()}")
-            bar.refresh()
+            bar.update(0)
     except grpc.RpcError as err:
         bar.close()
         sys.exit(f"error: {err.code().name}: {err.details()}")

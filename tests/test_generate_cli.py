@@ -31,6 +31,7 @@ MIME = {F.OUTPUT_FORMAT_UNSPECIFIED: "image/png", F.OUTPUT_FORMAT_PNG: "image/pn
         F.OUTPUT_FORMAT_GIF: "image/gif", F.OUTPUT_FORMAT_RAW: "application/octet-stream"}
 BLOCK = "block"  # a prompt the fake server never finishes: it runs until the client goes away
 FAIL, CANCEL = "fail", "cancel"  # prompts the fake server ends with FAILED / CANCELLED events
+SLOW = "slow"  # STARTED, then a step every 0.15 s for 0.6 s, then COMPLETED
 
 
 class Fake(pb_grpc.GenServeServicer):
@@ -58,8 +59,18 @@ class Fake(pb_grpc.GenServeServicer):
                 time.sleep(0.02)
             self.cancelled.set()
             return
+        if request.prompt == SLOW:
+            yield pb.GenerateEvent(request_id=request.request_id, type=EV.STARTED, sp_degree=1)
+            for step in range(1, 5):
+                time.sleep(0.15)
+                yield pb.GenerateEvent(request_id=request.request_id, type=EV.STEP, step=step, num_steps=4)
+            yield pb.GenerateEvent(request_id=request.request_id, type=EV.COMPLETED,
+                                   response=self._response(request))
+            return
         if request.prompt in (FAIL, CANCEL):
             failed = request.prompt == FAIL
+            if failed:  # a start first: the progress bar has something to draw
+                yield pb.GenerateEvent(request_id=request.request_id, type=EV.STARTED, sp_degree=1)
             yield pb.GenerateEvent(request_id=request.request_id, type=EV.FAILED if failed else EV.CANCELLED,
                                    status_code="INTERNAL" if failed else "",
                                    reason="worker 1 died twice" if failed else "")
@@ -239,6 +250,19 @@ def test_ctrl_c_prints_one_line_exits_130_and_cancels(fake, tmp_path):
     assert err.rstrip().splitlines()[-1] == "cancelled", err
     assert servicer.cancelled.wait(10), "the server-side call did not end"
     assert not os.listdir(tmp_path)
+
+
+def test_progress_bar_waits_its_delay_and_ends_its_line(fake, cwd, capsys):
+    """A bar drawn by refresh() ignored tqdm's delay and never ended its line,
+    so the result (or "cancelled", or an error) was printed onto the bar."""
+    _, target = fake
+    with pytest.raises(SystemExit):  # STARTED, then FAILED at once: no bar, just the line
+        main(["generate", FAIL, "--target", target, "-o", "x.png"])
+    assert capsys.readouterr().err == ""  # (the exit message is SystemExit's code)
+    main(["generate", SLOW, "--target", target, "-o", "slow.png"])
+    captured = capsys.readouterr()
+    assert "4/4" in captured.err and captured.err.endswith("\n"), repr(captured.err)
+    assert captured.out.startswith("slow.png: ")
 
 
 @pytest.mark.parametrize("prompt, line", [(FAIL, "error: INTERNAL: worker 1 died twice"),
