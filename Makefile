@@ -4,8 +4,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch, pinned: a bare `torch` requirement can pull a multi-GB CUDA build.
+# torch goes in first, pinned, as a CPU build: the project's bare `torch>=2.4`
+# would pull a multi-GB CUDA build from PyPI. The wheel comes from a local
+# wheel folder pip is configured with, else from TORCH_INDEX, else from the
+# configured indexes; then its dependencies. For a CUDA build, e.g.
+# TORCH_INDEX=https://download.pytorch.org/whl/cu128 (with no local CPU wheel).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
 .PHONY: install demo serve test bench proto clean gpu-wheels
@@ -15,6 +20,8 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q --no-deps --no-index "$(TORCH_SPEC)" 2>/dev/null \
+		|| $(BIN)/pip install -q --no-deps "$(TORCH_SPEC)" --index-url "$(TORCH_INDEX)" || true
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
