@@ -114,9 +114,10 @@ class Server:
         self.metrics = Metrics(version=__version__, policy=config.engine.policy, device_kind=config.device)
         self.engine: Engine | None = None
         self.port = 0
+        self.draining = False  # set on SIGTERM: new calls get UNAVAILABLE
         # reads certificates and tokens: fail before workers start
         self.security = load_security(config.security, refused=lambda status: self.metrics.request_finished(
-            "", "", status, None, None, None))
+            "", "", status, None, None, None), draining=lambda: self.draining)
         if config.port:  # (0: any free port)
             check_listen(config.host, config.port, "gRPC, --port")
         if config.metrics_port:
@@ -197,7 +198,7 @@ class Server:
     async def _drain(self, service: GenServeService, health, grace_s: float, cut: asyncio.Event) -> None:
         """Health goes NOT_SERVING and new requests get UNAVAILABLE; requests
         already accepted get up to ``grace_s`` to finish, or until ``cut``."""
-        service.draining = True
+        service.draining = self.draining = True
         await health.enter_graceful_shutdown()
         log.info("draining: %d unfinished request(s), up to %.0f s (signal again to stop now)",
                  self.engine.num_unfinished, grace_s)

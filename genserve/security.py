@@ -44,6 +44,7 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerRefl
                  "/grpc.reflection.v1.ServerReflection/")
 MISSING_TOKEN = "missing credentials: send metadata 'authorization: Bearer <token>'"
 BAD_TOKEN = "invalid bearer token"
+SHUTTING_DOWN = "server is shutting down; retry on another replica"
 
 # The authenticated tenant of the call being served ("" without token auth).
 current_tenant: contextvars.ContextVar[str] = contextvars.ContextVar("genserve_tenant", default="")
@@ -225,11 +226,14 @@ class Gate(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, tokens: TokenTable | None, max_streams: int,
-                 refused: Callable[[str], None] = lambda status: None):
+                 refused: Callable[[str], None] = lambda status: None,
+                 draining: Callable[[], bool] = lambda: False):
         self.tokens = tokens
         self.streams = StreamCounter(max_streams) if max_streams > 0 else None
         # told the status of each generation refused here (the request metrics)
         self.refused = refused
+        # a draining server sends every new call elsewhere, a client at its limit too
+        self.draining = draining
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -246,7 +250,7 @@ class Gate(grpc.aio.ServerInterceptor):
                 return _deny(handler, grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN if token else MISSING_TOKEN)
         limited = details.method in LIMITED_METHODS
         return _wrap(handler, tenant, self.streams if limited else None,
-                     self.refused if limited else lambda status: None)
+                     self.refused if limited else lambda status: None, self.draining)
 
 
 def _deny(handler, code: grpc.StatusCode, message: str):
@@ -268,7 +272,8 @@ def _deny(handler, code: grpc.StatusCode, message: str):
     return handler._replace(request_deserializer=None, **{kind: body})
 
 
-def _wrap(handler, tenant: str, counter: StreamCounter | None, refused: Callable[[str], None]):
+def _wrap(handler, tenant: str, counter: StreamCounter | None, refused: Callable[[str], None],
+          draining: Callable[[], bool] = lambda: False):
     """``handler`` with the tenant set for the servicer and, for limited
     methods, a stream slot held for the call's lifetime. The slot is given
     back when the body returns or raises (before the client sees the end, so a
@@ -283,6 +288,9 @@ def _wrap(handler, tenant: str, counter: StreamCounter | None, refused: Callable
         current_tenant.set(tenant)
         if counter is None:
             return lambda: None
+        if draining():  # not RESOURCE_EXHAUSTED, whose retry-after-ms says "retry here"
+            refused("UNAVAILABLE")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         key = client_key(tenant, context.peer())
         if not counter.acquire(key):
             refused("RESOURCE_EXHAUSTED")
@@ -372,9 +380,11 @@ class LoadedSecurity:
     summary: str  # one line for the start-up log
 
 
-def load_security(sec: Security, refused: Callable[[str], None] = lambda status: None) -> LoadedSecurity:
+def load_security(sec: Security, refused: Callable[[str], None] = lambda status: None,
+                  draining: Callable[[], bool] = lambda: False) -> LoadedSecurity:
     """Read the files ``sec`` names. Raises SecurityError on any problem.
-    ``refused`` is told the status of each generation refused at the edge."""
+    ``refused`` is told the status of each generation refused at the edge;
+    ``draining`` says whether the server is shutting down."""
     sec.validate()
     credentials = server_credentials(sec)
     tokens = None
@@ -386,7 +396,7 @@ def load_security(sec: Security, refused: Callable[[str], None] = lambda status:
              f"max {sec.max_streams_per_client} streams per client" if sec.max_streams_per_client
              else "no per-client stream limit"]
     # Always installed: it also turns unparsable requests into INVALID_ARGUMENT.
-    return LoadedSecurity(credentials, (Gate(tokens, sec.max_streams_per_client, refused),), ", ".join(parts))
+    return LoadedSecurity(credentials, (Gate(tokens, sec.max_streams_per_client, refused, draining),), ", ".join(parts))
 
 
 def exposure_warnings(host: str, sec: Security) -> list[str]:

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from genserve.convert import (TASK_FROM_PB, Validator, card_to_pb, check_request_id, event_to_pb,
                               result_to_pb)
 from genserve.engine import Engine
-from genserve.security import current_tenant
+from genserve.security import SHUTTING_DOWN, current_tenant
 from genserve.types import Event, EventType, RequestError
 from genserve.v1 import genserve_pb2 as pb
 from genserve.v1 import genserve_pb2_grpc as pb_grpc
@@ -83,7 +83,7 @@ class GenServeService(pb_grpc.GenServeServicer):
         A refusal is counted in the metrics like a request that ended."""
         if self.draining:
             self._refused(request, "UNAVAILABLE")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         try:
             req = replace(self.validator.request(request), fingerprint=fingerprint(request))
             tenant = current_tenant.get()

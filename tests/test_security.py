@@ -344,6 +344,30 @@ def test_gate_without_tokens_limits_by_peer_host():
     asyncio.run(main())
 
 
+def test_gate_sends_a_client_at_its_limit_elsewhere_while_draining():
+    """RESOURCE_EXHAUSTED with retry-after-ms told a client at its limit to
+    retry the very server that was shutting down."""
+    async def main():
+        refused, draining = [], [False]
+        gate = Gate(None, max_streams=1, refused=refused.append, draining=lambda: draining[0])
+        server, service, channel, stub, _ = await _gate_server(gate)
+        try:
+            first = stub.Generate(pb.GenerateRequest())
+            await asyncio.sleep(0.1)
+            draining[0] = True
+            with pytest.raises(grpc.RpcError) as err:
+                await stub.Generate(pb.GenerateRequest())
+            assert err.value.code() == Code.UNAVAILABLE and "shutting down" in err.value.details()
+            assert "retry-after-ms" not in dict(err.value.trailing_metadata() or ())
+            assert refused == ["UNAVAILABLE"]
+            service.release.set()
+            await first  # what was accepted still finishes
+        finally:
+            await channel.close()
+            await server.stop(None)
+    asyncio.run(main())
+
+
 # ---- live: TLS + tokens + stream limit ----------------------------------------
 @pytest.fixture(scope="module")
 def tls_server(pki):
