@@ -148,9 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 def workload_options(args, *, slo_scale: float | None = None):
     from .plan import WorkloadOptions
 
-    num = args.num_requests
-    if not (num or args.duration_s or args.trace):
-        num = 20
+    num = args.num_requests  # (check_args refuses neither this nor --duration-s)
     if args.concurrency and not num and not args.trace:
         num = CLOSED_LOOP_CAP  # the clients stop at --duration-s
     return WorkloadOptions(

@@ -92,8 +92,6 @@ def test_trace_round_trip_and_truncation(tmp_path):
 
 
 def test_cli_defaults_bound_the_workload():
-    args = build_parser().parse_args([])
-    assert args.mode == "run" and workload_options(args).num_requests == 20
     args = build_parser().parse_args(["compare", "--concurrency", "2", "--duration-s", "5"])
     opts = workload_options(args)
     assert args.mode == "compare" and opts.duration_s == 0 and opts.num_requests > 1000
