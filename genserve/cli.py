@@ -20,7 +20,8 @@ SUFFIX_FORMAT = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"
                  ".raw": "raw"}  # -o's extension (any case) implies --format
 
 
-def _default_device() -> str:
+def default_device() -> str:
+    """cuda when torch sees a GPU, else cpu (serve's and profile's default)."""
     try:
         import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,7 +102,7 @@ def cmd_serve(args) -> None:
     from genserve.security import SecurityError
     from genserve.workers.executor import WorkerStartError
 
-    device = args.device or _default_device()
+    device = args.device or default_device()
     num_workers = args.num_workers if args.num_workers is not None else (2 if device == "cpu" else 0)
     config = ServerConfig(
         host=args.host, port=args.port, metrics_port=args.metrics_port, device=device,
@@ -388,7 +389,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_models(sub)
     for add_parser in _subcommand_hooks():
         add_parser(sub)
+    show_defaults(parser)
     return parser
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append each option's default to its help, in every subcommand, unless
+    the help already tells it or there is none to tell (unset, off, empty, 0)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                show_defaults(subparser)
+            continue
+        default, text = action.default, action.help or ""
+        if (not action.option_strings or text == argparse.SUPPRESS or action.nargs == 0
+                or default is None or default is argparse.SUPPRESS or isinstance(default, bool)
+                or default in ("", 0, [], ()) or "default" in text.lower()):
+            continue
+        action.help = f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
 
 def _subcommand_hooks():

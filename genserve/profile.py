@@ -200,7 +200,9 @@ def cmd_profile(args) -> None:
     from genserve.config import check_attention
     from genserve.workers.executor import MultiprocessExecutor, WorkerStartError, make_worker_specs
 
-    device = args.device
+    from genserve.cli import default_device
+
+    device = args.device or default_device()
     num_workers = args.num_workers if args.num_workers is not None else (2 if device == "cpu" else 0)
     try:
         check_attention(args.attention, device)
@@ -257,7 +259,8 @@ def add_profile_parser(sub) -> None:
                                    "times on the real worker processes and write a profile JSON for --profile.")
     p.add_argument("--out", required=True, help="profile JSON to write")
     p.add_argument("--name", default="measured", help="profile name (default: measured)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="cpu, or cuda (every visible GPU); default: cuda when available, as serve")
     p.add_argument("--num-workers", type=int, default=None, help="default: 2 on cpu, every GPU on cuda")
     p.add_argument("--threads-per-worker", type=int, default=0)
     p.add_argument("--model", action="append", default=None, metavar="NAME|NAME=PATH")

@@ -135,7 +135,8 @@ def _read_pair(cert_path: str, key_path: str, cert_flag: str, key_flag: str) -> 
     """(key, certificate chain): PEM, and the key the certificate's (grpc would
     only find out when it binds or connects, with a message about the port or
     the connection)."""
-    key, cert = _read(key_path, key_flag), _read(cert_path, cert_flag)
+    cert = _read(cert_path, cert_flag)  # in the order the flags are usually given
+    key = _read(key_path, key_flag)
     if b"-----BEGIN CERTIFICATE-----" not in cert:
         raise SecurityError(f"{cert_flag} {cert_path}: not a PEM certificate")
     if b"PRIVATE KEY-----" not in key:

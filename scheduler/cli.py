@@ -47,7 +47,8 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
                    help="video SP degree of fcfs, sjf, edf, static, fixed-sp and "
                         "genserve:no-elastic-sp (a power of two; capped at the devices; default 4)")
     g.add_argument("--static-image-fraction", type=float,
-                   help="static: image share of devices (default: the workload's demand)")
+                   help="static: image share of devices (default: the best whole-device share "
+                        "for this workload, an oracle; its demand share is reported as static_demand_share)")
     g.add_argument("--max-preemptions", type=int)
     g = p.add_argument_group("workload")
     g.add_argument("--trace", help="JSON-lines trace file (instead of a generated workload)")

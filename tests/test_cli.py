@@ -15,6 +15,20 @@ def test_help_lists_commands():
     assert "--num-workers" in genserve("serve", "--help").stdout
 
 
+def test_help_shows_defaults_once():
+    from genserve.cli import build_parser
+
+    def help_of(command):
+        return " ".join(build_parser()._subparsers._group_actions[0].choices[command].format_help().split())
+
+    simulate, loadgen, serve = help_of("simulate"), help_of("loadgen"), help_of("serve")
+    assert "arrivals per second (default: 0.4)" in simulate  # the help did not say it
+    assert "--max-sp-degree MAX_SP_DEGREE default: 8" in simulate  # there was no help at all
+    assert "--out OUT output directory (default: loadgen-out)" in loadgen
+    assert "address to listen on (default 127.0.0.1) " in serve  # already told: not twice
+    assert "--admission-control (default" not in serve  # a switch has nothing to tell
+
+
 def test_simulate_refusal_exits_2_under_the_main_cli(tmp_path):
     """``genserve simulate`` (not only ``python -m genserve.scheduler.cli``):
     a CI step that runs a bad simulation must fail."""

@@ -128,8 +128,12 @@ def test_security_config_validates_without_io():
 def test_load_security_names_the_missing_file(tmp_path):
     with pytest.raises(SecurityError, match="--auth-tokens /no/such/tokens"):
         load_security(Security(auth_tokens="/no/such/tokens"))
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
     with pytest.raises(SecurityError, match="--tls-key"):
-        load_security(Security(tls_cert=str(tmp_path), tls_key=str(tmp_path / "missing.key")))
+        load_security(Security(tls_cert=str(cert), tls_key=str(tmp_path / "missing.key")))
+    with pytest.raises(SecurityError, match="--tls-cert"):  # both missing: the first flag's file
+        load_security(Security(tls_cert=str(tmp_path / "missing.pem"), tls_key=str(tmp_path / "missing.key")))
     assert load_security(Security()).credentials is None
 
 
