@@ -236,7 +236,17 @@ def _compare_options(args):
 def cmd_loadgen(args) -> None:
     """The command. Bad input (flags, trace, run directory, a server that does
     not answer or cannot serve the workload) is one ``loadgen: ...`` line and
-    exit status 1, before anything is sent or written."""
+    exit status 1, before anything is sent or written. Ctrl-C during a run
+    stops it and writes what was sent; elsewhere (or a second one) it ends
+    the command with one line (servers compare started are stopped)."""
+    try:
+        _cmd_loadgen(args)
+    except KeyboardInterrupt:
+        print("loadgen: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _cmd_loadgen(args) -> None:
     from .launch import ServerStartError
     from .run import PreflightError
 
@@ -311,10 +321,15 @@ def _cmd_run(args, out: Path, items, wopts, client: dict) -> None:
 
     result = run_load(items, run_options(args), metrics_url=args.metrics_url,
                       scrape_interval_s=args.scrape_interval_s, settings={"workload": asdict(wopts)},
-                      client_options=client)
+                      client_options=client, stop_on_sigint=True)
     write_run(out, result, plots=not args.no_plots)
     write_trace(out / "workload.jsonl", [items[r.index] for r in result.records])  # what was sent
     print(f"results in {out}/ (requests.jsonl, summary.json{', *.png' if not args.no_plots else ''})")
+    if result.settings["interrupted"]:
+        stopped = sum(r.status == "CANCELLED" and "load generator" in r.reason for r in result.records)
+        print(f"loadgen: interrupted: the results are of the {len(result.records)} of {len(items)} "
+              f"request(s) sent ({stopped} cancelled in flight)", file=sys.stderr)
+        sys.exit(130)
 
 
 def _read_run(out: Path):

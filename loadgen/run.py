@@ -109,7 +109,7 @@ def _loop_factory():
 
 
 async def _drive(items: Sequence[TraceRequest], opts: RunOptions, clock: Clock,
-                 client_options: dict) -> list[RequestRecord]:
+                 client_options: dict, stop: asyncio.Event | None = None) -> list[RequestRecord]:
     total = len(items) if not (opts.concurrency and opts.duration_s) else None
     bar = tqdm(total=total, unit="req", desc="loadgen", file=sys.stderr, disable=not opts.progress,
                dynamic_ncols=True)
@@ -124,27 +124,55 @@ async def _drive(items: Sequence[TraceRequest], opts: RunOptions, clock: Clock,
     try:
         async with AsyncClient(opts.target, **client_options) as client:
             loop = closed_loop if opts.concurrency > 0 else open_loop
-            return await loop(client, items, opts, clock, done)
+            return await loop(client, items, opts, clock, done, stop)
     finally:
         bar.close()
 
 
+async def _drive_until_sigint(items, opts, clock, client_options) -> tuple[list[RequestRecord], bool]:
+    """``_drive``, with the first Ctrl-C ending it early (a second one
+    interrupts as usual): (records, interrupted)."""
+    import signal
+
+    loop, stop = asyncio.get_running_loop(), asyncio.Event()
+
+    def first() -> None:
+        loop.remove_signal_handler(signal.SIGINT)
+        stop.set()
+    try:
+        loop.add_signal_handler(signal.SIGINT, first)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread; Windows
+        return await _drive(items, opts, clock, client_options), False
+    try:
+        records = await _drive(items, opts, clock, client_options, stop)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    return records, stop.is_set()
+
+
 def run_load(items: Sequence[TraceRequest], opts: RunOptions, metrics_url: str = "",
              scrape_interval_s: float = 0.5, settings: dict | None = None,
-             client_options: dict | None = None) -> RunResult:
+             client_options: dict | None = None, stop_on_sigint: bool = False) -> RunResult:
     """Send ``items`` to ``opts.target`` and wait for every outcome; ``settings``
     (e.g. the workload's options) is kept for summary.json; ``client_options``
-    (``credentials``, ``token``) go to the client and are not recorded."""
+    (``credentials``, ``token``) go to the client and are not recorded. With
+    ``stop_on_sigint``, Ctrl-C stops sending and cancels the requests still
+    open (their records say CANCELLED), and the result is of what was sent
+    (``settings["interrupted"]``); else it raises KeyboardInterrupt as usual."""
     clock = Clock()
     started = time.time()
     scraper = Scraper(metrics_url, clock.t0, scrape_interval_s).start() if metrics_url else None
+    interrupted = False
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            records = runner.run(_drive(items, opts, clock, client_options or {}))
+            if stop_on_sigint:
+                records, interrupted = runner.run(_drive_until_sigint(items, opts, clock, client_options or {}))
+            else:
+                records = runner.run(_drive(items, opts, clock, client_options or {}))
     finally:
         samples = scraper.stop() if scraper else []
     settings = {**(settings or {}), "run": asdict(opts), "metrics_url": metrics_url,
-                "tls": bool((client_options or {}).get("credentials"))}
+                "tls": bool((client_options or {}).get("credentials")), "interrupted": interrupted}
     return RunResult(tuple(sorted(records, key=lambda r: r.index)), tuple(samples), started,
                      clock(), settings)
 

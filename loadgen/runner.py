@@ -58,6 +58,7 @@ class _Outcome:
     num_preemptions: int = 0
     sp_degrees: list[int] = field(default_factory=list)
     retry_after_s: float = 0.0  # a refusal's retry-after-ms hint
+    stopped: bool = False  # the load generator cancelled it (drain timeout or Ctrl-C)
 
 
 def _retry_after_s(err: grpc.aio.AioRpcError) -> float:
@@ -122,7 +123,8 @@ async def _stream(client: AsyncClient, request: pb.GenerateRequest, opts: RunOpt
         out.retry_after_s = _retry_after_s(err)
     except asyncio.CancelledError:
         call.cancel()
-        out.status, out.reason = "CANCELLED", "the load generator stopped waiting (drain timeout)"
+        out.status, out.reason = "CANCELLED", "the load generator stopped waiting (drain timeout or Ctrl-C)"
+        out.stopped = True
 
 
 def _record(req_id: str, item: TraceRequest, index: int, intended_s: float, send_s: float,
@@ -149,8 +151,8 @@ async def send_one(client: AsyncClient, item: TraceRequest, index: int, intended
 
 
 async def _send_one(client: AsyncClient, item: TraceRequest, index: int, intended_s: float,
-                    opts: RunOptions, clock: Clock) -> tuple[RequestRecord, float]:
-    """(its record, the retry-after hint of a refusal in seconds, else 0)."""
+                    opts: RunOptions, clock: Clock) -> tuple[RequestRecord, _Outcome]:
+    """(its record, its outcome: the retry-after hint of a refusal, whether it was stopped)."""
     out = _Outcome()
     request = to_proto(item, index, opts)
     send_s = clock()
@@ -159,7 +161,7 @@ async def _send_one(client: AsyncClient, item: TraceRequest, index: int, intende
         await _stream(client, request, opts, clock, out)
     except Exception as err:  # noqa: BLE001 - a record, never a crash
         out.status, out.reason = out.status or "UNKNOWN", f"{type(err).__name__}: {err}"
-    return _record(request.request_id, item, index, intended_s, send_s, clock(), out, warmup), out.retry_after_s
+    return _record(request.request_id, item, index, intended_s, send_s, clock(), out, warmup), out
 
 
 async def _drain(tasks: Sequence[asyncio.Task], timeout_s: float) -> list[RequestRecord]:
@@ -170,38 +172,73 @@ async def _drain(tasks: Sequence[asyncio.Task], timeout_s: float) -> list[Reques
     return list(await asyncio.gather(*tasks))
 
 
+async def _until(stop: asyncio.Event | None, delay_s: float) -> bool:
+    """Wait ``delay_s``; True (at once) when ``stop`` is set before then."""
+    if stop is None:
+        await asyncio.sleep(delay_s)
+        return False
+    try:
+        await asyncio.wait_for(stop.wait(), delay_s)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
 async def open_loop(client: AsyncClient, items: Sequence[TraceRequest], opts: RunOptions,
-                    clock: Clock, done: Callable[[RequestRecord], None]) -> list[RequestRecord]:
-    """Send each item at its ``arrival_s`` (never waiting on earlier ones)."""
+                    clock: Clock, done: Callable[[RequestRecord], None],
+                    stop: asyncio.Event | None = None) -> list[RequestRecord]:
+    """Send each item at its ``arrival_s`` (never waiting on earlier ones).
+    When ``stop`` is set: send no more, and cancel the requests still open."""
     tasks = []
     for index, item in enumerate(items):
-        while (delay_s := item.arrival_s - clock()) > 0:
-            await asyncio.sleep(delay_s)
+        while (delay_s := item.arrival_s - clock()) > 0 and not await _until(stop, delay_s):
+            pass
+        if stop is not None and stop.is_set():
+            break
         task = asyncio.create_task(send_one(client, item, index, item.arrival_s, opts, clock))
         task.add_done_callback(lambda t: t.cancelled() or done(t.result()))
         tasks.append(task)
-    return await _drain(tasks, opts.drain_timeout_s)
+    if stop is None:
+        return await _drain(tasks, opts.drain_timeout_s)
+    waiting = asyncio.ensure_future(stop.wait())
+    drained = asyncio.ensure_future(_drain(tasks, opts.drain_timeout_s))
+    await asyncio.wait((waiting, drained), return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if not drained.done():
+        for task in tasks:
+            task.cancel()  # each still records its outcome: CANCELLED
+    return await drained
 
 
 async def closed_loop(client: AsyncClient, items: Sequence[TraceRequest], opts: RunOptions,
-                      clock: Clock, done: Callable[[RequestRecord], None]) -> list[RequestRecord]:
+                      clock: Clock, done: Callable[[RequestRecord], None],
+                      stop: asyncio.Event | None = None) -> list[RequestRecord]:
     """``opts.concurrency`` clients, each sending its next request when the last ends
     (after the server's retry-after hint when it refused the last one, as a real
     client backs off: else a client over a per-client limit burns the workload
-    in refusals)."""
+    in refusals). A client that is cancelled, or sees ``stop``, sends no more."""
     queue = iter(enumerate(items))
     records: list[RequestRecord] = []
 
     async def client_loop() -> None:
         for index, item in queue:  # shared: each client takes the next unsent item
-            if opts.duration_s and clock() >= opts.duration_s:
+            if (opts.duration_s and clock() >= opts.duration_s) or (stop is not None and stop.is_set()):
                 return
-            record, retry_after_s = await _send_one(client, item, index, -1.0, opts, clock)
+            record, out = await _send_one(client, item, index, -1.0, opts, clock)
             records.append(record)
             done(record)
-            if retry_after_s > 0:
-                await asyncio.sleep(retry_after_s)
+            if out.stopped or (out.retry_after_s > 0 and await _until(stop, out.retry_after_s)):
+                return
 
     clients = [asyncio.create_task(client_loop()) for _ in range(opts.concurrency)]
-    await asyncio.gather(*clients)
+    if stop is None:
+        await asyncio.gather(*clients)
+        return records
+    waiting = asyncio.ensure_future(stop.wait())
+    finished = asyncio.ensure_future(asyncio.gather(*clients, return_exceptions=True))
+    await asyncio.wait((waiting, finished), return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    for c in clients:
+        c.cancel()  # a request in flight records its outcome, CANCELLED
+    await finished
     return records

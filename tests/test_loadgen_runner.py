@@ -161,6 +161,37 @@ def test_closed_loop_duration_stops_sending(fake):
     assert max(r.send_s for r in result.records) < 0.3 + 0.05
 
 
+@pytest.mark.parametrize("concurrency", [0, 2])
+def test_ctrl_c_stops_sending_and_keeps_what_was_sent(fake, concurrency):
+    """Ctrl-C raised KeyboardInterrupt out of the loop with nothing written,
+    and a closed-loop client whose request was cancelled sent the next one."""
+    import os
+    import signal
+
+    servicer, target = fake
+    prefix = f"sigint{concurrency}"
+    before = signal.getsignal(signal.SIGINT)
+    items = [_item(0.0, slo_ms=2) for _ in range(2)] + [_item(30.0 if not concurrency else 0.0, slo_ms=2)
+                                                        for _ in range(3)]
+
+    def press_ctrl_c():  # once both open requests reached the server: the loop is running
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with servicer.lock:
+                if sum(r.request_id.startswith(prefix) for _, r in servicer.received) >= 2:
+                    break
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    t0 = time.monotonic()
+    result = run_load(items, _opts(target, concurrency=concurrency, id_prefix=prefix), stop_on_sigint=True)
+    assert time.monotonic() - t0 < 20
+    assert result.settings["interrupted"]
+    assert [r.index for r in result.records] == [0, 1]  # nothing sent after the press
+    assert all(r.status == "CANCELLED" and "Ctrl-C" in r.reason for r in result.records)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_scraper_reads_gauges_from_a_prometheus_endpoint():
     from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 
