@@ -198,16 +198,7 @@ async def open_loop(client: AsyncClient, items: Sequence[TraceRequest], opts: Ru
         task = asyncio.create_task(send_one(client, item, index, item.arrival_s, opts, clock))
         task.add_done_callback(lambda t: t.cancelled() or done(t.result()))
         tasks.append(task)
-    if stop is None:
-        return await _drain(tasks, opts.drain_timeout_s)
-    waiting = asyncio.ensure_future(stop.wait())
-    drained = asyncio.ensure_future(_drain(tasks, opts.drain_timeout_s))
-    await asyncio.wait((waiting, drained), return_when=asyncio.FIRST_COMPLETED)
-    waiting.cancel()
-    if not drained.done():
-        for task in tasks:
-            task.cancel()  # each still records its outcome: CANCELLED
-    return await drained
+    return await _unless_stopped(stop, _drain(tasks, opts.drain_timeout_s), tasks)
 
 
 async def closed_loop(client: AsyncClient, items: Sequence[TraceRequest], opts: RunOptions,
@@ -231,14 +222,19 @@ async def closed_loop(client: AsyncClient, items: Sequence[TraceRequest], opts: 
                 return
 
     clients = [asyncio.create_task(client_loop()) for _ in range(opts.concurrency)]
-    if stop is None:
-        await asyncio.gather(*clients)
-        return records
-    waiting = asyncio.ensure_future(stop.wait())
-    finished = asyncio.ensure_future(asyncio.gather(*clients, return_exceptions=True))
-    await asyncio.wait((waiting, finished), return_when=asyncio.FIRST_COMPLETED)
-    waiting.cancel()
-    for c in clients:
-        c.cancel()  # a request in flight records its outcome, CANCELLED
-    await finished
+    # (a client stopped in its retry-after wait ends cancelled: not an error)
+    await _unless_stopped(stop, asyncio.gather(*clients, return_exceptions=stop is not None), clients)
     return records
+
+
+async def _unless_stopped(stop: asyncio.Event | None, work, tasks: Sequence[asyncio.Task]):
+    """Await ``work``; if ``stop`` is set first, cancel ``tasks`` (a request
+    in flight still records its outcome, CANCELLED) and then await it."""
+    work = asyncio.ensure_future(work)
+    if stop is not None:
+        waiting = asyncio.ensure_future(stop.wait())
+        await asyncio.wait((waiting, work), return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        for task in tasks:
+            task.cancel()  # (those done already are left as they are)
+    return await work
