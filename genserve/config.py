@@ -1,6 +1,8 @@
 """Server configuration: frozen dataclasses, validated without I/O."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -84,12 +86,12 @@ class EngineConfig:
 
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICY_NAMES)}")
-        if not self.default_slo_scale > 0:
-            raise ValueError("--default-slo-scale must be positive")
+        if not 0 < self.default_slo_scale < math.inf:  # (NaN fails too)
+            raise ValueError(f"--default-slo-scale must be a positive number, not {self.default_slo_scale}")
         if self.max_image_batch < 1:
             raise ValueError("max_image_batch must be at least 1")
-        if self.chunk_ms < 0:
-            raise ValueError("--chunk-ms must not be negative")
+        if not 0 <= self.chunk_ms < math.inf:
+            raise ValueError(f"--chunk-ms must be a number >= 0, not {self.chunk_ms}")
 
 
 @dataclass(frozen=True, slots=True)

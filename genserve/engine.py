@@ -26,6 +26,8 @@ from genserve.workers import protocol as P
 from genserve.worker_loss import WorkerLoss
 from genserve.workers.executor import Executor
 
+SLO_MS_MAX = 2**32 - 1  # the API's slo_ms is unsigned 32-bit
+
 log = logging.getLogger("genserve.engine")
 
 
@@ -185,7 +187,7 @@ class Engine(WorkerLoss):
                 break
             self._dirty = True
             if item[0] == "submit":
-                self._admit(item[1], item[2])
+                self._admit_or_fail(item[1], item[2])
             elif item[0] == "cancel":
                 _, req_id, answer, done = item
                 answer[0] = self._cancel(req_id)
@@ -215,14 +217,32 @@ class Engine(WorkerLoss):
         position = sum(1 for x in self.tracked.values() if x.started_s is None) - 1
         t.emit(time.monotonic(), EventType.QUEUED, queue_position=position)
 
+    def _admit_or_fail(self, req: Request, sink: Sink) -> None:
+        """``_admit``; a bug there ends this request INTERNAL, counted, rather
+        than leave its caller waiting for an event that never comes (the
+        loop's own repair only sees requests it tracks)."""
+        try:
+            self._admit(req, sink)
+        except Exception:
+            log.exception("request %s could not be admitted: it ends INTERNAL", req.req_id)
+            reason = "the server hit a bug while admitting this request (see its log)"
+            t = self.tracked.get(req.req_id)
+            if t is not None and sink in t.sinks:
+                self._finish(t, EventType.FAILED, "INTERNAL", reason)
+                return
+            self.metrics.request_finished(req.task, req.model, "INTERNAL", None, None, None)
+            sink(Event(req.req_id, EventType.FAILED, 0.0, status="INTERNAL", reason=reason))
+
     def _default_slo_ms(self, req: Request) -> int:
         """slo_scale × the request's predicted latency alone at its best
-        allowed allocation (as the simulator's workloads define it)."""
+        allowed allocation (as the simulator's workloads define it), within
+        what the API's slo_ms (uint32) can carry."""
         p = req.params
         devices = self.max_sp_degree if req.task == "video" else 1
         alone_ms = self.cost.isolated_latency_ms(req.model, p.width, p.height, p.num_frames, p.num_steps,
                                                  req.task, devices)
-        return max(1, int(self.config.default_slo_scale * alone_ms))
+        slo_ms = self.config.default_slo_scale * alone_ms
+        return int(min(max(slo_ms, 1.0), SLO_MS_MAX)) if slo_ms == slo_ms else SLO_MS_MAX  # NaN: no bound
 
     # ---- planning and dispatch -------------------------------------------
     def _schedule(self) -> None:

@@ -111,6 +111,37 @@ def test_a_bug_in_the_loop_ends_the_requests_it_strands(engine, monkeypatch):
     assert run(engine, make_request("not stranded", steps=1))[-1].type == EventType.COMPLETED
 
 
+def test_a_request_that_cannot_be_admitted_ends_internal_and_is_counted(engine, monkeypatch):
+    """An exception while admitting (its default SLO could not be computed)
+    left the caller with no event at all, and the request uncounted."""
+    original = engine._default_slo_ms
+
+    def broken(req):
+        if req.req_id == "unadmittable":
+            raise OverflowError("cannot convert float infinity to integer")
+        return original(req)
+
+    monkeypatch.setattr(engine, "_default_slo_ms", broken)
+    before = _count(engine, "INTERNAL")
+    events = run(engine, make_request("unadmittable"), timeout_s=10)
+    assert [e.type for e in events] == [EventType.FAILED] and events[0].status == "INTERNAL"
+    assert "unadmittable" not in engine.tracked and _count(engine, "INTERNAL") == before + 1
+    assert run(engine, make_request("admitted"))[-1].type == EventType.COMPLETED
+
+
+def test_default_slo_fits_the_api(engine, monkeypatch):
+    """A huge --default-slo-scale made an SLO over uint32: the result, counted
+    OK, then failed to convert and the caller got UNKNOWN."""
+    monkeypatch.setattr(engine, "config", EngineConfig(default_slo_scale=1e12))
+    result = run(engine, make_request("huge slo", steps=1))[-1].result
+    assert result.slo_ms == 2**32 - 1 and result.slo_met
+
+
+def _count(engine, status: str) -> float:
+    return sum(s.value for m in engine.metrics.registry.collect() if m.name == "genserve_requests"
+               for s in m.samples if s.name.endswith("_total") and s.labels.get("status") == status)
+
+
 def test_cancel_queued_and_duplicate_id_attaches(engine):
     a: queue.Queue = queue.Queue()
     b: queue.Queue = queue.Queue()
