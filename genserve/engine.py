@@ -471,6 +471,7 @@ class Engine(WorkerLoss):
         self.tracked.pop(t.req.req_id, None)
         self.metrics.request_finished(t.req.task, t.req.model, "OK", result.latency_ms / 1e3,
                                       result.queue_ms / 1e3, result.slo_met)
+        self.metrics.calls_ended(t.req.task, t.req.model, "OK", len(t.sinks) - 1)  # attached callers
         t.emit(now, EventType.COMPLETED, result=result)
 
     def _finish(self, t: Tracked, kind: EventType, status: str, reason: str) -> None:
@@ -487,6 +488,7 @@ class Engine(WorkerLoss):
             status = t.cancel_status
         slo_met = None if kind == EventType.CANCELLED else False  # a failure counts as a miss
         self.metrics.request_finished(t.req.task, t.req.model, status, now - t.req.arrival_s, queue_s, slo_met)
+        self.metrics.calls_ended(t.req.task, t.req.model, status, len(t.sinks) - 1)  # attached callers
         t.emit(now, kind, reason=reason, status=status)
         for req, sink in t.successors:  # its id is free again
             self._admit(req, sink)
@@ -498,10 +500,12 @@ class Engine(WorkerLoss):
         t.successors = [(r, s) for r, s in t.successors if s is not sink]
         if sink in t.sinks:
             t.sinks.remove(sink)
-            if not t.sinks:  # nobody waits for it any more
+            if not t.sinks:  # nobody waits for it any more: its end counts this call
                 if not t.cancel_requested:  # (an explicit Cancel keeps CANCELLED)
                     t.cancel_status = status
                 self._cancel(req_id)
+            else:  # the others go on: this call ends here
+                self.metrics.calls_ended(t.req.task, t.req.model, status)
 
     def _cancel(self, req_id: str) -> bool:
         t = self.tracked.get(req_id)

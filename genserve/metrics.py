@@ -203,6 +203,16 @@ class Metrics:
         self.set_workers(up=num_devices, down=0)
 
     # -- requests -------------------------------------------------------
+    def calls_ended(self, task: str, model: str, status: str, count: int = 1) -> None:
+        """Count ``count`` calls that ended with ``status``: the request
+        counter counts calls, and callers attached to one request by its id
+        are calls of their own (``request_finished`` counts the request's
+        first)."""
+        if count > 0:
+            self._m["genserve_requests_total"].labels(
+                task=self._task(task), model=self._free("model", model),
+                status=self._status(status)).inc(count)
+
     def request_finished(self, task: str, model: str, status: str,
                          latency_s: float | None = None,
                          queue_s: float | None = None,
@@ -219,9 +229,7 @@ class Metrics:
         that failed or was cancelled should be passed ``False`` if it had one).
         """
         task = self._task(task)
-        self._m["genserve_requests_total"].labels(
-            task=task, model=self._free("model", model),
-            status=self._status(status)).inc()
+        self.calls_ended(task, model, status)
         if latency_s is not None and status == "OK":
             self._m["genserve_request_latency_seconds"].labels(task=task).observe(latency_s)
         if queue_s is not None:

@@ -146,12 +146,14 @@ def test_cancel_queued_and_duplicate_id_attaches(engine):
     a: queue.Queue = queue.Queue()
     b: queue.Queue = queue.Queue()
     req = make_request("dup", task="video", steps=6)
+    ok = _count(engine, "OK")
     engine.submit(req, a.put)
     engine.submit(req, b.put)  # same id while running: attach, don't run twice
     last_a = _last(a)
     last_b = _last(b)
     assert last_a.type == last_b.type == EventType.COMPLETED
     assert last_a.result is last_b.result
+    assert _count(engine, "OK") == ok + 2  # the counter counts calls (it counted 1)
 
 
 def test_a_caller_that_leaves_does_not_end_the_request_for_the_others(engine):
@@ -161,10 +163,13 @@ def test_a_caller_that_leaves_does_not_end_the_request_for_the_others(engine):
     a: queue.Queue = queue.Queue()
     b: queue.Queue = queue.Queue()
     req = make_request("shared", task="video", steps=6)
+    ok, late = _count(engine, "OK"), _count(engine, "DEADLINE_EXCEEDED")
     engine.submit(req, a.put)
     engine.submit(req, b.put)
-    engine.abandon("shared", a.put)
+    engine.abandon("shared", a.put, "DEADLINE_EXCEEDED")
     assert _last(b).type == EventType.COMPLETED
+    # each caller counted with the status it saw (the one that left was not counted)
+    assert (_count(engine, "OK"), _count(engine, "DEADLINE_EXCEEDED")) == (ok + 1, late + 1)
     c: queue.Queue = queue.Queue()
     engine.submit(make_request("alone", task="video", steps=40), c.put)
     _wait_for(c, EventType.STEP)
