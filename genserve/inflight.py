@@ -31,6 +31,7 @@ class InFlight:
     moving: dict[str, bytes | None] = field(default_factory=dict)  # state moves awaited (req -> bytes)
     compute_ms: float = 0.0  # the leader's reported step times so far
     turnaround_ms: float = 0.0  # from the replies that freed its devices to the decision to send it
+    overdue_logged: bool = False  # the watchdog has said it runs far past its prediction
 
     @property
     def leader(self) -> int:

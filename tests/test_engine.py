@@ -142,6 +142,29 @@ def _count(engine, status: str) -> float:
                for s in m.samples if s.name.endswith("_total") and s.labels.get("status") == status)
 
 
+def test_a_dispatch_far_past_its_prediction_is_logged(engine, monkeypatch, caplog):
+    """A hung worker (a stopped SP peer) stalled its dispatch with no sign at all."""
+    import genserve.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "OVERDUE_MIN_S", 0.3)
+    monkeypatch.setattr(engine_module, "OVERDUE_FACTOR", 1.0)
+    monkeypatch.setattr(engine_module, "WATCHDOG_S", 0.05)
+    for worker_models in _worker_models(engine):
+        model = worker_models["sd3-tiny"]
+        original = model.denoise_step
+
+        def stalled(states, original=original):
+            if any(s.params.prompt == "stall" for s in states):
+                time.sleep(1.5)
+            return original(states)
+
+        monkeypatch.setattr(model, "denoise_step", stalled)
+    with caplog.at_level("WARNING", logger="genserve.engine"):
+        assert run(engine, make_request("stalled", prompt="stall", steps=1))[-1].type == EventType.COMPLETED
+    overdue = [r.getMessage() for r in caplog.records if "past its predicted" in r.getMessage()]
+    assert len(overdue) == 1 and "stalled" in overdue[0] and "may be hung" in overdue[0], overdue
+
+
 def test_cancel_queued_and_duplicate_id_attaches(engine):
     a: queue.Queue = queue.Queue()
     b: queue.Queue = queue.Queue()

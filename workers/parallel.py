@@ -28,7 +28,9 @@ class DistSpec:
     world_size: int
     backend: str  # gloo | nccl
     max_block: int  # largest SP degree (power of two, <= world_size)
-    timeout_s: float = 120.0  # a collective stuck this long fails instead of hanging
+    # the world group's timeout (its set-up and barriers); SP groups keep
+    # torch's default, and the engine logs a dispatch stuck far past its prediction
+    timeout_s: float = 120.0
 
 
 def dist_spec(num_devices: int, device: str, max_sp_degree: int) -> DistSpec | None:
