@@ -5,7 +5,9 @@ Shared by the simulator and the load generator. A trace line holds
 model for the task), ``width``, ``height``, ``num_frames``,
 ``num_inference_steps`` (0: the model's default) and ``slo_ms`` (0: the
 default SLO, slo_scale × isolated latency). Other keys are kept in ``extra``
-(a prompt, for instance) and written back.
+(a prompt, for instance) and written back. Sizes and steps are whole numbers,
+times finite; steps are at most ``MAX_STEPS`` and arrivals at most
+``MAX_ARRIVAL_S`` (see ``from_json``).
 
 ``generate`` draws arrivals (Poisson, or Gamma with a coefficient of
 variation for bursts), a class mix and a shape mix from a seeded RNG;
@@ -24,6 +26,13 @@ from .types import IMAGE, TASKS, VIDEO
 
 TRACE_KEYS = ("arrival_s", "task", "model", "width", "height", "num_frames",
               "num_inference_steps", "slo_ms")
+# Bounds on a trace line beyond the API's 32 bits. The simulator runs a few
+# thousand steps a second and the live server caps steps at 50, so more than
+# MAX_STEPS steps is a typo that would keep a simulation busy for weeks; an
+# arrival beyond MAX_ARRIVAL_S (about 116 days) swamps the milliseconds a
+# latency is made of (1e300 + 2.0 == 1e300).
+MAX_STEPS = 10_000
+MAX_ARRIVAL_S = 1e7
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,43 +162,89 @@ def to_json(t: TraceRequest) -> dict:
 
 
 def from_json(d: dict) -> TraceRequest:
-    """One trace line's request; ValueError for one no server could take."""
+    """One trace line's request; ValueError for one no server could take.
+
+    Sizes and steps must be whole numbers (512 or 512.0, not 64.9 or true);
+    times must be finite; steps at most MAX_STEPS, arrivals at most
+    MAX_ARRIVAL_S; everything within the API's 32 bits."""
     if not isinstance(d, dict):
         raise ValueError("a trace line must be a JSON object")
     task = d.get("task")
     if task not in TASKS:
         raise ValueError(f"trace line: task must be image or video, got {task!r}")
-    frames = int(d.get("num_frames", 1) or 1)
+    frames = _whole(d, "num_frames", 1) or 1
     t = TraceRequest(
-        arrival_s=float(d["arrival_s"]), task=task, width=int(d["width"]),
-        height=int(d["height"]), num_frames=1 if task == IMAGE else frames,
+        arrival_s=_number(d, "arrival_s", None), task=task, width=_whole(d, "width", None),
+        height=_whole(d, "height", None), num_frames=1 if task == IMAGE else frames,
         model=str(d.get("model", "") or ""),
-        num_inference_steps=int(d.get("num_inference_steps", 0) or 0),
-        slo_ms=float(d.get("slo_ms", 0) or 0),
+        num_inference_steps=_whole(d, "num_inference_steps", 0),
+        slo_ms=_number(d, "slo_ms", 0.0),
         extra=tuple(sorted((k, v) for k, v in d.items() if k not in TRACE_KEYS)))
-    for ok, rule in ((0 <= t.arrival_s < math.inf, "arrival_s must be a finite number >= 0"),
+    for ok, rule in ((0 <= t.arrival_s <= MAX_ARRIVAL_S,
+                      f"arrival_s must be in 0..{MAX_ARRIVAL_S:.0f} s (about 116 days), "
+                      f"got {t.arrival_s:g}"),
                      (min(t.width, t.height, t.num_frames) >= 1,
                       "width, height and num_frames must be positive"),
                      (t.num_inference_steps >= 0, "num_inference_steps must not be negative"),
+                     (t.num_inference_steps <= MAX_STEPS,
+                      f"num_inference_steps must be at most {MAX_STEPS}, got {t.num_inference_steps}"),
                      (0 <= t.slo_ms < math.inf, "slo_ms must be a finite number >= 0"),
-                     (max(t.width, t.height, t.num_frames, t.num_inference_steps, t.slo_ms)
-                      < 2 ** 32, "sizes, steps and slo_ms must fit 32 bits (the API's fields)")):
+                     (max(t.width, t.height, t.num_frames, t.slo_ms)
+                      < 2 ** 32, "sizes and slo_ms must fit 32 bits (the API's fields)")):
         if not ok:  # also NaN
             raise ValueError(f"trace line: {rule}")
     return t
 
 
+def _number(d: dict, key: str, default: float | None) -> float:
+    """``d[key]`` as a finite float (``default`` when absent, null or 0;
+    None: the key is required)."""
+    value = _value(d, key, default)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"trace line: {key} must be a finite number, got {value!r}")
+    return number
+
+
+def _whole(d: dict, key: str, default: int | None) -> int:
+    """``d[key]`` as an int (``default`` when absent, null or 0; None: the
+    key is required). 512.0 is 512; 64.9 and Infinity are refused, where
+    int() would truncate or raise OverflowError."""
+    value = _value(d, key, default)
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"trace line: {key} must be a finite whole number, got {value!r}")
+    return int(value)
+
+
+def _value(d: dict, key: str, default):
+    value = d[key] if default is None else d.get(key)
+    if isinstance(value, bool):  # float(true) is 1.0: a typo, not a number
+        raise ValueError(f"trace line: {key} must be a number, got {str(value).lower()}")
+    return value if default is None or value else default
+
+
 def read_trace(path: str | Path) -> tuple[TraceRequest, ...]:
+    """The requests of a JSON-lines trace (blank and # lines skipped; a
+    UTF-8 byte-order mark allowed); ValueError naming the file and line of
+    the first bad one."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            try:
-                out.append(from_json(json.loads(line)))
-            except (KeyError, ValueError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: {e}") from None
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            for n, line in enumerate(f, 1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                try:
+                    out.append(from_json(json.loads(line)))
+                except (KeyError, ValueError, TypeError, OverflowError) as e:
+                    raise ValueError(f"{path}:{n}: {e}") from None
+                except RecursionError:  # json's parser recurses per level
+                    raise ValueError(f"{path}:{n}: nested too deeply") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     return tuple(out)
 
 

@@ -109,6 +109,20 @@ def test_bad_flags_are_one_line_before_anything_runs(args, expected, tmp_path):
     ('{"arrival_s": 0, "task": "image", "width": 64, "height": 64, "num_inference_steps": -1}',
      "num_inference_steps must not be negative"),
     ('{"arrival_s": 0, "task": "image", "width": 4294967296, "height": 64}', "must fit 32 bits"),
+    # json reads these as inf, whose int() raised OverflowError
+    ('{"arrival_s": 0, "task": "image", "width": Infinity, "height": 64}',
+     "width must be a finite whole number, got inf"),
+    ('{"arrival_s": 0, "task": "video", "width": 64, "height": 64, "num_frames": 1e999}',
+     "num_frames must be a finite whole number, got inf"),
+    ('{"arrival_s": 0, "task": "image", "width": 64, "height": 64, "num_inference_steps": -Infinity}',
+     "num_inference_steps must be a finite whole number, got -inf"),
+    ("[" * 100_000, "nested too deeply"),  # json's parser raised RecursionError
+    # int() truncated these silently
+    ('{"arrival_s": 0, "task": "image", "width": 64.9, "height": 64}', "width must be a finite whole number, got 64.9"),
+    ('{"arrival_s": 0, "task": "image", "width": 64, "height": true}', "height must be a number, got true"),
+    ('{"arrival_s": 1e300, "task": "image", "width": 64, "height": 64}', "arrival_s must be in 0..10000000 s"),
+    ('{"arrival_s": 0, "task": "image", "width": 64, "height": 64, "num_inference_steps": 4000000000}',
+     "num_inference_steps must be at most 10000, got 4000000000"),
 ])
 def test_bad_trace_lines_are_one_line(line, expected, tmp_path):
     trace = tmp_path / "t.jsonl"

@@ -52,6 +52,27 @@ def test_trace_round_trip_and_defaults(tmp_path):
         parse_shapes("832x480", "video")
 
 
+def test_trace_numbers_are_whole_and_bounded_and_a_bom_is_allowed(tmp_path):
+    """512.0 is a size, 64.9 and true are refused (int() truncated them);
+    a trace saved with a UTF-8 byte-order mark reads like one without."""
+    line = {"arrival_s": 0.5, "task": "image", "width": 512.0, "height": 512,
+            "num_inference_steps": 10_000}
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(line).encode() + b"\n")
+    assert read_trace(path) == (TraceRequest(0.5, "image", 512, 512, num_inference_steps=10_000),)
+    for key, value, message in (("width", 64.9, "width must be a finite whole number, got 64.9"),
+                                ("height", True, "height must be a number, got true"),
+                                ("arrival_s", True, "arrival_s must be a number, got true"),
+                                ("slo_ms", 10**400, "slo_ms must be a finite number"),
+                                ("num_inference_steps", 10_001, "num_inference_steps must be at most 10000")):
+        path.write_text(json.dumps({**line, key: value}) + "\n")
+        with pytest.raises(ValueError, match=f"t.jsonl:1: trace line: {message}"):
+            read_trace(path)
+    path.write_bytes(b"\xff\n")
+    with pytest.raises(ValueError, match="t.jsonl: not UTF-8 text"):
+        read_trace(path)
+
+
 def test_simulate_parser_mounts_under_a_main_cli():
     parser = argparse.ArgumentParser(prog="genserve")
     add_simulate_parser(parser.add_subparsers(dest="command"))
