@@ -80,12 +80,15 @@ def run_simulate(args: argparse.Namespace) -> int:
     try:
         swept = _sweep_values(args)
         exp, policies, spec, trace = _setup(args)
+        # a trace naming a model the profile lacks, or one of the other task,
+        # or a task the profile has no model for, is refused here (ProfileError
+        # is a ValueError); a sweep resolves again at each point
+        requests = resolve_workload(exp, trace, args.slo_scale)
     except (ValueError, OSError) as e:
         print(f"genserve simulate: {e}", file=sys.stderr)
         return 2
     if swept:
         return _run_sweep(args, exp, policies, spec, trace, *swept)
-    requests = resolve_workload(exp, trace, args.slo_scale)
     results = run_policies(exp, policies, requests, args.jobs, _progress(args))
     if args.json:
         print(json.dumps(json_safe({"policies": results})))

@@ -135,6 +135,21 @@ def test_simulate_refuses_an_empty_trace(tmp_path, capsys):
     assert capsys.readouterr().err == f"genserve simulate: --trace {trace}: no requests in it\n"
 
 
+@pytest.mark.parametrize("line, message", [
+    ('"model": "nope"', "profile 'reference-h100' has no model 'nope' (known: flux.1-dev, wan2.1-t2v-1.3b)"),
+    ('"model": "wan2.1-t2v-1.3b"', "model 'wan2.1-t2v-1.3b' serves 'video', not 'image'"),
+])
+@pytest.mark.parametrize("sweep", [[], ["--sweep-slo-scales", "1,2"]])
+def test_simulate_refuses_a_trace_the_profile_cannot_serve(line, message, sweep, tmp_path, capsys):
+    """Resolving the trace against the profile raised a ProfileError traceback."""
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"arrival_s": 0, "task": "image", "width": 512, "height": 512, %s}\n' % line)
+    assert main(["simulate", "--trace", str(trace), "--policy", "fcfs", "--quiet",
+                 "--out", str(tmp_path / "out"), *sweep]) == 2
+    assert capsys.readouterr().err == f"genserve simulate: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--devices", "0"], "num_devices must be at least 1"),
     (["--max-sp-degree", "3"], "max_sp_degree must be a power of two"),
