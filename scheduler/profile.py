@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .types import IMAGE, TASKS, VIDEO
+from .workload import MAX_STEPS
 
 SCHEMA_VERSION = 1
 POINT_KINDS = ("measured", "published", "derived", "estimate", "model")
+# the latency model's calibration keys: (model, kind, w, h, frames, sp, batch)
+CALIBRATION_KINDS = ("step", "decode", "encode")
 BUILTIN_PROFILES = ("reference-h100",)
 
 
@@ -155,16 +158,17 @@ class Profile:
         if not models:
             raise ProfileError("a profile needs at least one model")
         defaults = tuple(sorted(dict(data.get("default_models", {})).items()))
+        rows = data.get("calibration", ())
+        if not isinstance(rows, (list, tuple)):
+            raise ProfileError(f"calibration must be a list of rows, got {rows!r}")
         profile = Profile(
             name=str(data.get("name", "unnamed")), models=models,
             default_models=defaults, hardware=str(data.get("hardware", "")),
             description=str(data.get("description", "")),
             notes=tuple(data.get("notes", ())),
-            calibration=tuple(tuple(c) for c in data.get("calibration", ())),
-            dispatch_ms=float(data.get("dispatch_ms", 0.0)),
+            calibration=tuple(_calibration_row(i, c) for i, c in enumerate(rows)),
+            dispatch_ms=_ms("", "dispatch_ms", data.get("dispatch_ms", 0.0), 0.0),
             dispatch_note=str(data.get("dispatch_note", "")))
-        if not (profile.dispatch_ms >= 0 and math.isfinite(profile.dispatch_ms)):
-            raise ProfileError(f"dispatch_ms must be a finite number >= 0, got {profile.dispatch_ms}")
         for task, model in defaults:
             if task not in TASKS or profile.model(model).task != task:
                 raise ProfileError(f"default model {model!r} does not serve {task!r}")
@@ -226,29 +230,73 @@ def _model_from_dict(name: str, d: Mapping[str, Any]) -> ModelProfile:
     task = d.get("task")
     if task not in (IMAGE, VIDEO):
         raise ProfileError(f"model {name!r}: task must be image or video, got {task!r}")
-    steps = tuple(_point(StepPoint, p, "step_ms", name) for p in d.get("steps", ()))
+    steps = tuple(_point(StepPoint, p, "step_ms", f"model {name!r}: steps[{i}]")
+                  for i, p in enumerate(d.get("steps", ())))
     if not any(p.batch_size == 1 for p in steps):
         raise ProfileError(f"model {name!r} needs at least one step point at batch_size 1")
-    decodes = tuple(_point(DecodePoint, p, "decode_ms", name) for p in d.get("decode", ()))
-    return ModelProfile(name=name, task=task, default_steps=int(d.get("default_steps", 0)),
-                        encode_ms=float(d.get("encode_ms", 0.0)), steps=steps,
-                        decodes=decodes, move_ms=float(d.get("move_ms", 2.0)),
+    decodes = tuple(_point(DecodePoint, p, "decode_ms", f"model {name!r}: decode[{i}]")
+                    for i, p in enumerate(d.get("decode", ())))
+    where = f"model {name!r}"
+    return ModelProfile(name=name, task=task,
+                        default_steps=_whole(where, "default_steps", d.get("default_steps"),
+                                             1, MAX_STEPS),
+                        encode_ms=_ms(where, "encode_ms", d.get("encode_ms", 0.0), 0.0),
+                        steps=steps, decodes=decodes,
+                        move_ms=_ms(where, "move_ms", d.get("move_ms", 2.0), 0.0),
                         note=str(d.get("note", "")))
 
 
-def _point(cls, p: Mapping[str, Any], value_key: str, model: str):
+def _point(cls, p: Mapping[str, Any], value_key: str, where: str):
     kind = p.get("kind", "measured")
     if kind not in POINT_KINDS:
-        raise ProfileError(f"model {model!r}: unknown point kind {kind!r}")
-    args = dict(width=int(p["width"]), height=int(p["height"]),
-                num_frames=int(p.get("num_frames", 1)), sp_degree=int(p.get("sp_degree", 1)))
+        raise ProfileError(f"{where}: unknown point kind {kind!r}")
+    args = {key: _whole(where, key, p[key] if default is None else p.get(key, default),
+                        1, 2 ** 32 - 1)
+            for key, default in (("width", None), ("height", None), ("num_frames", 1),
+                                 ("sp_degree", 1))}
     if cls is StepPoint:
-        args["batch_size"] = int(p.get("batch_size", 1))
-    value = float(p[value_key])
-    if value <= 0 or min(args.values()) < 1:
-        raise ProfileError(f"model {model!r}: bad point {dict(p)}")
-    args[value_key] = value
+        args["batch_size"] = _whole(where, "batch_size", p.get("batch_size", 1), 1, 2 ** 32 - 1)
+    args[value_key] = _ms(where, value_key, p[value_key])
     return cls(**args, kind=kind, note=str(p.get("note", "")))
+
+
+def _calibration_row(i: int, row: Any) -> tuple[Any, ...]:
+    """A saved calibration ratio, checked here: the latency model unpacks
+    rows only when it is built (for ``serve``, after the workers load)."""
+    where = f"calibration[{i}]"
+    if not isinstance(row, (list, tuple)) or len(row) != 8:
+        raise ProfileError(f"{where} must be [model, kind, width, height, frames, sp_degree, "
+                           f"batch_size, ratio], got {row!r}")
+    model, kind, *shape, ratio = row
+    if not isinstance(model, str) or kind not in CALIBRATION_KINDS:
+        raise ProfileError(f"{where}: needs a model name and a kind in "
+                           f"{', '.join(CALIBRATION_KINDS)}, got {model!r}, {kind!r}")
+    # an encode's key has zero sizes (see latency._encode_key)
+    shape = [_whole(where, key, value, 0, 2 ** 32 - 1) for key, value in zip(
+        ("width", "height", "frames", "sp_degree", "batch_size"), shape)]
+    return (model, kind, *shape, _ms(where, "ratio", ratio))
+
+
+def _ms(where: str, key: str, value: Any, low: float | None = None) -> float:
+    """``value`` as a finite float above 0 (at least ``low`` when given):
+    NaN and infinities slip past a plain ``value <= 0`` and then hang a
+    simulation or make an infinite SLO."""
+    number = float(value) if not isinstance(value, bool) else math.nan
+    if not math.isfinite(number) or (number < low if low is not None else number <= 0):
+        rule = f">= {low:g}" if low is not None else "> 0"
+        prefix = f"{where}: " if where else ""
+        raise ProfileError(f"{prefix}{key} must be a finite number {rule}, got {value!r}")
+    return number
+
+
+def _whole(where: str, key: str, value: Any, low: int, high: int) -> int:
+    """``value`` as an int in low..high: 512.0 is 512; 64.9, true and
+    Infinity are refused (int() truncates them or raises OverflowError)."""
+    whole = (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and value.is_integer())
+    if not (whole and low <= value <= high):
+        raise ProfileError(f"{where}: {key} must be a whole number in {low}..{high}, got {value!r}")
+    return int(value)
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
@@ -262,10 +310,14 @@ def load_profile(name_or_path: str | Path) -> Profile:
         if not path.is_file():
             raise ProfileError(f"no built-in profile or file named {str(name_or_path)!r} "
                                f"(built-in: {', '.join(BUILTIN_PROFILES)})")
-        text = path.read_text(encoding="utf-8")
     try:
+        if text is None:
+            text = path.read_text(encoding="utf-8-sig")
         return Profile.from_dict(json.loads(text))
-    except (ValueError, KeyError, TypeError, AttributeError) as err:  # not JSON, or not a profile
+    except ProfileError as err:  # already says what is wrong
+        raise ProfileError(f"profile {str(name_or_path)!r} is not a valid profile: {err}") from err
+    except (ValueError, KeyError, TypeError, AttributeError,
+            OverflowError, RecursionError) as err:  # not JSON (or too deep), or not a profile
         raise ProfileError(f"profile {str(name_or_path)!r} is not a valid profile: "
                            f"{type(err).__name__}: {err}") from err
 

@@ -154,3 +154,74 @@ def test_dispatch_overhead_from_profile_calibrated_and_saved(tmp_path, ref):
     data["dispatch_ms"] = -1
     with pytest.raises(ProfileError, match="dispatch_ms"):
         Profile.from_dict(data)
+
+
+def _set(path, value):
+    """A mutation of the reference profile's JSON: ``value`` at ``path``."""
+    def mutate(data):
+        *parents, last = path
+        for key in parents:
+            data = data[key]
+        data[last] = value
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, message", [
+    # NaN and infinities passed `value <= 0`; then a simulation never ended
+    (_set(("models", FLUX, "steps", 0, "step_ms"), math.nan),
+     f"model '{FLUX}': steps[0]: step_ms must be a finite number > 0, got nan"),
+    (_set(("models", FLUX, "steps", 0, "step_ms"), math.inf), "step_ms must be a finite number > 0, got inf"),
+    (_set(("models", WAN, "decode", 1, "decode_ms"), math.nan),
+     f"model '{WAN}': decode[1]: decode_ms must be a finite number > 0, got nan"),
+    (_set(("models", FLUX, "encode_ms"), math.nan), f"model '{FLUX}': encode_ms must be a finite number >= 0, got nan"),
+    (_set(("models", FLUX, "encode_ms"), -1.0), "encode_ms must be a finite number >= 0, got -1.0"),
+    (_set(("models", WAN, "move_ms"), -math.inf), f"model '{WAN}': move_ms must be a finite number >= 0, got -inf"),
+    (_set(("dispatch_ms",), math.nan), "dispatch_ms must be a finite number >= 0, got nan"),
+    # int() raised OverflowError on these, or truncated them
+    (_set(("models", FLUX, "steps", 0, "width"), math.inf),
+     f"model '{FLUX}': steps[0]: width must be a whole number in 1..4294967295, got inf"),
+    (_set(("models", FLUX, "steps", 0, "batch_size"), 1.5), "batch_size must be a whole number in 1..4294967295"),
+    (_set(("models", WAN, "decode", 0, "num_frames"), True), "num_frames must be a whole number in 1..4294967295"),
+    # a simulation failed a plan check (num_steps 1 not in 1..0)
+    (_set(("models", FLUX, "default_steps"), 0), f"model '{FLUX}': default_steps must be a whole number in 1..10000, got 0"),
+    (_set(("models", FLUX, "default_steps"), -5), "default_steps must be a whole number in 1..10000, got -5"),
+    (_set(("models", WAN, "default_steps"), 4_000_000_000), "default_steps must be a whole number in 1..10000"),
+    # calibration rows were only unpacked by LatencyModel (serve: after the workers load)
+    (_set(("calibration",), [["x"]]), "calibration[0] must be [model, kind, width, height, frames, sp_degree, "
+                                      "batch_size, ratio], got ['x']"),
+    (_set(("calibration",), 5), "calibration must be a list of rows, got 5"),
+    (_set(("calibration",), [[FLUX, "step", 512, 512, 1, 1, 1, 1.0], [FLUX, "steps", 512, 512, 1, 1, 1, 1.0]]),
+     "calibration[1]: needs a model name and a kind in step, decode, encode, got 'flux.1-dev', 'steps'"),
+    (_set(("calibration",), [[FLUX, "step", "512", 512, 1, 1, 1, 1.0]]),
+     "calibration[0]: width must be a whole number in 0..4294967295, got '512'"),
+    (_set(("calibration",), [[FLUX, "step", 512, 512, 1, 1, 1, math.nan]]),
+     "calibration[0]: ratio must be a finite number > 0, got nan"),
+])
+def test_profile_numbers_are_checked_when_loaded(ref, tmp_path, mutate, message):
+    """Every number of a profile is finite (and positive, or whole, where it
+    must be), refused with one error naming the model, the field and the value."""
+    data = ref.to_dict()
+    mutate(data)
+    with pytest.raises(ProfileError) as err:
+        Profile.from_dict(data)
+    assert message in str(err.value)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))  # NaN, Infinity: what json writes for them
+    with pytest.raises(ProfileError, match="bad.json' is not a valid profile: ") as err:
+        load_profile(path)
+    assert message in str(err.value)
+
+
+def test_profile_files_json_cannot_parse_are_one_error(ref, tmp_path):
+    """OverflowError and RecursionError from the parser were tracebacks; a
+    byte-order mark is allowed, and a saved calibration still loads."""
+    path = tmp_path / "p.json"
+    path.write_text("[" * 100_000)
+    with pytest.raises(ProfileError, match="is not a valid profile: RecursionError"):
+        load_profile(path)
+    data = ref.to_dict()
+    data["calibration"] = [[FLUX, "step", 512, 512, 1, 1, 1, 1.5], [FLUX, "encode", 0, 0, 0, 1, 1, 2.0]]
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode())
+    lm = LatencyModel(load_profile(path))
+    assert lm.step_ms(FLUX, 512, 512, 1, 1, 1) == pytest.approx(1.5 * LatencyModel(ref).step_ms(FLUX, 512, 512, 1, 1, 1))
+    assert lm.encode_ms(FLUX) == pytest.approx(2.0 * ref.model(FLUX).encode_ms)
