@@ -150,6 +150,19 @@ def test_simulate_refuses_a_trace_the_profile_cannot_serve(line, message, sweep,
     assert not (tmp_path / "out").exists()
 
 
+def test_simulate_refuses_a_workload_needing_a_task_the_profile_lacks(tmp_path, capsys):
+    """A profile with no video model loads; a workload with videos is one line."""
+    data = COST.profile.to_dict()
+    del data["models"]["wan2.1-t2v-1.3b"], data["default_models"]["video"]
+    profile = tmp_path / "images-only.json"
+    profile.write_text(json.dumps(data))
+    flags = ["simulate", "--profile", str(profile), "--policy", "fcfs", "--quiet", "--num-requests", "20"]
+    assert main(flags) == 2
+    assert capsys.readouterr().err == (
+        f"genserve simulate: profile {data['name']!r} has no model for task 'video'\n")
+    assert main([*flags, "--mix", "1", "--json"]) == 0
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--devices", "0"], "num_devices must be at least 1"),
     (["--max-sp-degree", "3"], "max_sp_degree must be a power of two"),
