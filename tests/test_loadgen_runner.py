@@ -149,7 +149,8 @@ def test_closed_loop_client_waits_out_a_refusals_retry_after(fake):
     items = [_item(0, width=80), _item(0), _item(0, width=80), _item(0)]
     recs = run_load(items, _opts(target, concurrency=1, id_prefix="backoff")).records
     assert [r.status for r in recs] == ["RESOURCE_EXHAUSTED", "OK", "RESOURCE_EXHAUSTED", "OK"]
-    assert recs[1].send_s - recs[0].finish_s >= 0.3 and recs[3].send_s - recs[2].finish_s >= 0.3
+    # the hint is 300 ms (an event loop's timer may fire a millisecond early)
+    assert recs[1].send_s - recs[0].finish_s >= 0.29 and recs[3].send_s - recs[2].finish_s >= 0.29
     assert recs[2].send_s - recs[1].finish_s < 0.3  # no wait after a request that was served
 
 
