@@ -114,10 +114,11 @@ class Server:
         self.metrics = Metrics(version=__version__, policy=config.engine.policy, device_kind=config.device)
         self.engine: Engine | None = None
         self.port = 0
-        self.draining = False  # set on SIGTERM: new calls get UNAVAILABLE
+        self.service: GenServeService | None = None  # made by serve()
         # reads certificates and tokens: fail before workers start
         self.security = load_security(config.security, refused=lambda status: self.metrics.request_finished(
-            "", "", status, None, None, None), draining=lambda: self.draining)
+            "", "", status, None, None, None),
+            draining=lambda: self.service is not None and self.service.draining)
         if config.port:  # (0: any free port)
             check_listen(config.host, config.port, "gRPC, --port")
         if config.metrics_port:
@@ -163,7 +164,7 @@ class Server:
         """Serve gRPC until SIGINT/SIGTERM, then drain and stop."""
         c, engine = self.config, self.engine
         validator = Validator(engine.cards, c.limits)
-        service = GenServeService(engine, validator)
+        self.service = service = GenServeService(engine, validator)
         try:
             server, self.port, health = await start_grpc(service, c.host, c.port, c.limits.max_message_bytes,
                                                          credentials=self.security.credentials,
@@ -198,7 +199,7 @@ class Server:
     async def _drain(self, service: GenServeService, health, grace_s: float, cut: asyncio.Event) -> None:
         """Health goes NOT_SERVING and new requests get UNAVAILABLE; requests
         already accepted get up to ``grace_s`` to finish, or until ``cut``."""
-        service.draining = self.draining = True
+        service.draining = True
         await health.enter_graceful_shutdown()
         log.info("draining: %d unfinished request(s), up to %.0f s (signal again to stop now)",
                  self.engine.num_unfinished, grace_s)
