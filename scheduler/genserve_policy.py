@@ -19,9 +19,11 @@ At every decision point:
    first would keep the block from ever being whole); leftover devices speed
    up urgent runs and then serve non-target work.
 
-Starvation guard: a committed video paused ``max_preemptions`` times is not
-paused again, and a request waiting ``starvation_factor`` × its SLO is forced
-in (on a bounded share of the devices).
+Starvation guard: a committed video paused ``max_preemptions`` times, and a
+request waiting ``starvation_factor`` × its SLO (on a bounded share of the
+devices), is forced: it outweighs everything else in the search, so it is not
+paused for other work, though it may wait for a block of the degree it needs
+(docs/scheduler.md, item 6).
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ class GenServeOptions:
     elastic_sp: bool = True  # per-step SP degree (images and videos)
     batching: bool = True  # dynamic image batching
     admission_control: bool = False  # refuse infeasible requests up front
-    max_preemptions: int = 4  # per video; then it is never paused again
+    max_preemptions: int = 4  # per committed video; then it is forced (not paused for others)
     starvation_factor: float = 4.0  # force in after waiting this many SLOs
     starvation_share: float = 0.25  # ...on at most this share of the devices
     fixed_sp_degree: int = 4  # video degree when elastic_sp is off
