@@ -274,18 +274,26 @@ def _calibration_row(i: int, row: Any) -> tuple[Any, ...]:
     # an encode's key has zero sizes (see latency._encode_key)
     shape = [_whole(where, key, value, 0, 2 ** 32 - 1) for key, value in zip(
         ("width", "height", "frames", "sp_degree", "batch_size"), shape)]
-    return (model, kind, *shape, _ms(where, "ratio", ratio))
+    return (model, kind, *shape, _ms(where, "ratio", ratio, high=None))  # clamped when used
 
 
-def _ms(where: str, key: str, value: Any, low: float | None = None) -> float:
-    """``value`` as a finite float above 0 (at least ``low`` when given):
-    NaN and infinities slip past a plain ``value <= 0`` and then hang a
-    simulation or make an infinite SLO."""
+# No time in a profile is longer than this (a day is 8.64e7 ms): 1e300 ms passed
+# as finite and a simulation reported latencies of 10^298 seconds.
+MAX_MS = 1e8
+
+
+def _ms(where: str, key: str, value: Any, low: float | None = None,
+        high: float | None = MAX_MS) -> float:
+    """``value`` as a finite float above 0 (at least ``low`` when given) and
+    at most ``high``: NaN and infinities slip past a plain ``value <= 0`` and
+    then hang a simulation or make an infinite SLO."""
     number = float(value) if not isinstance(value, bool) else math.nan
+    prefix = f"{where}: " if where else ""
     if not math.isfinite(number) or (number < low if low is not None else number <= 0):
         rule = f">= {low:g}" if low is not None else "> 0"
-        prefix = f"{where}: " if where else ""
         raise ProfileError(f"{prefix}{key} must be a finite number {rule}, got {value!r}")
+    if high is not None and number > high:
+        raise ProfileError(f"{prefix}{key} must be at most {high:g} ms, got {value!r}")
     return number
 
 

@@ -177,6 +177,10 @@ def _set(path, value):
     (_set(("models", FLUX, "encode_ms"), -1.0), "encode_ms must be a finite number >= 0, got -1.0"),
     (_set(("models", WAN, "move_ms"), -math.inf), f"model '{WAN}': move_ms must be a finite number >= 0, got -inf"),
     (_set(("dispatch_ms",), math.nan), "dispatch_ms must be a finite number >= 0, got nan"),
+    # finite, but a simulation then reported latencies of 10^298 seconds
+    (_set(("models", FLUX, "steps", 0, "step_ms"), 1e300),
+     f"model '{FLUX}': steps[0]: step_ms must be at most 1e+08 ms, got 1e+300"),
+    (_set(("models", WAN, "encode_ms"), 2e8), f"model '{WAN}': encode_ms must be at most 1e+08 ms, got 200000000.0"),
     # int() raised OverflowError on these, or truncated them
     (_set(("models", FLUX, "steps", 0, "width"), math.inf),
      f"model '{FLUX}': steps[0]: width must be a whole number in 1..4294967295, got inf"),
