@@ -154,6 +154,8 @@ class Profile:
         version = data.get("schema_version", SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
             raise ProfileError(f"unsupported profile schema_version {version}")
+        if "models" not in data:
+            raise ProfileError("missing field 'models'")
         models = tuple(_model_from_dict(name, m) for name, m in data["models"].items())
         if not models:
             raise ProfileError("a profile needs at least one model")
@@ -250,6 +252,9 @@ def _point(cls, p: Mapping[str, Any], value_key: str, where: str):
     kind = p.get("kind", "measured")
     if kind not in POINT_KINDS:
         raise ProfileError(f"{where}: unknown point kind {kind!r}")
+    missing = [key for key in ("width", "height", value_key) if key not in p]
+    if missing:
+        raise ProfileError(f"{where}: missing field {missing[0]!r}")
     args = {key: _whole(where, key, p[key] if default is None else p.get(key, default),
                         1, 2 ** 32 - 1)
             for key, default in (("width", None), ("height", None), ("num_frames", 1),

@@ -177,6 +177,12 @@ def _set(path, value):
     (_set(("models", FLUX, "encode_ms"), -1.0), "encode_ms must be a finite number >= 0, got -1.0"),
     (_set(("models", WAN, "move_ms"), -math.inf), f"model '{WAN}': move_ms must be a finite number >= 0, got -inf"),
     (_set(("dispatch_ms",), math.nan), "dispatch_ms must be a finite number >= 0, got nan"),
+    # a missing field was "KeyError: 'height'"
+    (lambda data: data.pop("models"), "missing field 'models'"),
+    (lambda data: data["models"][FLUX]["steps"][0].pop("height"),
+     f"model '{FLUX}': steps[0]: missing field 'height'"),
+    (lambda data: data["models"][WAN]["decode"][0].pop("decode_ms"),
+     f"model '{WAN}': decode[0]: missing field 'decode_ms'"),
     # finite, but a simulation then reported latencies of 10^298 seconds
     (_set(("models", FLUX, "steps", 0, "step_ms"), 1e300),
      f"model '{FLUX}': steps[0]: step_ms must be at most 1e+08 ms, got 1e+300"),
