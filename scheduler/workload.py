@@ -204,6 +204,8 @@ def _number(d: dict, key: str, default: float | None) -> float:
         number = float(value)
     except OverflowError:  # an int beyond any float
         number = math.inf
+    except (TypeError, ValueError):
+        raise ValueError(f"trace line: {key} must be a number, got {value!r}") from None
     if not math.isfinite(number):
         raise ValueError(f"trace line: {key} must be a finite number, got {value!r}")
     return number
@@ -216,10 +218,15 @@ def _whole(d: dict, key: str, default: int | None) -> int:
     value = _value(d, key, default)
     if isinstance(value, float) and not value.is_integer():
         raise ValueError(f"trace line: {key} must be a finite whole number, got {value!r}")
-    return int(value)
+    try:
+        return int(value)
+    except (TypeError, ValueError):  # "a", [], {}: int()'s own message names neither
+        raise ValueError(f"trace line: {key} must be a whole number, got {value!r}") from None
 
 
 def _value(d: dict, key: str, default):
+    if default is None and key not in d:
+        raise ValueError(f"trace line: missing field {key!r}")
     value = d[key] if default is None else d.get(key)
     if isinstance(value, bool):  # float(true) is 1.0: a typo, not a number
         raise ValueError(f"trace line: {key} must be a number, got {str(value).lower()}")

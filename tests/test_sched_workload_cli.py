@@ -64,8 +64,13 @@ def test_trace_numbers_are_whole_and_bounded_and_a_bom_is_allowed(tmp_path):
                                 ("height", True, "height must be a number, got true"),
                                 ("arrival_s", True, "arrival_s must be a number, got true"),
                                 ("slo_ms", 10**400, "slo_ms must be a finite number"),
-                                ("num_inference_steps", 10_001, "num_inference_steps must be at most 10000")):
-        path.write_text(json.dumps({**line, key: value}) + "\n")
+                                ("num_inference_steps", 10_001, "num_inference_steps must be at most 10000"),
+                                # int()'s and a KeyError's own messages named neither field nor line
+                                ("width", "a", "width must be a whole number, got 'a'"),
+                                ("arrival_s", None, "arrival_s must be a number, got None"),
+                                ("height", ..., "missing field 'height'")):
+        bad = {k: v for k, v in {**line, key: value}.items() if v is not ...}
+        path.write_text(json.dumps(bad) + "\n")
         with pytest.raises(ValueError, match=f"t.jsonl:1: trace line: {message}"):
             read_trace(path)
     path.write_bytes(b"\xff\n")
