@@ -27,10 +27,7 @@ from genserve.worker_loss import WorkerLoss
 from genserve.workers.executor import Executor
 
 SLO_MS_MAX = 2**32 - 1  # the API's slo_ms is unsigned 32-bit
-# A dispatch this far past its predicted end (and at least OVERDUE_MIN_S) is
-# logged: a hung worker (or a peer of its SP group) shows no other sign.
-OVERDUE_FACTOR, OVERDUE_MIN_S = 10.0, 60.0
-WATCHDOG_S = 5.0  # how often the engine looks while dispatches run
+WATCHDOG_S = 5.0  # how often the engine looks for hung dispatches while they run
 
 log = logging.getLogger("genserve.engine")
 
@@ -172,16 +169,6 @@ class Engine(WorkerLoss):
                                    running=sum(t.running for t in ts),
                                    paused=sum(t.started_s is not None and not t.running for t in ts))
         self.metrics.set_workers(up=self.executor.num_devices - len(self.down), down=len(self.down))
-
-    def _log_overdue(self, now: float) -> None:
-        for dispatch_id, fl in self.inflight.items():
-            predicted_s = max(fl.busy_until(d, 0.0) for d in fl.dispatch.device_ids) - fl.sent_s
-            late_s = now - fl.sent_s - predicted_s
-            if not fl.overdue_logged and late_s > max(OVERDUE_MIN_S, OVERDUE_FACTOR * predicted_s):
-                fl.overdue_logged = True
-                log.warning("dispatch %d of %s on device(s) %s is %.0f s past its predicted %.1f s: "
-                            "a worker there may be hung", dispatch_id, ", ".join(fl.dispatch.req_ids),
-                            list(fl.dispatch.device_ids), late_s, predicted_s)
 
     def _wait_timeout(self) -> float | None:
         # Results, arrivals and worker deaths all wake the wait; poll only when

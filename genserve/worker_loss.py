@@ -20,6 +20,10 @@ from genserve.workers.executor import WorkerDied
 
 log = logging.getLogger("genserve.engine")
 
+# A dispatch this far past its predicted end (and at least OVERDUE_MIN_S) is
+# logged: a hung worker (or a peer of its SP group) shows no other sign.
+OVERDUE_FACTOR, OVERDUE_MIN_S = 10.0, 60.0
+
 
 class WorkerLoss:
     """The engine's handling of a worker's death, kept apart from its main
@@ -27,6 +31,16 @@ class WorkerLoss:
     ``busy``, ``tracked``, ``down``, ``executor``, ``metrics``, ``recovery``,
     ``restarts``, ``on_workers_down``) and calls its ``_finish``, ``_current`` and
     ``_set_sp_degree``."""
+
+    def _log_overdue(self, now: float) -> None:
+        for dispatch_id, fl in self.inflight.items():
+            predicted_s = max(fl.busy_until(d, 0.0) for d in fl.dispatch.device_ids) - fl.sent_s
+            late_s = now - fl.sent_s - predicted_s
+            if not fl.overdue_logged and late_s > max(OVERDUE_MIN_S, OVERDUE_FACTOR * predicted_s):
+                fl.overdue_logged = True
+                log.warning("dispatch %d of %s on device(s) %s is %.0f s past its predicted %.1f s: "
+                            "a worker there may be hung", dispatch_id, ", ".join(fl.dispatch.req_ids),
+                            list(fl.dispatch.device_ids), late_s, predicted_s)
 
     def _on_worker_lifecycle(self, device_id: int, msg) -> bool:
         """A worker died, came back, failed to come back or joined a new SP

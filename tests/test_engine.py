@@ -145,9 +145,10 @@ def _count(engine, status: str) -> float:
 def test_a_dispatch_far_past_its_prediction_is_logged(engine, monkeypatch, caplog):
     """A hung worker (a stopped SP peer) stalled its dispatch with no sign at all."""
     import genserve.engine as engine_module
+    import genserve.worker_loss as worker_loss
 
-    monkeypatch.setattr(engine_module, "OVERDUE_MIN_S", 0.3)
-    monkeypatch.setattr(engine_module, "OVERDUE_FACTOR", 1.0)
+    monkeypatch.setattr(worker_loss, "OVERDUE_MIN_S", 0.3)
+    monkeypatch.setattr(worker_loss, "OVERDUE_FACTOR", 1.0)
     monkeypatch.setattr(engine_module, "WATCHDOG_S", 0.05)
     for worker_models in _worker_models(engine):
         model = worker_models["sd3-tiny"]
