@@ -57,6 +57,10 @@ def add_serve(sub) -> None:
     p.add_argument("--chunk-ms", type=float, default=0.0,
                    help="step-level policies dispatch up to this many ms of steps per decision "
                         "(default 0: one step, the finest preemption granularity)")
+    p.add_argument("--hung-worker-s", type=float, default=300.0,
+                   help="kill and restart the workers of a dispatch this many seconds past its predicted end "
+                        "(and 10x its prediction): a hung worker; its requests go on as after a crash "
+                        "(0: never, only log a warning)")
     p.add_argument("--admission-control", action="store_true",
                    help="refuse requests that cannot meet their SLO (RESOURCE_EXHAUSTED)")
     p.add_argument("--max-queue", type=int, default=4096, help="waiting requests before RESOURCE_EXHAUSTED (default 4096)")
@@ -111,7 +115,8 @@ def cmd_serve(args) -> None:
         max_sp_degree=args.max_sp_degree, paused_budget_mb=args.paused_budget_mb, grace_s=args.grace_s,
         engine=EngineConfig(policy=args.policy, profile=args.profile,
                             default_slo_scale=args.default_slo_scale,
-                            admission_control=args.admission_control, chunk_ms=args.chunk_ms),
+                            admission_control=args.admission_control, chunk_ms=args.chunk_ms,
+                            hung_worker_s=args.hung_worker_s),
         limits=Limits(max_queue=args.max_queue, max_width=args.max_width, max_height=args.max_height,
                       max_frames=args.max_frames, max_steps=args.max_steps,
                       max_prompt_chars=args.max_prompt_chars, max_message_bytes=args.max_message_bytes),

@@ -80,6 +80,11 @@ class EngineConfig:
     admission_control: bool = False
     max_image_batch: int = 8
     chunk_ms: float = 0.0  # step-level policies: dispatch up to this much work per decision (0: one step)
+    # A dispatch this long past its predicted end (and OVERDUE_FACTOR x its
+    # prediction) has a hung worker: the workers it waits for are killed and
+    # restarted, as after a crash (0: never; the engine only warns). Long
+    # enough for a first step that compiles or warms up, or a slow CPU step.
+    hung_worker_s: float = 300.0
 
     def validate(self) -> None:
         from genserve.scheduler import POLICY_NAMES  # torch-free
@@ -92,6 +97,8 @@ class EngineConfig:
             raise ValueError("max_image_batch must be at least 1")
         if not 0 <= self.chunk_ms < math.inf:
             raise ValueError(f"--chunk-ms must be a number >= 0, not {self.chunk_ms}")
+        if not 0 <= self.hung_worker_s < math.inf:
+            raise ValueError(f"--hung-worker-s must be a number >= 0, not {self.hung_worker_s}")
 
 
 @dataclass(frozen=True, slots=True)

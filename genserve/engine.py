@@ -158,7 +158,7 @@ class Engine(WorkerLoss):
         for device_id in self.restarts.due():
             self.executor.respawn(device_id, standalone=True)  # its Ready arrives through wait()
         self.recovery.tick(self.down)  # after a crash, once every worker is back
-        self._log_overdue(self._woke_s)
+        self._watch_overdue(self._woke_s)
         if not replies and self.tracked:
             self._dirty = True  # a timed re-plan: a policy may wait for time to pass
 

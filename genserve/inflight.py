@@ -32,6 +32,7 @@ class InFlight:
     compute_ms: float = 0.0  # the leader's reported step times so far
     turnaround_ms: float = 0.0  # from the replies that freed its devices to the decision to send it
     overdue_logged: bool = False  # the watchdog has said it runs far past its prediction
+    killed: bool = False  # the watchdog killed the workers it waits for (they hung)
 
     @property
     def leader(self) -> int:

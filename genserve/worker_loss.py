@@ -1,4 +1,4 @@
-"""What the engine does when a worker process dies.
+"""What the engine does when a worker process dies, or hangs.
 
 Its in-flight dispatches end: one still waiting for a state move is taken back
 (its requests wait again where their state is); in one already sent, the dead
@@ -6,6 +6,12 @@ member is no longer awaited. A request whose only copy of its state died
 restarts from step 0, once; a second crash fails it (``UNAVAILABLE``). The
 worker is restarted (recovery.py: back-off when it keeps dying, and SP off
 until every worker has joined a new process group).
+
+A hung worker (a stuck device call, a stopped process) shows no sign but a
+dispatch that runs on and on, and in an SP group its peers wait with it in a
+collective. Far past its prediction the dispatch is logged; past
+``EngineConfig.hung_worker_s`` the workers it waits for are killed, and their
+deaths take the path above.
 """
 from __future__ import annotations
 
@@ -26,21 +32,42 @@ OVERDUE_FACTOR, OVERDUE_MIN_S = 10.0, 60.0
 
 
 class WorkerLoss:
-    """The engine's handling of a worker's death, kept apart from its main
-    flow. A mixin of ``Engine``: it works on the engine's state (``inflight``,
-    ``busy``, ``tracked``, ``down``, ``executor``, ``metrics``, ``recovery``,
-    ``restarts``, ``on_workers_down``) and calls its ``_finish``, ``_current`` and
-    ``_set_sp_degree``."""
+    """The engine's handling of a worker's death or hang, kept apart from its
+    main flow. A mixin of ``Engine``: it works on the engine's state (``config``,
+    ``inflight``, ``busy``, ``tracked``, ``down``, ``executor``, ``metrics``,
+    ``recovery``, ``restarts``, ``on_workers_down``) and calls its ``_finish``,
+    ``_current`` and ``_set_sp_degree``."""
 
-    def _log_overdue(self, now: float) -> None:
+    def _watch_overdue(self, now: float) -> None:
+        """Warn of a dispatch far past its predicted end; past ``hung_worker_s``
+        too, kill (once) every worker it waits for: a stopped one cannot be told
+        from SP peers blocked in a collective with it, which could not finish
+        the dispatch anyway."""
+        kill_s = self.config.hung_worker_s
         for dispatch_id, fl in self.inflight.items():
             predicted_s = max(fl.busy_until(d, 0.0) for d in fl.dispatch.device_ids) - fl.sent_s
             late_s = now - fl.sent_s - predicted_s
-            if not fl.overdue_logged and late_s > max(OVERDUE_MIN_S, OVERDUE_FACTOR * predicted_s):
+            if late_s <= OVERDUE_FACTOR * predicted_s:
+                continue
+            what = (f"dispatch {dispatch_id} of {', '.join(fl.dispatch.req_ids)} on device(s) "
+                    f"{list(fl.dispatch.device_ids)} is {late_s:.0f} s past its predicted {predicted_s:.1f} s")
+            if not fl.overdue_logged and late_s > OVERDUE_MIN_S:
                 fl.overdue_logged = True
-                log.warning("dispatch %d of %s on device(s) %s is %.0f s past its predicted %.1f s: "
-                            "a worker there may be hung", dispatch_id, ", ".join(fl.dispatch.req_ids),
-                            list(fl.dispatch.device_ids), late_s, predicted_s)
+                log.warning("%s: a worker there may be hung", what)
+            if 0 < kill_s < late_s and not fl.killed:
+                fl.killed = True
+                hung = self._awaited(fl)
+                log.error("%s, over --hung-worker-s %g: a worker there hangs; killing worker(s) %s to "
+                          "restart them (their requests go on as after a crash)", what, kill_s, hung)
+                self.executor.kill(hung)
+
+    def _awaited(self, fl: InFlight) -> list[int]:
+        """The workers ``fl`` waits for: those exporting a state it needs
+        while it waits to go out, else its members yet to report."""
+        exporting = [self.tracked.get(r) for r, data in fl.moving.items() if data is None]
+        if exporting:  # (the Export went to the lowest holder)
+            return sorted({min(t.holders) for t in exporting if t is not None and t.holders})
+        return sorted(fl.pending)
 
     def _on_worker_lifecycle(self, device_id: int, msg) -> bool:
         """A worker died, came back, failed to come back or joined a new SP

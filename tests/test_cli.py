@@ -26,6 +26,7 @@ def test_help_shows_defaults_once():
     assert "--max-sp-degree MAX_SP_DEGREE default: 8" in simulate  # there was no help at all
     assert "--out OUT output directory (default: loadgen-out)" in loadgen
     assert "address to listen on (default 127.0.0.1) " in serve  # already told: not twice
+    assert "only log a warning) (default: 300.0)" in serve
     assert "--admission-control (default" not in serve  # a switch has nothing to tell
 
 
@@ -71,6 +72,8 @@ def test_bad_flags_fail_before_anything_starts(tmp_path):
         (("serve", "--chunk-ms", "-1"), "--chunk-ms must be a number >= 0, not -1.0"),
         (("serve", "--chunk-ms", "nan"), "--chunk-ms must be a number >= 0, not nan"),
         (("serve", "--default-slo-scale", "inf"), "--default-slo-scale must be a positive number, not inf"),
+        (("serve", "--hung-worker-s", "-1"), "--hung-worker-s must be a number >= 0, not -1.0"),
+        (("serve", "--hung-worker-s", "inf"), "--hung-worker-s must be a number >= 0, not inf"),
         (("serve", "--max-queue", "0"), "--max-queue must be positive"),
         (("serve", "--port", "70000"), "--port and --metrics-port must be in 0..65535"),
         (("serve", "--max-width", "8"), "error: --max-width 8 leaves model 'sd3-tiny' no valid width"),

@@ -4,12 +4,15 @@ One interface, two backends. ``MultiprocessExecutor`` spawns one process per
 device (serving); ``InProcessExecutor`` runs the same worker loop in threads
 (unit tests, debugging). Both talk over local pipes, so the engine's code path
 is identical: ``send`` a message to a device, ``wait`` for replies, notice a
-dead worker, ``restart`` it.
+dead worker, ``kill`` a hung one, ``restart`` it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -149,6 +152,11 @@ class Executor:
             self.specs = {d: replace(s, dist=None) for d, s in self.specs.items()}
         self._start_one(device_id)
 
+    def kill(self, device_ids: list[int]) -> None:
+        """Kill these workers now (they hang): each death arrives through
+        ``wait``, as a crash's does."""
+        raise NotImplementedError
+
     # backend hooks
     def _start_one(self, device_id: int) -> None:
         raise NotImplementedError
@@ -196,6 +204,16 @@ class MultiprocessExecutor(Executor):
     def pid(self, device_id: int) -> int | None:
         return self.procs[device_id].pid
 
+    def kill(self, device_ids: list[int]) -> None:
+        # All stopped before any dies: a peer blocked in a collective with a
+        # dying worker would wake, and could report a failure of its own
+        # before the engine learns of the death it follows from.
+        alive = [self.procs[d].pid for d in device_ids if d in self.conns]
+        for sig in (signal.SIGSTOP, signal.SIGKILL):  # (a stopped process still dies of SIGKILL)
+            for pid in alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+
     def shutdown(self, timeout_s: float = 10.0) -> None:
         super().shutdown(timeout_s)
         deadline = time.monotonic() + timeout_s
@@ -239,6 +257,9 @@ class InProcessExecutor(Executor):
         thread = threading.Thread(target=run, name=f"genserve-worker-{device_id}", daemon=True)
         thread.start()
         self.conns[device_id], self.threads[device_id] = parent, thread
+
+    def kill(self, device_ids: list[int]) -> None:
+        log.error("worker(s) %s cannot be killed: they are threads of this process", device_ids)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         super().shutdown(timeout_s)

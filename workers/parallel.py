@@ -29,7 +29,8 @@ class DistSpec:
     backend: str  # gloo | nccl
     max_block: int  # largest SP degree (power of two, <= world_size)
     # the world group's timeout (its set-up and barriers); SP groups keep
-    # torch's default, and the engine logs a dispatch stuck far past its prediction
+    # torch's default, and the engine kills the workers of a dispatch stuck
+    # far past its prediction (EngineConfig.hung_worker_s) long before it
     timeout_s: float = 120.0
 
 

@@ -1,0 +1,85 @@
+"""The hung-worker watchdog's decisions over a fake executor: which dispatch
+gets its workers killed, which workers, and only once. (A live worker
+stopped with SIGSTOP is in test_step_execution.)"""
+from __future__ import annotations
+
+import logging
+
+from genserve.config import EngineConfig
+from genserve.engine import Engine
+from genserve.inflight import InFlight
+from genserve.metrics import Metrics
+from genserve.models.base import GenParams
+from genserve.scheduler import make_policy
+from genserve.scheduler.types import Dispatch
+from genserve.tracked import Tracked
+from genserve.types import Request
+
+
+class HangingExecutor:
+    """Eight devices whose workers never answer; records what is killed."""
+
+    num_devices, max_sp_degree, configured_sp_degree = 8, 2, 2
+
+    def __init__(self):
+        self.killed: list[list[int]] = []
+
+    def kill(self, device_ids) -> None:
+        self.killed.append(list(device_ids))
+
+    def wake(self) -> None:
+        pass
+
+
+def engine(hung_worker_s: float, *flights: InFlight) -> Engine:
+    eng = Engine(EngineConfig(hung_worker_s=hung_worker_s), HangingExecutor(),
+                 lambda spec: make_policy("fcfs", spec), None, Metrics(), {})
+    eng.inflight = dict(enumerate(flights, 1))
+    return eng
+
+
+def flight(req_id: str, block: tuple[int, ...], predicted_s: float, pending=None) -> InFlight:
+    """A one-step dispatch sent at time 0, predicted to take ``predicted_s``."""
+    return InFlight(Dispatch((req_id,), block, 1), "wan-tiny", 0.0, predicted_s * 1e3,
+                    set(block if pending is None else pending))
+
+
+def test_a_dispatch_past_the_bound_and_ten_times_its_prediction_has_its_workers_killed_once(caplog):
+    eng = engine(30.0, flight("sp", (0, 1), 1.0), flight("half", (2, 3), 1.0, {3}), flight("long", (4,), 5.0))
+    with caplog.at_level(logging.ERROR, logger="genserve.engine"):
+        eng._watch_overdue(30.9)  # 29.9 s late: under the bound
+        assert eng.executor.killed == []
+        eng._watch_overdue(31.5)
+        # an SP dispatch: every member (the stopped one cannot be told from its blocked peers);
+        # of a half-reported one, only the member yet to report; not the one predicted at 5 s
+        assert eng.executor.killed == [[0, 1], [3]]
+        eng._watch_overdue(55.9)  # 50.9 s late: over the bound but not 10x its 5 s
+        eng._watch_overdue(56.1)
+        eng._watch_overdue(600.0)  # each only once
+    assert eng.executor.killed == [[0, 1], [3], [4]]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 3 and errors[0] == (
+        "dispatch 1 of sp on device(s) [0, 1] is 30 s past its predicted 1.0 s, over --hung-worker-s 30: "
+        "a worker there hangs; killing worker(s) [0, 1] to restart them (their requests go on as after a crash)")
+
+
+def test_a_dispatch_waiting_for_a_state_move_kills_the_worker_exporting_it():
+    """Its own devices are idle, waiting: the hung one is the state's holder."""
+    params = GenParams("a boat", "", 64, 64, 9, 4, 5.0, 0)
+    t = Tracked(Request("v", "wan-tiny", "video", params, "raw", 8, 0, 0.0), 1000, [], holders={4, 5})
+    moving = flight("v", (0, 1), 1.0)
+    moving.moving["v"] = None  # its Export went to worker 4 and is unanswered
+    eng = engine(30.0, moving)
+    eng.tracked["v"] = t
+    eng._watch_overdue(60.0)
+    assert eng.executor.killed == [[4]]
+
+
+def test_a_bound_of_zero_never_kills_but_still_warns(caplog):
+    eng = engine(0.0, flight("sp", (0, 1), 1.0))
+    with caplog.at_level(logging.WARNING, logger="genserve.engine"):
+        for now in (100.0, 1e6):
+            eng._watch_overdue(now)
+    assert eng.executor.killed == []
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and warnings[0].endswith("past its predicted 1.0 s: a worker there may be hung")
