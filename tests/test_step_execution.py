@@ -7,6 +7,7 @@ exercises exactly the transition it names.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import queue
@@ -232,6 +233,80 @@ def test_worker_dies_while_state_moves_out_of_it_then_sp_comes_back():
         assert max_diff(frames(alone[-1]), frames(sp2[-1])) <= 2
     finally:
         stop_engine(eng)
+
+
+def test_hung_workers_are_killed_and_their_requests_go_on(engine, monkeypatch):
+    """A stopped worker (SIGSTOP) stalls its dispatch, and in an SP group its
+    peer waits in a collective with it: past ``hung_worker_s`` the workers the
+    dispatch waits for are killed, and their deaths take the crash path: each
+    restarts (counted), and the request starts again from step 0 (and
+    completes, identical to an uninterrupted run), or, lost a second time,
+    ends UNAVAILABLE. A single-device hang kills only its own worker."""
+    import genserve.engine as engine_module
+
+    monkeypatch.setattr(engine, "config", EngineConfig(hung_worker_s=2.0))
+    monkeypatch.setattr(engine_module, "WATCHDOG_S", 0.5)  # look as often as the short bound needs
+    before, stopped = restarts(engine), []
+
+    def stop(device_id: int) -> None:
+        stopped.append(engine.executor.pid(device_id))
+        os.kill(stopped[-1], signal.SIGSTOP)
+
+    def restarted() -> tuple[float, float]:
+        now = restarts(engine)
+        return now.get("0", 0) - before.get("0", 0), now.get("1", 0) - before.get("1", 0)
+
+    try:
+        v = video(steps=6, seed=31)
+        v_events = submit(engine, v, [((0, 1), 1)] * 6)
+        events_until(v_events, EventType.STEP)
+        stop(1)  # its peer, worker 0, waits in a collective
+        assert "restarting from step 0" in events_until(v_events, EventType.PREEMPTED)[-1].reason
+        engine.policy.scripts[v.req_id] = [((0,), 6)]  # SP is off until new workers join a new group
+        rest = drain(v_events, timeout_s=90)
+        assert [e.type for e in rest].count(EventType.COMPLETED) == 1 and rest[-1].type == EventType.COMPLETED
+        assert [e.step for e in rest if e.type == EventType.STEP] == [1, 2, 3, 4, 5, 6]
+        assert restarted() == (1, 1)
+        # the server goes on: a new request, the first one again, uninterrupted
+        alone = run_video(engine, [((1,), 6)], steps=6, seed=31)
+        assert frames(alone[-1]).tobytes() == frames(rest[-1]).tobytes()
+
+        w = video(steps=6, seed=32)
+        events = submit(engine, w, [((1,), 1)] * 6)
+        events_until(events, EventType.STEP)
+        survivor = engine.executor.pid(0)
+        stop(1)
+        assert "restarting from step 0" in events_until(events, EventType.PREEMPTED)[-1].reason
+        assert wait_until(lambda: restarted() == (1, 2), 10)  # (counted just after the event)
+        assert engine.executor.pid(0) == survivor
+        engine.policy.scripts[w.req_id] = [((0,), 1)] * 6
+        events_until(events, EventType.STEP)
+        stop(0)  # its second loss
+        last = drain(events, timeout_s=60)[-1]
+        assert last.type == EventType.FAILED and last.status == "UNAVAILABLE", last
+        assert "crashed (exit code -9) again" in last.reason
+        assert wait_until(lambda: restarted() == (2, 2), 10)
+        assert v.req_id not in engine.tracked and w.req_id not in engine.tracked
+        assert v_events.empty() and events.empty()  # nothing after their end (no late reply)
+        # left as found: both workers back, in a new process group
+        assert wait_until(lambda: engine.max_sp_degree == 2, 120), "sequence parallelism did not come back"
+    finally:
+        for pid in stopped:  # (killed, unless the test failed)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def restarts(eng: Engine) -> dict[str, float]:
+    """genserve_worker_restarts_total by device."""
+    return {s.labels["device"]: s.value for m in eng.metrics.registry.collect()
+            if m.name == "genserve_worker_restarts" for s in m.samples if s.name.endswith("_total")}
+
+
+def wait_until(cond, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return cond()
 
 
 def wait_for_move(eng: Engine, timeout_s: float = 30.0) -> bool:
