@@ -87,6 +87,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"genserve simulate: {e}", file=sys.stderr)
         return 2
+    for line in extrapolations(exp.profile, requests):
+        print(f"genserve simulate: warning: {line}", file=sys.stderr)
     if swept:
         return _run_sweep(args, exp, policies, spec, trace, *swept)
     results = run_policies(exp, policies, requests, args.jobs, _progress(args))
@@ -95,6 +97,27 @@ def run_simulate(args: argparse.Namespace) -> int:
     else:
         print(format_table(results))
     return 0
+
+
+# A workload size this many times past the profile's measured range (either
+# way) is worth a warning: the figures then rest on an extrapolated curve.
+EXTRAPOLATION_WARN = 4
+
+
+def extrapolations(profile, requests) -> list[str]:
+    """One line per model whose workload sizes (width × height × frames) lie
+    far outside the profile's step points (e.g. the default 512-1024 px
+    shapes against a profile measured on tiny CPU models)."""
+    out = []
+    for model in sorted({r.model for r in requests}):
+        lo, hi = profile.model(model).size_range()
+        sizes = [r.width * r.height * r.num_frames for r in requests if r.model == model]
+        if max(sizes) > EXTRAPOLATION_WARN * hi or min(sizes) * EXTRAPOLATION_WARN < lo:
+            out.append(f"profile {profile.name!r} measured {model} at {lo:,}..{hi:,} "
+                       f"pixels x frames; the workload asks {min(sizes):,}..{max(sizes):,}, "
+                       f"so its times are extrapolated (--image-shapes / --video-shapes "
+                       f"set the workload's)")
+    return out
 
 
 def _progress(args):

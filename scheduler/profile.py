@@ -74,6 +74,12 @@ class ModelProfile:
     move_ms: float = 2.0  # moving one request's state to other devices
     note: str = ""
 
+    def size_range(self) -> tuple[int, int]:
+        """Smallest and largest width × height × frames of its step points:
+        the latency model interpolates inside, extrapolates outside."""
+        sizes = [p.width * p.height * p.num_frames for p in self.steps]
+        return min(sizes), max(sizes)
+
 
 @dataclass(frozen=True, slots=True)
 class StepSample:

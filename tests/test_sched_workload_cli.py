@@ -7,6 +7,7 @@ import statistics
 import pytest
 
 from genserve.scheduler import LatencyModel
+from genserve.scheduler.profile import Profile, StepSample, save_profile
 from genserve.scheduler.cli import add_simulate_parser, main
 from genserve.scheduler.workload import (TraceRequest, WorkloadSpec, generate, parse_shapes,
                                          read_trace, resolve, write_trace)
@@ -196,3 +197,23 @@ def test_simulate_refuses_bad_input_with_one_line(flags, message, capsys):
     err = capsys.readouterr().err
     assert err.startswith("genserve simulate: ") and message in err
     assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_simulate_warns_when_the_workload_lies_far_outside_the_profile(tmp_path, capsys):
+    """A profile measured on tiny models, with the default 512-1024 px shapes:
+    the figures rest on an extrapolated curve, and stderr says so (stdout,
+    the JSON, stays one object). Inside the measured range: no warning."""
+    prof = Profile.from_measurements("tiny", [StepSample("m", "image", w, w, 1, 1, 1, ms)
+                                              for w, ms in ((64, 5.0), (128, 12.0))])
+    path = tmp_path / "tiny.json"
+    save_profile(prof, path)
+    flags = ["simulate", "--devices", "2", "--profile", str(path), "--num-requests", "10",
+             "--policy", "fcfs", "--mix", "1", "--quiet", "--json"]
+    assert main(flags) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["policies"]["fcfs"]["submitted"] == 10
+    assert captured.err == ("genserve simulate: warning: profile 'tiny' measured m at 4,096..16,384 "
+                            "pixels x frames; the workload asks 262,144..1,048,576, so its times are "
+                            "extrapolated (--image-shapes / --video-shapes set the workload's)\n")
+    assert main(flags + ["--image-shapes", "64x64,96x96,256x256"]) == 0
+    assert capsys.readouterr().err == ""
