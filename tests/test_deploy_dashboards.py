@@ -237,3 +237,41 @@ def test_promtool_parses_every_expr(tmp_path):
     out = subprocess.run([PROMTOOL, "check", "rules", str(path)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# -- alerting rules ----------------------------------------------------------------
+ALERTS = DEPLOY / "prometheus" / "genserve-alerts.yml"
+
+
+def alert_rules():
+    return [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+
+
+@pytest.mark.parametrize("rule", alert_rules(), ids=lambda r: r["alert"])
+def test_alert_names_exported_series(rule):
+    """Each alert selects only series the server exports (or Prometheus's
+    own ``up``) and labels they carry; it has a severity and a summary."""
+    names = metric_names(rule["expr"])
+    assert names and names - {"up"} <= series_names(), names - series_names()
+    for name, used in matcher_labels(rule["expr"]).items():
+        fam = family_of(name)
+        allowed = TARGET_LABELS | (set(fam.labels) if fam else set()) | (
+            {"le"} if name.endswith("_bucket") else set())
+        assert used <= allowed, f"{rule['alert']}: {name} has no label {used - allowed}"
+    assert rule["labels"]["severity"] in {"critical", "warning", "info"}
+    assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+
+
+def test_alerts_ship_to_kubernetes_unchanged():
+    """The PrometheusRule carries exactly the rules file's groups."""
+    doc = yaml.safe_load((DEPLOY / "k8s" / "prometheusrule.yaml").read_text())
+    assert doc["spec"] == yaml.safe_load(ALERTS.read_text())
+
+
+@needs_promtool
+def test_promtool_alert_unit_tests():
+    """promtool's rule unit tests: each alert fires on a server in trouble,
+    after its ``for:``, and not on a healthy one."""
+    out = subprocess.run([PROMTOOL, "test", "rules", "genserve-alerts.test.yml"],
+                         cwd=ALERTS.parent, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr

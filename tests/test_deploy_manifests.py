@@ -117,6 +117,26 @@ SERVICE_MONITOR_SCHEMA = {
         },
     },
 }
+PROMETHEUS_RULE_SCHEMA = {  # the parts of monitoring.coreos.com/v1 PrometheusRule used here
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {"type": "object", "required": ["groups"], "additionalProperties": False, "properties": {
+            "groups": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["name", "rules"], "additionalProperties": False,
+                "properties": {"name": {"type": "string"}, "rules": {"type": "array", "items": {
+                    "type": "object", "required": ["alert", "expr"], "additionalProperties": False,
+                    "properties": {
+                        "alert": {"type": "string"}, "expr": {"type": "string"},
+                        "for": {"type": "string", "pattern": r"^\d+(ms|s|m|h)$"},
+                        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "annotations": {"type": "object",
+                                        "additionalProperties": {"type": "string"}}}}}}}}}},
+    },
+}
 KUSTOMIZATION_SCHEMA = {
     "type": "object",
     "required": ["apiVersion", "kind", "resources"],
@@ -158,9 +178,11 @@ def test_custom_kinds_schema():
     jsonschema = pytest.importorskip("jsonschema")
     for doc in by_kind("ServiceMonitor"):
         jsonschema.validate(doc, SERVICE_MONITOR_SCHEMA)
+    for doc in by_kind("PrometheusRule"):
+        jsonschema.validate(doc, PROMETHEUS_RULE_SCHEMA)
     jsonschema.validate(kustomization(), KUSTOMIZATION_SCHEMA)
     kinds = {d["kind"] for d in k8s_docs()}
-    assert kinds <= {"Namespace", "Deployment", "Service", "ServiceMonitor",
+    assert kinds <= {"Namespace", "Deployment", "Service", "ServiceMonitor", "PrometheusRule",
                      "PodDisruptionBudget", "PersistentVolumeClaim", "ConfigMap"}
 
 
