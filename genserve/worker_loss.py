@@ -50,7 +50,7 @@ class WorkerLoss:
             if late_s <= OVERDUE_FACTOR * predicted_s:
                 continue
             what = (f"dispatch {dispatch_id} of {', '.join(fl.dispatch.req_ids)} on device(s) "
-                    f"{list(fl.dispatch.device_ids)} is {late_s:.0f} s past its predicted {predicted_s:.1f} s")
+                    f"{list(fl.dispatch.device_ids)} is {late_s:.0f} s past its predicted {predicted_s:.3g} s")
             if not fl.overdue_logged and late_s > OVERDUE_MIN_S:
                 fl.overdue_logged = True
                 log.warning("%s: a worker there may be hung", what)

@@ -59,7 +59,7 @@ def test_a_dispatch_past_the_bound_and_ten_times_its_prediction_has_its_workers_
     assert eng.executor.killed == [[0, 1], [3], [4]]
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 3 and errors[0] == (
-        "dispatch 1 of sp on device(s) [0, 1] is 30 s past its predicted 1.0 s, over --hung-worker-s 30: "
+        "dispatch 1 of sp on device(s) [0, 1] is 30 s past its predicted 1 s, over --hung-worker-s 30: "
         "a worker there hangs; killing worker(s) [0, 1] to restart them (their requests go on as after a crash)")
 
 
@@ -82,4 +82,4 @@ def test_a_bound_of_zero_never_kills_but_still_warns(caplog):
             eng._watch_overdue(now)
     assert eng.executor.killed == []
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1 and warnings[0].endswith("past its predicted 1.0 s: a worker there may be hung")
+    assert len(warnings) == 1 and warnings[0].endswith("past its predicted 1 s: a worker there may be hung")
