@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection, wait
 
 from genserve.workers import protocol as P
 from genserve.workers.parallel import DistSpec, dist_spec
-from genserve.workers.worker import Worker, WorkerSpec, worker_main
+from genserve.workers.worker import StartFailed, Worker, WorkerSpec, boot, worker_main
 
 log = logging.getLogger("genserve.executor")
 
@@ -86,7 +86,11 @@ class Executor:
             conn = self.conns[device_id]
             if not conn.poll(max(0.0, deadline - time.monotonic())):
                 raise WorkerStartError(f"worker {device_id} did not become ready in {timeout_s:.0f} s")
-            msg = conn.recv()
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):  # it died before a word (killed, out of memory)
+                raise WorkerStartError(f"worker {device_id} exited before it was ready "
+                                       f"(exit code {self._exitcode(device_id)})") from None
             if not isinstance(msg, P.Ready):
                 raise WorkerStartError(getattr(msg, "message", f"worker {device_id} failed to start"))
             self.ready[device_id] = msg
@@ -244,15 +248,14 @@ class InProcessExecutor(Executor):
         spec = self.specs[device_id]
 
         def run():
-            t0 = time.perf_counter()
             try:
-                worker = Worker.start(spec)
-            except Exception as exc:
+                worker, ready = boot(spec)
+            except StartFailed as exc:
                 log.exception("in-process worker %d failed to start", device_id)
-                child.send(P.Failed("", "INTERNAL", f"worker {device_id} failed to load models: {exc}"))
+                child.send(P.Failed("", "INTERNAL", str(exc)))
                 return
             self.workers[device_id] = worker
-            worker.serve(child, load_s=time.perf_counter() - t0)
+            worker.serve(child, ready)
 
         thread = threading.Thread(target=run, name=f"genserve-worker-{device_id}", daemon=True)
         thread.start()

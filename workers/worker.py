@@ -84,8 +84,15 @@ class Worker:
     def warm_up(self) -> tuple[P.Warmup, ...]:
         """Run a short request per model twice: the first pays one-time costs
         (lazy imports, allocator, kernels) before real traffic; the second is
-        measured for the latency model when no profile is given."""
-        return tuple([self._warm_once(m) for _ in range(2)][-1] for m in self.models.values())
+        measured for the latency model when no profile is given. WarmUpError,
+        naming the model, when one fails (a bad shape, an OOM)."""
+        out = []
+        for model in self.models.values():
+            try:
+                out.append([self._warm_once(model) for _ in range(2)][-1])
+            except Exception as exc:
+                raise WarmUpError(f"model {model.name}: {exc}") from exc
+        return tuple(out)
 
     @staticmethod
     def _warm_once(model) -> P.Warmup:
@@ -104,11 +111,16 @@ class Worker:
         return P.Warmup(model.name, params.width, params.height, params.num_frames,
                         (t1 - t0) * 1e3, min(t2 - t1, t3 - t2) * 1e3, (t4 - t3) * 1e3)
 
-    # ---- the loop -------------------------------------------------------
-    def serve(self, conn, load_s: float = 0.0) -> None:
-        conn = _LockedConn(conn)  # a Rejoin replies from its own thread
+    def ready(self, load_s: float) -> P.Ready:
+        """Warm up, then the message that says this worker may take steps."""
         cards = tuple(P.ModelCard(m.name, m.task, m.limits) for m in self.models.values())
-        conn.send(P.Ready(self.spec.device_id, cards, load_s, self.warm_up()))
+        return P.Ready(self.spec.device_id, cards, load_s, self.warm_up())
+
+    # ---- the loop -------------------------------------------------------
+    def serve(self, conn, ready: P.Ready) -> None:
+        """Send ``ready``, then answer the engine until Shutdown or its pipe closes."""
+        conn = _LockedConn(conn)  # a Rejoin replies from its own thread
+        conn.send(ready)
         while True:
             try:
                 msg = conn.recv()
@@ -347,14 +359,37 @@ def _tensors(obj):
             yield from _tensors(getattr(obj, name, None))
 
 
-def worker_main(spec: WorkerSpec, conn) -> None:
-    """Entry point of a spawned worker process."""
-    logging.basicConfig(level=spec.log_level, format=f"%(asctime)s worker{spec.device_id} %(levelname)s %(message)s")
+class WarmUpError(RuntimeError):
+    """A model loaded but its warm-up request failed."""
+
+
+class StartFailed(RuntimeError):
+    """A worker could not load its models or warm them up; the message names
+    the worker (and the model, for a warm-up)."""
+
+
+def boot(spec: WorkerSpec) -> tuple[Worker, P.Ready]:
+    """Load the models and warm them up: the worker and its Ready message.
+    Every failure is a StartFailed, so the caller sends one message and the
+    engine reports one line."""
     t0 = time.perf_counter()
     try:
         worker = Worker.start(spec)
-    except Exception as exc:  # the engine logs the message; the traceback with --verbose
+    except Exception as exc:
+        raise StartFailed(f"worker {spec.device_id} failed to load models: {exc}") from exc
+    try:
+        return worker, worker.ready(load_s=time.perf_counter() - t0)
+    except WarmUpError as exc:
+        raise StartFailed(f"worker {spec.device_id} failed to warm up {exc}") from exc
+
+
+def worker_main(spec: WorkerSpec, conn) -> None:
+    """Entry point of a spawned worker process."""
+    logging.basicConfig(level=spec.log_level, format=f"%(asctime)s worker{spec.device_id} %(levelname)s %(message)s")
+    try:
+        worker, ready = boot(spec)
+    except StartFailed as exc:  # the engine logs the message; the traceback with --verbose
         log.debug("failed to start", exc_info=True)
-        conn.send(P.Failed("", "INTERNAL", f"worker {spec.device_id} failed to load models: {exc}"))
+        conn.send(P.Failed("", "INTERNAL", str(exc)))
         raise SystemExit(1) from None
-    worker.serve(conn, load_s=time.perf_counter() - t0)
+    worker.serve(conn, ready)
