@@ -128,7 +128,7 @@ class Server:
         c = self.config
         specs = make_worker_specs(c.device, c.num_workers, c.models, c.dtype, threads_per_worker(c),
                                   c.max_sp_degree, c.paused_budget_mb, c.attention,
-                                  logging.getLogger().getEffectiveLevel())
+                                  logging.getLogger().getEffectiveLevel(), c.limits)
         executor = (InProcessExecutor if c.in_process else MultiprocessExecutor)(specs)
         t0 = time.perf_counter()
         log.info("starting %d %s worker(s) with models %s", len(specs), c.device, ", ".join(c.models))

@@ -1,5 +1,6 @@
-"""A worker's start: load the models, warm them up, and end any failure in
-one start error that names the worker (and the model), never in a traceback."""
+"""A worker's start: load the models, warm them up at a shape requests can
+have, and end any failure in one start error that names the worker (and the
+model), never in a traceback."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,47 @@ import os
 
 import pytest
 
+from genserve.config import Limits
+from genserve.models.base import VIDEO, ModelLimits
 from genserve.workers.executor import Executor, MultiprocessExecutor, WorkerStartError, make_worker_specs
+from genserve.workers.worker import Worker, WorkerSpec
+
+
+class ShapeRecorder:
+    """A model that records the shape of every request it is given."""
+
+    name, task = "v", VIDEO
+    limits = ModelLimits(256, 256, 256, 256, 50, 50, default_frames=33, max_frames=33, frame_multiple=4)
+
+    def __init__(self):
+        self.shapes: list[tuple[int, int, int]] = []
+
+    def encode_prompt(self, params):
+        self.shapes.append((params.width, params.height, params.num_frames))
+
+    def prepare(self, params, cond):
+        return params
+
+    def denoise_step(self, states):
+        pass
+
+    def decode(self, state):
+        pass
+
+
+def test_the_warm_up_keeps_to_the_servers_caps():
+    model = ShapeRecorder()
+    caps = Limits(max_width=64, max_height=48, max_frames=9)
+    (warm,) = Worker(WorkerSpec(0, "cpu", (), caps=caps), models={"v": model}).warm_up()
+    assert model.shapes == [(64, 48, 9)] * 2
+    assert (warm.width, warm.height, warm.num_frames) == (64, 48, 9)  # what the latency model learns
+    assert make_worker_specs("cpu", 2, (), caps=caps)[1].caps == caps
+
+
+def test_without_caps_the_warm_up_uses_the_models_defaults():
+    model = ShapeRecorder()
+    Worker(WorkerSpec(0, "cpu", ()), models={"v": model}).warm_up()
+    assert model.shapes == [(256, 256, 33)] * 2
 
 
 def test_a_model_that_fails_its_warm_up_is_one_error_naming_it(tmp_path):

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 
+from genserve.config import Limits
 from genserve.workers import protocol as P
 from genserve.workers.parallel import DistSpec, dist_spec
 from genserve.workers.worker import StartFailed, Worker, WorkerSpec, boot, worker_main
@@ -275,10 +276,11 @@ class InProcessExecutor(Executor):
 def make_worker_specs(device: str, num_workers: int, model_specs: tuple[str, ...],
                       dtype: str = "float32", num_threads: int = 0, max_sp_degree: int = 8,
                       paused_budget_mb: float = 0.0, attention: str = "sdpa",
-                      log_level: int = logging.INFO) -> list[WorkerSpec]:
+                      log_level: int = logging.INFO, caps: Limits = Limits()) -> list[WorkerSpec]:
     """One WorkerSpec per device: ``cpu`` × num_workers, or every visible GPU
     (``num_workers`` > 0 caps the count). With several devices and
-    max_sp_degree > 1 the workers join one world for sequence parallelism."""
+    max_sp_degree > 1 the workers join one world for sequence parallelism.
+    ``caps``: the server's size caps, which the warm-up keeps to."""
     if device == "cuda":
         import torch
 
@@ -290,4 +292,4 @@ def make_worker_specs(device: str, num_workers: int, model_specs: tuple[str, ...
         devices = ["cpu"] * max(1, num_workers)
     dist = dist_spec(len(devices), devices[0], max_sp_degree)
     return [WorkerSpec(i, d, model_specs, dtype, num_threads, dist, paused_budget_mb, attention,
-                       log_level) for i, d in enumerate(devices)]
+                       log_level, caps) for i, d in enumerate(devices)]

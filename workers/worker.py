@@ -19,7 +19,8 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from genserve.models.base import GenParams, RequestState
+from genserve.config import Limits
+from genserve.models.base import GenParams, ModelLimits, RequestState
 from genserve.workers import protocol as P
 from genserve.workers.parallel import DistSpec, Groups, state_from_bytes, state_to_bytes
 
@@ -39,6 +40,7 @@ class WorkerSpec:
     paused_budget_mb: float = 0.0  # device memory for paused states; 0: no limit (CPU)
     attention: str = "sdpa"  # attention kernel: sdpa | xformers (CUDA only)
     log_level: int = logging.INFO  # the server's (DEBUG with --verbose)
+    caps: Limits = Limits()  # the operator's --max-* caps: the warm-up stays within them
 
 
 @dataclass(slots=True)
@@ -84,19 +86,21 @@ class Worker:
     def warm_up(self) -> tuple[P.Warmup, ...]:
         """Run a short request per model twice: the first pays one-time costs
         (lazy imports, allocator, kernels) before real traffic; the second is
-        measured for the latency model when no profile is given. WarmUpError,
-        naming the model, when one fails (a bad shape, an OOM)."""
+        measured for the latency model when no profile is given. Each runs
+        at its served default shape (``Limits.effective``: the model's own,
+        lowered by the caps), a shape requests can have. WarmUpError, naming
+        the model, when one fails (a bad shape, an OOM)."""
         out = []
         for model in self.models.values():
             try:
-                out.append([self._warm_once(model) for _ in range(2)][-1])
+                limits = self.spec.caps.effective(model.name, model.limits)
+                out.append([self._warm_once(model, limits) for _ in range(2)][-1])
             except Exception as exc:
                 raise WarmUpError(f"model {model.name}: {exc}") from exc
         return tuple(out)
 
     @staticmethod
-    def _warm_once(model) -> P.Warmup:
-        lim = model.limits
+    def _warm_once(model, lim: ModelLimits) -> P.Warmup:
         params = GenParams("warm-up", "", lim.default_width, lim.default_height,
                            lim.default_frames, 2, lim.default_guidance_scale, 0)
         t0 = time.perf_counter()
