@@ -387,9 +387,22 @@ def boot(spec: WorkerSpec) -> tuple[Worker, P.Ready]:
         raise StartFailed(f"worker {spec.device_id} failed to warm up {exc}") from exc
 
 
+def _bars_lock_in_process() -> None:
+    """Give tqdm (the loading bars of diffusers and transformers) a thread
+    lock. Its default one holds a multiprocessing RLock: a named semaphore
+    registered with the server's resource tracker, which a worker killed
+    with SIGKILL (a crash, a hung worker) never unregisters, so the server
+    warns of "leaked semaphore objects" at exit. A spawned worker shares
+    its bars with no other process: a thread lock is all they need."""
+    import tqdm
+
+    tqdm.tqdm.set_lock(threading.RLock())
+
+
 def worker_main(spec: WorkerSpec, conn) -> None:
     """Entry point of a spawned worker process."""
     logging.basicConfig(level=spec.log_level, format=f"%(asctime)s worker{spec.device_id} %(levelname)s %(message)s")
+    _bars_lock_in_process()
     try:
         worker, ready = boot(spec)
     except StartFailed as exc:  # the engine logs the message; the traceback with --verbose
