@@ -9,6 +9,8 @@ here, never through a shared scheduler's ``_step_index``.
 """
 from __future__ import annotations
 
+import json
+import os
 import warnings
 
 import numpy as np
@@ -145,19 +147,34 @@ def load_sd3(path: str, name: str = "sd3", device="cpu", dtype=torch.float32,
 
     Text goes through the pipeline's own three encoders and ``encode_prompt``;
     the T5 length is ``max_sequence_length`` or min(256, tokenizer_3's maximum).
+    A checkpoint saved without T5 (``text_encoder_3: [null, null]``)
+    conditions on the two CLIP encoders alone, T5's part of the prompt
+    embeddings zeros, as the pipeline does.
     Limits: ``limits``, else the directory's saved limits, else from configs.
     """
     from diffusers import StableDiffusion3Pipeline
 
     with warnings.catch_warnings():  # torch_dtype: deprecated in new diffusers, all that old ones know
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, local_files_only=True, torch_dtype=dtype).to(device)
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, local_files_only=True, torch_dtype=dtype,
+                                                        **_dropped(path, ("text_encoder_3", "tokenizer_3")))
+        pipe = pipe.to(device)
     if max_sequence_length is None:
         tok3 = pipe.tokenizer_3
         max_sequence_length = min(256, tok3.model_max_length) if tok3 is not None else 256
     text = SD3PipelineTextEncoder(pipe, max_sequence_length)
     limits = limits or read_limits(path) or default_sd3_limits(pipe.transformer, pipe.vae)
     return SD3Adapter(name, pipe.transformer, pipe.vae, pipe.scheduler.config, text, limits)
+
+
+def _dropped(path: str, names: tuple[str, ...]) -> dict:
+    """Those of ``names`` that the checkpoint's model_index.json leaves out
+    (``[null, null]``: diffusers' layout for a pipeline saved without them),
+    as ``from_pretrained`` keywords: diffusers will not load such a pipeline
+    unless they are passed as None."""
+    with open(os.path.join(path, "model_index.json")) as f:
+        index = json.load(f)
+    return {name: None for name in names if not any(index.get(name) or ())}
 
 
 def save_sd3(adapter: SD3Adapter, path: str) -> None:

@@ -163,6 +163,35 @@ def test_save_and_load_directory_round_trip(model, tmp_path):
     assert np.abs(np.round(ref * 255).astype(int) - image.astype(int)).max() <= 1
 
 
+def test_a_checkpoint_saved_without_t5_loads_and_generates(model, tmp_path):
+    """diffusers' drop-T5 layout (``text_encoder_3: [null, null]``): the CLIP
+    encoders alone condition, as in the pipeline loaded the same way."""
+    import json
+    import shutil
+
+    from diffusers import StableDiffusion3Pipeline
+
+    full, no_t5 = tmp_path / "full", tmp_path / "no-t5"
+    save_sd3(model, str(full))
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(full), local_files_only=True,
+                                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(str(no_t5))
+    shutil.copy(full / "genserve_limits.json", no_t5)
+    index = json.loads((no_t5 / "model_index.json").read_text())
+    assert index["text_encoder_3"] == index["tokenizer_3"] == [None, None]
+    assert not (no_t5 / "text_encoder_3").exists()
+
+    loaded = build_model(f"clip-only={no_t5}")
+    p = params(steps=3)
+    image = loaded.decode(run(loaded, start(loaded, p)))
+    assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8
+    ref = pipe(prompt=p.prompt, negative_prompt=p.negative_prompt, height=64, width=64, num_inference_steps=3,
+               guidance_scale=p.guidance_scale, output_type="np",
+               generator=torch.Generator("cpu").manual_seed(p.seed)).images
+    assert np.abs(np.round(ref * 255).astype(int) - image.astype(int)).max() <= 1
+
+
 def test_load_sd3_defaults_limits_from_config(model, tmp_path):
     save_sd3(model, str(tmp_path))
     (tmp_path / "genserve_limits.json").unlink()
