@@ -157,6 +157,7 @@ class ServerConfig:
             raise ValueError("--num-workers must be at least 1 on cpu")
         if not self.models:
             raise ValueError("at least one model is needed")
+        self._check_names()
         if self.max_sp_degree not in (1, 2, 4, 8):
             raise ValueError("--max-sp-degree must be 1, 2, 4 or 8")
         if self.dtype not in ("float32", "float16", "bfloat16"):
@@ -169,6 +170,20 @@ class ServerConfig:
         self.limits.validate()
         self._check_caps()
         self.security.validate()
+
+    def _check_names(self) -> None:
+        """Each model needs its own name: a worker keeps one model per name,
+        so a second ``--model`` of the same name would replace the first
+        after both had loaded."""
+        from genserve.models.checkpoint import parse_spec  # torch-free
+
+        seen: dict[str, str] = {}
+        for spec in self.models:
+            name = parse_spec(spec)[0]
+            if name in seen:
+                raise ValueError(f"two models are named {name!r} (--model {seen[name]} and --model {spec}); "
+                                 "give each its own name")
+            seen[name] = spec
 
     def _check_caps(self) -> None:
         """Caps that leave a built-in preset no valid value are refused here,

@@ -12,6 +12,17 @@ from genserve.models.base import ModelLimits
 LIMITS_FILE = "genserve_limits.json"
 
 
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """``"sd3-tiny"`` -> ("sd3-tiny", None); ``"NAME=PATH"`` -> (NAME, PATH).
+    Torch-free: the server configuration checks the names with it."""
+    if "=" not in spec:
+        return spec, None
+    name, path = spec.split("=", 1)
+    if not name or not path:
+        raise ValueError(f"model spec {spec!r} is not NAME=PATH")
+    return name, path
+
+
 def pipeline_class(path: str) -> str:
     """``_class_name`` of the directory's model_index.json."""
     index = os.path.join(path, "model_index.json")

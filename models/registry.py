@@ -6,7 +6,7 @@ import threading
 import torch
 
 from genserve.models.base import ModelAdapter
-from genserve.models.checkpoint import pipeline_class
+from genserve.models.checkpoint import parse_spec, pipeline_class
 from genserve.models.presets import PRESETS
 
 # model_index.json ``_class_name`` -> family
@@ -14,16 +14,6 @@ FAMILIES = {"StableDiffusion3Pipeline": "sd3", "WanPipeline": "wan"}
 # diffusers' and transformers' lazy module attributes are not thread-safe on
 # first import: workers run as threads (tests) must not build concurrently.
 _BUILD_LOCK = threading.Lock()
-
-
-def parse_spec(spec: str) -> tuple[str, str | None]:
-    """``"sd3-tiny"`` -> ("sd3-tiny", None); ``"NAME=PATH"`` -> (NAME, PATH)."""
-    if "=" not in spec:
-        return spec, None
-    name, path = spec.split("=", 1)
-    if not name or not path:
-        raise ValueError(f"model spec {spec!r} is not NAME=PATH")
-    return name, path
 
 
 def build_model(name_or_spec: str, device="cpu", dtype=torch.float32) -> ModelAdapter:

@@ -78,6 +78,9 @@ def test_bad_flags_fail_before_anything_starts(tmp_path):
         (("serve", "--port", "70000"), "--port and --metrics-port must be in 0..65535"),
         (("serve", "--max-width", "8"), "error: --max-width 8 leaves model 'sd3-tiny' no valid width"),
         (("serve", "--model", "wan-tiny", "--max-height", "12"), "--max-height 12 leaves model 'wan-tiny'"),
+        (("serve", "--model", "x=/a", "--model", "x=/b"), "error: two models are named 'x' (--model x=/a and "
+                                                         "--model x=/b); give each its own name"),
+        (("serve", "--model", "sd3-tiny", "--model", "sd3-tiny=/b"), "two models are named 'sd3-tiny'"),
         (("generate", "a cat", "--target", "127.0.0.1:1", "--width", "-5"), "--width must be in 0..4294967295"),
         (("generate", "a cat", "--target", "127.0.0.1:1", "--steps", "4294967296"), "--steps must be in 0.."),
         (("profile", "--out", str(tmp_path / "p.json"), "--steps", "1"), "--steps must be at least 2"),
