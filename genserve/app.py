@@ -165,12 +165,15 @@ class Server:
         c, engine = self.config, self.engine
         validator = Validator(engine.cards, c.limits)
         self.service = service = GenServeService(engine, validator)
+        server = None
         try:
             server, self.port, health = await start_grpc(service, c.host, c.port, c.limits.max_message_bytes,
                                                          credentials=self.security.credentials,
                                                          interceptors=self.security.interceptors)
             metrics_http = self.metrics.start_http_server(c.metrics_port, c.host) if c.metrics_port else None
         except (RuntimeError, OSError) as err:  # taken since check_listen looked (grpc raises RuntimeError)
+            if server is not None:  # stopped on this loop: left to __del__, it tracebacks on a closed one
+                await server.stop(None)
             engine.stop()
             engine.executor.shutdown()
             raise ListenError(f"cannot listen on {c.host}:{c.port} or metrics port {c.metrics_port}: {err}") from None

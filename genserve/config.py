@@ -151,6 +151,8 @@ class ServerConfig:
     def validate(self) -> None:
         if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
             raise ValueError("--port and --metrics-port must be in 0..65535")
+        if self.port and self.port == self.metrics_port:
+            raise ValueError(f"--port and --metrics-port are both {self.port}; give /metrics a port of its own")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, not {self.device!r}")
         if self.device == "cpu" and self.num_workers < 1:

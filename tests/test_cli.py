@@ -76,6 +76,7 @@ def test_bad_flags_fail_before_anything_starts(tmp_path):
         (("serve", "--hung-worker-s", "inf"), "--hung-worker-s must be a number >= 0, not inf"),
         (("serve", "--max-queue", "0"), "--max-queue must be positive"),
         (("serve", "--port", "70000"), "--port and --metrics-port must be in 0..65535"),
+        (("serve", "--port", "50999", "--metrics-port", "50999"), "--port and --metrics-port are both 50999"),
         (("serve", "--max-width", "8"), "error: --max-width 8 leaves model 'sd3-tiny' no valid width"),
         (("serve", "--model", "wan-tiny", "--max-height", "12"), "--max-height 12 leaves model 'wan-tiny'"),
         (("serve", "--model", "x=/a", "--model", "x=/b"), "error: two models are named 'x' (--model x=/a and "
@@ -106,6 +107,36 @@ def test_a_port_in_use_is_one_line_before_the_workers_start():
             assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
             assert f"error: cannot listen on 127.0.0.1:{port} {what}" in done.stderr
             assert "starting" not in done.stderr  # no worker was started
+
+
+TAKEN_AFTER_THE_CHECK = """
+import asyncio, socket, sys
+from genserve.app import ListenError, Server
+from genserve.config import ServerConfig
+port = int(sys.argv[1])
+server = Server(ServerConfig(port=0, metrics_port=port, num_workers=1, models=("sd3-tiny",), in_process=True))
+with socket.socket() as taken:  # after the pre-flight check: a race it cannot see
+    taken.bind(("127.0.0.1", port))
+    taken.listen()
+    server.start_workers()
+    try:
+        asyncio.run(server.serve())
+    except ListenError as err:
+        print("error:", err)
+"""
+
+
+def test_a_metrics_port_taken_after_the_check_stops_the_grpc_server_cleanly():
+    """gRPC has started when /metrics fails to bind: it is stopped on its
+    event loop (left to grpc's __del__, it printed a traceback, 'Event loop
+    is closed', once the loop had closed)."""
+    from genserve.loadgen.launch import free_port
+
+    port = free_port()
+    done = subprocess.run([sys.executable, "-c", TAKEN_AFTER_THE_CHECK, str(port)], capture_output=True,
+                          text=True, timeout=120)
+    assert f"error: cannot listen on 127.0.0.1:0 or metrics port {port}" in done.stdout, done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
 
 
 def test_sigterm_while_the_workers_start_stops_them_too():
