@@ -18,7 +18,7 @@ from genserve.metrics import Metrics
 from genserve.scheduler import (DecodeSample, LatencyModel, Profile, StepSample, load_profile,
                                 make_policy)
 from genserve.security import exposure_warnings, load_security
-from genserve.server import SERVICE_NAME, GenServeService, start_grpc
+from genserve.server import SERVICE_NAME, GenServeService, bare_host, host_port, start_grpc
 from genserve.workers.executor import (InProcessExecutor, MultiprocessExecutor, WorkerStartError,
                                        make_worker_specs)
 from genserve.workers.protocol import ModelCard
@@ -39,14 +39,14 @@ def check_listen(host: str, port: int, what: str) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as err:
-        raise ListenError(f"cannot listen on {host}:{port} ({what}): {err.strerror}") from None
+        raise ListenError(f"cannot listen on {host_port(host, port)} ({what}): {err.strerror}") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no conflict
         try:
             s.bind(address)
         except OSError as err:
-            raise ListenError(f"cannot listen on {host}:{port} ({what}): {err.strerror}") from None
+            raise ListenError(f"cannot listen on {host_port(host, port)} ({what}): {err.strerror}") from None
 
 
 def _stop_starting(signum, frame) -> None:
@@ -110,7 +110,8 @@ class Server:
 
     def __init__(self, config: ServerConfig):
         config.validate()
-        self.config = config
+        # an IPv6 host may come bracketed ("[::1]"); sockets take it bare
+        self.config = config = replace(config, host=bare_host(config.host))
         self.metrics = Metrics(version=__version__, policy=config.engine.policy, device_kind=config.device)
         self.engine: Engine | None = None
         self.port = 0
@@ -176,7 +177,8 @@ class Server:
                 await server.stop(None)
             engine.stop()
             engine.executor.shutdown()
-            raise ListenError(f"cannot listen on {c.host}:{c.port} or metrics port {c.metrics_port}: {err}") from None
+            raise ListenError(f"cannot listen on {host_port(c.host, c.port)} or metrics port {c.metrics_port}: "
+                              f"{err}") from None
         log.info("gRPC security: %s", self.security.summary)
         for warning in exposure_warnings(c.host, c.security):
             log.warning("%s", warning)

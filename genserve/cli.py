@@ -33,7 +33,7 @@ def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="run the gRPC server",
                        description="Run the GenServe gRPC server. Defaults: the tiny built-in models "
                                    f"({', '.join(DEFAULT_MODELS)}), CUDA if a GPU is visible else 2 CPU workers.")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; IPv6 as :: or [::])")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (default: off)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
@@ -104,6 +104,7 @@ def cmd_serve(args) -> None:
     from genserve.app import ListenError, run_server
     from genserve.scheduler import load_profile
     from genserve.security import SecurityError
+    from genserve.server import host_port
     from genserve.workers.executor import WorkerStartError
 
     device = args.device or default_device()
@@ -124,12 +125,12 @@ def cmd_serve(args) -> None:
                           auth_tokens=args.auth_tokens, max_streams_per_client=args.max_streams_per_client))
 
     def ready(server) -> None:
-        where = f"{config.host}:{server.port}"
+        where = host_port(config.host, server.port)
         print(f"GenServe listening on {where} (policy {config.engine.policy}, "
               f"{server.engine.executor.num_devices} {device} worker(s), models: "
               f"{', '.join(server.engine.cards)})", flush=True)
         if config.metrics_port:
-            print(f"metrics on http://{config.host}:{config.metrics_port}/metrics", flush=True)
+            print(f"metrics on http://{host_port(config.host, config.metrics_port)}/metrics", flush=True)
         if args.demo:
             threading.Thread(target=_demo, args=(where,), daemon=True).start()
 

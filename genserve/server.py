@@ -183,6 +183,18 @@ def _quiet_undelivered() -> None:
         core.addFilter(_UndeliveredResponse())
 
 
+def bare_host(host: str) -> str:
+    """``host`` without the brackets an IPv6 literal may come in (``[::1]``)."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def host_port(host: str, port: int) -> str:
+    """``HOST:PORT`` as gRPC addresses and URLs write it: an IPv6 literal
+    (bracketed or not) in brackets, since its own colons would split it."""
+    host = bare_host(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 async def start_grpc(service: GenServeService, host: str, port: int, max_message_bytes: int, *,
                      credentials: grpc.ServerCredentials | None = None, interceptors: tuple = ()
                      ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
@@ -200,10 +212,10 @@ async def start_grpc(service: GenServeService, host: str, port: int, max_message
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    address = f"{host}:{port}"
+    address = host_port(host, port)
     bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
-        raise RuntimeError(f"cannot listen on {host}:{port}")
+        raise RuntimeError(f"cannot listen on {address}")
     await server.start()
     serving = health_pb2.HealthCheckResponse.SERVING
     await health_servicer.set("", serving)

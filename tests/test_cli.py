@@ -1,6 +1,9 @@
 """The command line against the shared live server."""
+import socket
 import subprocess
 import sys
+
+import pytest
 
 
 def genserve(*args, timeout=120):
@@ -173,3 +176,37 @@ def _ppid(pid: int) -> int | None:
     except OSError:
         return None
     return None if fields[0] == "Z" else int(fields[1])
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_an_ipv6_host_serves_grpc_and_metrics():
+    """``--host [::1]`` (and so ``::1``): the gRPC address needs brackets,
+    the sockets none (it was 'Name or service not known' at once, and
+    ``::1`` failed 'address lookup failed' only after the models loaded)."""
+    import urllib.request
+
+    from conftest import ServerProcess
+    from genserve.client import Client
+
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        metrics_port = s.getsockname()[1]
+    srv = ServerProcess("--host", "[::1]", "--metrics-port", str(metrics_port), "--num-workers", "1",
+                        "--model", "sd3-tiny")
+    try:
+        assert srv.target.startswith("[::1]:"), srv.output
+        with Client(srv.target) as client:
+            assert client.generate("over IPv6", steps=2).media.data
+        with urllib.request.urlopen(f"http://[::1]:{metrics_port}/metrics", timeout=10) as reply:
+            assert b"genserve_requests_total" in reply.read()
+    finally:
+        srv.stop()

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from genserve.server import _gone_status, _quiet_undelivered
+from genserve.server import _gone_status, _quiet_undelivered, host_port
 
 
 class Context:
@@ -15,6 +15,14 @@ class Context:
 
     def time_remaining(self):
         return self.left
+
+
+@pytest.mark.parametrize("host, address", [
+    ("127.0.0.1", "127.0.0.1:50051"), ("localhost", "localhost:50051"), ("::1", "[::1]:50051"),
+    ("[::1]", "[::1]:50051"), ("::", "[::]:50051"), ("fe80::1%eth0", "[fe80::1%eth0]:50051"),
+])
+def test_an_ipv6_host_is_bracketed_once(host, address):
+    assert host_port(host, 50051) == address
 
 
 @pytest.mark.parametrize("left, budget, status", [
