@@ -102,6 +102,7 @@ def add_attention_arg(p) -> None:
 
 def cmd_serve(args) -> None:
     from genserve.app import ListenError, run_server
+    from genserve.models.registry import model_family
     from genserve.scheduler import load_profile
     from genserve.security import SecurityError
     from genserve.server import host_port
@@ -138,6 +139,8 @@ def cmd_serve(args) -> None:
         config.validate()
         if config.engine.profile:  # a missing or malformed file: before any worker starts
             load_profile(config.engine.profile)
+        for spec in config.models:  # likewise a checkpoint's path, not once the models before it loaded
+            model_family(spec)
     except (ValueError, OSError) as err:  # e.g. --tls-cert without --tls-key, an unknown policy
         sys.exit(f"error: {err}")
     if args.demo and (args.tls_cert or args.auth_tokens):

@@ -112,6 +112,15 @@ def test_a_port_in_use_is_one_line_before_the_workers_start():
             assert "starting" not in done.stderr  # no worker was started
 
 
+def test_a_bad_checkpoint_path_is_one_line_before_the_workers_start(tmp_path):
+    """A typo in the second --model path failed only once the first model
+    had loaded on every worker (minutes on GPUs)."""
+    done = genserve("serve", "--port", "0", "--model", "sd3-tiny", "--model", f"v={tmp_path / 'wna'}", timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"error: model 'v': {tmp_path / 'wna'} does not exist" in done.stderr
+    assert "starting" not in done.stderr  # no worker was started
+
+
 TAKEN_AFTER_THE_CHECK = """
 import asyncio, socket, sys
 from genserve.app import ListenError, Server

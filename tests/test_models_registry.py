@@ -37,6 +37,37 @@ def test_unknown_names_and_dirs(tmp_path):
         build_model(f"x={tmp_path}")
 
 
+def test_a_bad_checkpoint_path_is_named_with_its_model(tmp_path):
+    """Each way a --model path can be wrong names the model and the path or
+    file at fault (they were a bare KeyError '_class_name', JSON's own
+    message, or 'no model_index.json' for a file)."""
+    from genserve.models.registry import model_family
+
+    index = tmp_path / "model_index.json"
+    cases = [
+        (tmp_path / "missing", FileNotFoundError, f"model 'm': {tmp_path / 'missing'} does not exist"),
+        (index, NotADirectoryError, f"model 'm': {index} is not a folder"),
+        (tmp_path, FileNotFoundError, "(no model_index.json)"),
+        ('{"_class_name": "WanPipeline",\n "x": "a\tb"}', ValueError,
+         f"model 'm': {index} is not valid JSON: Invalid control character"),
+        ('{"_diffusers_version": "0.35"}', ValueError, f"model 'm': {index} names no pipeline class"),
+        ('["WanPipeline"]', ValueError, "names no pipeline class"),
+        ('{"_class_name": "FluxPipeline"}', ValueError, "model 'm': " + str(tmp_path) + ": pipeline 'FluxPipeline'"),
+    ]
+    for target, error, message in cases:
+        if isinstance(target, str):
+            index.write_text(target)
+            target = tmp_path
+        elif target == index:
+            index.write_text("{}")
+        with pytest.raises(error) as err:
+            model_family(f"m={target}")
+        assert message in str(err.value), str(err.value)
+        index.unlink(missing_ok=True)
+    index.write_text('{"_class_name": "WanPipeline"}')
+    assert model_family(f"m={tmp_path}") == "wan" and model_family("sd3-tiny") == "preset"
+
+
 def generate(model, **overrides):
     lim = model.limits
     p = GenParams("a lighthouse at dusk", "", lim.default_width, lim.default_height, lim.default_frames,
