@@ -15,8 +15,8 @@ from genserve.config import CAPPED_FIELDS, Limits, ServerConfig
 from genserve.convert import Validator
 from genserve.engine import Engine
 from genserve.metrics import Metrics
-from genserve.scheduler import (DecodeSample, LatencyModel, Profile, StepSample, load_profile,
-                                make_policy)
+from genserve.scheduler import (DecodeSample, LatencyModel, Profile, ProfileError, StepSample,
+                                load_profile, make_policy)
 from genserve.security import exposure_warnings, load_security
 from genserve.server import SERVICE_NAME, GenServeService, bare_host, host_port, start_grpc
 from genserve.workers.executor import (InProcessExecutor, MultiprocessExecutor, WorkerStartError,
@@ -67,11 +67,17 @@ def threads_per_worker(config: ServerConfig) -> int:
 def build_cost_model(profile: str, ready: dict) -> LatencyModel:
     """The named profile; served models it lacks are profiled from the
     workers' warm-up timings. Either way the model keeps calibrating online
-    from measured steps."""
+    from measured steps. ProfileError when the profile has a served model's
+    name for the other task: a profile of other models, not one to mix."""
     warmups = {w.model: w for r in ready.values() for w in r.warmups}  # one per model suffices
     cards = {c.name: c for r in ready.values() for c in r.models}
     base = load_profile(profile) if profile else None
     known = {m.name for m in base.models} if base else set()
+    wrong = [f"model {m.name!r} serves {cards[m.name].task} but profile {base.name!r} has it as {m.task}"
+             for m in (base.models if base else ()) if m.name in cards and cards[m.name].task != m.task]
+    if wrong:
+        raise ProfileError("; ".join(wrong) + " (use a profile of these models, e.g. from `genserve profile`, "
+                           "rename the model, or leave out --profile)")
     missing = [w for name, w in warmups.items() if name not in known]
     if not missing:
         return LatencyModel(base)
@@ -146,13 +152,13 @@ class Server:
             if main:
                 signal.signal(signal.SIGTERM, previous)
         log.info("workers ready in %.1f s", time.perf_counter() - t0)
-        try:  # the presets were checked before the workers started; checkpoints only now
+        try:  # the presets were checked before the workers started; checkpoints and tasks only now
             cards = served_cards(ready[0].models, c.limits)
+            cost = build_cost_model(c.engine.profile, ready)
         except ValueError as err:
             executor.shutdown()
             raise WorkerStartError(str(err)) from None
         self.metrics.prepare(len(specs))
-        cost = build_cost_model(c.engine.profile, ready)
         engine = Engine(c.engine, executor,
                         lambda spec: make_policy(c.engine.policy, spec,
                                                  admission_control=c.engine.admission_control,

@@ -1,8 +1,10 @@
-"""Pieces of the gRPC frontend that need no server: how a caller's leaving
-is counted, and how grpc's log of an undelivered response reads."""
+"""Pieces of the gRPC frontend and its assembly that need no server: how a
+caller's leaving is counted, how grpc's log of an undelivered response
+reads, addresses, and the checks made as the server starts."""
 from __future__ import annotations
 
 import logging
+import pathlib
 
 import pytest
 
@@ -60,3 +62,23 @@ def test_an_undelivered_response_is_one_warning_line(caplog):
     assert first.levelname == "WARNING" and first.exc_info is None
     assert first.getMessage().startswith("the response to /genserve.v1.GenServe/Generate was not delivered")
     assert second.levelname == "ERROR" and second.exc_info is not None  # other errors keep their traceback
+
+
+def test_a_profile_that_has_a_served_model_for_the_other_task_is_refused():
+    """The built-in profile's wan-tiny (video) for a served image model of
+    that name: every request without an SLO failed INTERNAL in admission."""
+    from genserve.app import build_cost_model
+    from genserve.models.preset_limits import SD3_TINY_LIMITS, WAN_TINY_LIMITS
+    from genserve.scheduler import ProfileError
+    from genserve.workers.protocol import ModelCard, Ready
+
+    profile = str(pathlib.Path(__file__).parents[1] / "profiles" / "cpu-tiny-2w.json")
+    swapped = Ready(0, (ModelCard("wan-tiny", "image", SD3_TINY_LIMITS), ModelCard("sd3-tiny", "video", WAN_TINY_LIMITS)),
+                    1.0)
+    with pytest.raises(ProfileError, match="model 'sd3-tiny' serves video but profile 'cpu-tiny-2w' has it as "
+                                           "image; model 'wan-tiny' serves image but .* has it as video"):
+        build_cost_model(profile, {0: swapped})
+    same = Ready(0, (ModelCard("sd3-tiny", "image", SD3_TINY_LIMITS), ModelCard("wan-tiny", "video", WAN_TINY_LIMITS)),
+                 1.0)
+    assert build_cost_model(profile, {0: same}).isolated_latency_ms(
+        "wan-tiny", 64, 64, 9, 20, "video", 1) > 0
