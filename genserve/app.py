@@ -189,9 +189,10 @@ class Server:
         for warning in exposure_warnings(c.host, c.security):
             log.warning("%s", warning)
         loop = asyncio.get_running_loop()
-        await set_workers_health(health, len(engine.down))
+        num_devices = engine.executor.num_devices
+        await set_workers_health(health, len(engine.down), num_devices)
         engine.on_workers_down = lambda num_down: loop.call_soon_threadsafe(
-            lambda: loop.create_task(set_workers_health(health, num_down)))
+            lambda: loop.create_task(set_workers_health(health, num_down, num_devices)))
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
@@ -229,13 +230,17 @@ class Server:
                 await asyncio.sleep(0.02)
 
 
-async def set_workers_health(health, num_down: int) -> None:
+async def set_workers_health(health, num_down: int, num_devices: int) -> None:
     """The ``genserve.workers`` health service is NOT_SERVING while any worker
-    is down (degraded: the server still serves on the others)."""
+    is down (degraded: the server still serves on the others); the server's
+    own ("" and GenServe, what probes and load balancers check) while every
+    worker is down, when new calls get UNAVAILABLE. (Ignored once draining.)"""
     from grpc_health.v1 import health_pb2
 
-    status = health_pb2.HealthCheckResponse.SERVING if num_down == 0 else health_pb2.HealthCheckResponse.NOT_SERVING
-    await health.set(WORKERS_HEALTH_SERVICE, status)
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    await health.set(WORKERS_HEALTH_SERVICE, serving if num_down == 0 else not_serving)
+    for service in ("", SERVICE_NAME):
+        await health.set(service, serving if num_down < num_devices else not_serving)
 
 
 def run_server(config: ServerConfig, ready_callback=None) -> None:

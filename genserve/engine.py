@@ -28,6 +28,7 @@ from genserve.workers.executor import Executor
 
 SLO_MS_MAX = 2**32 - 1  # the API's slo_ms is unsigned 32-bit
 WATCHDOG_S = 5.0  # how often the engine looks for hung dispatches while they run
+NO_WORKER_UP = "no worker is up (restarting after a failure); retry on another replica"
 
 log = logging.getLogger("genserve.engine")
 
@@ -71,7 +72,12 @@ class Engine(WorkerLoss):
     # ---- thread-safe API -------------------------------------------------
     def submit(self, req: Request, sink: Sink) -> None:
         """Queue a request; its events go to ``sink`` (called on the engine
-        thread; must not block). Raises RequestError when the queue is full."""
+        thread; must not block). Raises RequestError when the queue is full,
+        or UNAVAILABLE while every worker is down: a crash-looping worker may
+        not be back for minutes, and another replica can serve it now (those
+        already accepted wait for the restart)."""
+        if len(self.down) >= self.executor.num_devices:
+            raise RequestError("UNAVAILABLE", NO_WORKER_UP)
         if self._num_waiting >= self.max_queue:
             raise RequestError("RESOURCE_EXHAUSTED",
                                f"queue full ({self.max_queue} waiting requests); retry later")
