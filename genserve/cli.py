@@ -33,7 +33,7 @@ def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="run the gRPC server",
                        description="Run the GenServe gRPC server. Defaults: the tiny built-in models "
                                    f"({', '.join(DEFAULT_MODELS)}), CUDA if a GPU is visible else 2 CPU workers.")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; IPv6 as :: or [::])")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 picks a free one)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (default: off)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,

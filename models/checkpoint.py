@@ -26,8 +26,9 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 
 def pipeline_class(path: str) -> str:
-    """``_class_name`` of the directory's model_index.json. FileNotFoundError
-    or ValueError naming the path or the file at fault."""
+    """``_class_name`` of the directory's model_index.json. OSError (the
+    path is missing, no folder, or has no model_index.json) or ValueError
+    (the file is malformed) naming the path or the file at fault."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist")
     if not os.path.isdir(path):

@@ -73,12 +73,12 @@ def test_a_profile_that_has_a_served_model_for_the_other_task_is_refused():
     from genserve.workers.protocol import ModelCard, Ready
 
     profile = str(pathlib.Path(__file__).parents[1] / "profiles" / "cpu-tiny-2w.json")
-    swapped = Ready(0, (ModelCard("wan-tiny", "image", SD3_TINY_LIMITS), ModelCard("sd3-tiny", "video", WAN_TINY_LIMITS)),
-                    1.0)
+    swapped = Ready(0, (ModelCard("wan-tiny", "image", SD3_TINY_LIMITS),
+                        ModelCard("sd3-tiny", "video", WAN_TINY_LIMITS)), 1.0)
     with pytest.raises(ProfileError, match="model 'sd3-tiny' serves video but profile 'cpu-tiny-2w' has it as "
                                            "image; model 'wan-tiny' serves image but .* has it as video"):
         build_cost_model(profile, {0: swapped})
-    same = Ready(0, (ModelCard("sd3-tiny", "image", SD3_TINY_LIMITS), ModelCard("wan-tiny", "video", WAN_TINY_LIMITS)),
-                 1.0)
+    same = Ready(0, (ModelCard("sd3-tiny", "image", SD3_TINY_LIMITS),
+                     ModelCard("wan-tiny", "video", WAN_TINY_LIMITS)), 1.0)
     assert build_cost_model(profile, {0: same}).isolated_latency_ms(
         "wan-tiny", 64, 64, 9, 20, "video", 1) > 0
