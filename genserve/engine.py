@@ -53,6 +53,7 @@ class Engine(WorkerLoss):
         self._woke_s = 0.0  # when the last wait for replies returned
         self._freed_s: dict[int, float] = {}  # device id -> when its last dispatch ended
         self.down: set[int] = set()  # devices whose worker is restarting
+        self.hung: set[int] = set()  # devices whose worker the watchdog killed, until its death arrives
         self._ids = itertools.count(1)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()

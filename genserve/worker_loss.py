@@ -34,8 +34,8 @@ OVERDUE_FACTOR, OVERDUE_MIN_S = 10.0, 60.0
 class WorkerLoss:
     """The engine's handling of a worker's death or hang, kept apart from its
     main flow. A mixin of ``Engine``: it works on the engine's state (``config``,
-    ``inflight``, ``busy``, ``tracked``, ``down``, ``executor``, ``metrics``,
-    ``recovery``, ``restarts``, ``on_workers_down``) and calls its ``_finish``,
+    ``inflight``, ``busy``, ``tracked``, ``down``, ``hung``, ``executor``,
+    ``metrics``, ``recovery``, ``restarts``, ``on_workers_down``) and calls its ``_finish``,
     ``_current`` and ``_set_sp_degree``."""
 
     def _watch_overdue(self, now: float) -> None:
@@ -59,6 +59,7 @@ class WorkerLoss:
                 hung = self._awaited(fl)
                 log.error("%s, over --hung-worker-s %g: a worker there hangs; killing worker(s) %s to "
                           "restart them (their requests go on as after a crash)", what, kill_s, hung)
+                self.hung.update(hung)
                 self.executor.kill(hung)
 
     def _awaited(self, fl: InFlight) -> list[int]:
@@ -90,15 +91,21 @@ class WorkerLoss:
             return False
         return True
 
+    def _loss(self, msg: WorkerDied) -> str:
+        """How worker ``msg.device_id`` was lost, for logs and the requests' reasons."""
+        if msg.device_id in self.hung:
+            return f"hung and was killed (--hung-worker-s {self.config.hung_worker_s:g})"
+        return f"crashed (exit code {msg.exitcode})"
+
     def _on_worker_died(self, msg: WorkerDied) -> None:
-        log.error("worker %d died (exit code %s); restarting it", msg.device_id, msg.exitcode)
+        log.error("worker %d %s; restarting it", msg.device_id, self._loss(msg))
         self.down.add(msg.device_id)
         self.on_workers_down(len(self.down))
         now = time.monotonic()
         for dispatch_id, fl in list(self.inflight.items()):
             if fl.moving and self._involves(fl, msg.device_id):
                 # not sent yet (a state move is awaited): it never will be
-                self._withdraw(dispatch_id, now, msg.device_id)
+                self._withdraw(dispatch_id, now, msg)
             elif msg.device_id in fl.dispatch.device_ids:
                 fl.pending.discard(msg.device_id)
                 self.busy.pop(msg.device_id, None)
@@ -112,6 +119,7 @@ class WorkerLoss:
             # a restarted process cannot join the running process groups
             log.warning("sequence parallelism is off until every worker has joined a new process group")
             self._set_sp_degree(1)
+        self.hung.discard(msg.device_id)
         delay = self.restarts.died(msg.device_id)
         if delay > 0:
             log.warning("worker %d keeps dying soon after it starts (%d times in a row); restarting it in %.0f s",
@@ -122,11 +130,11 @@ class WorkerLoss:
         return device_id in fl.dispatch.device_ids or any(
             device_id in t.holders for t in map(self.tracked.get, fl.dispatch.req_ids) if t is not None)
 
-    def _withdraw(self, dispatch_id: int, now: float, dead: int) -> None:
-        """Take back a dispatch that has not gone out because worker ``dead``
-        died: its devices free and its requests wait again where their state
-        is (the workers never saw it); a state only ``dead`` held is lost,
-        which ``_lost_copy`` reports."""
+    def _withdraw(self, dispatch_id: int, now: float, msg: WorkerDied) -> None:
+        """Take back a dispatch that has not gone out because a worker died:
+        its devices free and its requests wait again where their state is (the
+        workers never saw it); a state only the dead one held is lost, which
+        ``_lost_copy`` reports."""
         fl = self.inflight.pop(dispatch_id)
         for device_id in fl.dispatch.device_ids:
             if self.busy.get(device_id) == dispatch_id:
@@ -139,8 +147,9 @@ class WorkerLoss:
             t.device_ids = tuple(sorted(t.holders))
             if t.cancel_requested:
                 self._finish(t, EventType.CANCELLED, "CANCELLED", "cancelled")
-            elif t.holders != {dead}:
-                t.emit(now, EventType.PREEMPTED, reason=f"worker {dead} crashed before its next step went out")
+            elif t.holders != {msg.device_id}:
+                t.emit(now, EventType.PREEMPTED,
+                       reason=f"worker {msg.device_id} {self._loss(msg)} before its next step went out")
 
     def _lost_copy(self, t: Tracked, msg: WorkerDied) -> None:
         """A worker holding ``t``'s state died: go on from a surviving copy,
@@ -156,10 +165,10 @@ class WorkerLoss:
         if t.crash_restarts >= 1:
             t.running = False
             self._finish(t, EventType.FAILED, "UNAVAILABLE",
-                         f"worker {msg.device_id} crashed (exit code {msg.exitcode}) again while running "
-                         "this request; not retrying")
+                         f"worker {msg.device_id} {self._loss(msg)} while running this request, "
+                         "its second lost worker; not retrying")
             return
         t.restart_from_scratch()
         t.dispatch_id = -1  # whatever its last dispatch still reports is stale
         t.emit(time.monotonic(), EventType.PREEMPTED,
-               reason=f"worker {msg.device_id} crashed; restarting from step 0")
+               reason=f"worker {msg.device_id} {self._loss(msg)}; restarting from step 0")
