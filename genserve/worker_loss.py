@@ -98,7 +98,8 @@ class WorkerLoss:
         return f"crashed (exit code {msg.exitcode})"
 
     def _on_worker_died(self, msg: WorkerDied) -> None:
-        log.error("worker %d %s; restarting it", msg.device_id, self._loss(msg))
+        log.error("worker %d %s; restarting it", msg.device_id, self._loss(msg) if msg.device_id in self.hung
+                  else f"died (exit code {msg.exitcode})")
         self.down.add(msg.device_id)
         self.on_workers_down(len(self.down))
         now = time.monotonic()
