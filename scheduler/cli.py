@@ -70,7 +70,8 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--out", default="out/simulate", help="sweep mode: folder for CSV and PNG")
     g.add_argument("--jobs", type=int, default=1, help="parallel simulations")
     g.add_argument("--quiet", action="store_true",
-                   help="no progress lines on stderr (one per finished simulation)")
+                   help="no progress lines on stderr (one per finished simulation, and "
+                        "one every 10 s of a long one)")
     g.add_argument("--no-check", action="store_true", help="skip checking every plan")
     p.set_defaults(func=run_simulate)
     return p
@@ -91,7 +92,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         print(f"genserve simulate: warning: {line}", file=sys.stderr)
     if swept:
         return _run_sweep(args, exp, policies, spec, trace, *swept)
-    results = run_policies(exp, policies, requests, args.jobs, _progress(args))
+    results = run_policies(exp, policies, requests, args.jobs, _progress(args),
+                           None if args.quiet else heartbeat)
     if args.json:
         print(json.dumps(json_safe({"policies": results})))
     else:
@@ -130,6 +132,14 @@ def _progress(args):
         print(f"genserve simulate: [{done}/{total}] {label} done in {wall_s:.1f} s",
               file=sys.stderr, flush=True)
     return report
+
+
+def heartbeat(label: str, ended: int, total: int, wall_s: float) -> None:
+    """A line every few seconds of one long simulation (genserve at 100-200
+    requests/s: 20,000 requests take minutes). Module-level, so it pickles
+    into --jobs workers, which print it themselves."""
+    print(f"genserve simulate: {label}: {ended:,} of {total:,} requests ended after {wall_s:.0f} s",
+          file=sys.stderr, flush=True)
 
 
 def _setup(args):
@@ -200,7 +210,7 @@ def _run_sweep(args, exp, policies, spec, trace, param: str, values: list[float]
         print("genserve simulate: --sweep-rates needs a generated workload", file=sys.stderr)
         return 2
     points = sweep(exp, policies, spec, None if spec else trace, param, values,
-                   args.slo_scale, args.jobs, _progress(args))
+                   args.slo_scale, args.jobs, _progress(args), None if args.quiet else heartbeat)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / f"sweep_{param}.csv"

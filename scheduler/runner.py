@@ -61,8 +61,11 @@ def resolve_workload(exp: Experiment, trace: Sequence[TraceRequest],
     return resolve(trace, cost, slo_scale, limit)
 
 
-def run_one(exp: Experiment, policy: str, requests: Sequence[Request]) -> dict:
-    """Summary (metrics.summarize) of one policy over resolved requests."""
+def run_one(exp: Experiment, policy: str, requests: Sequence[Request],
+            on_progress: Callable[[int, int, float], None] | None = None) -> dict:
+    """Summary (metrics.summarize) of one policy over resolved requests;
+    ``on_progress(ended, total, wall_s)`` is called every few seconds of a
+    long simulation."""
     plan_cost = LatencyModel(exp.profile)
     true_profile = exp.true_profile or exp.profile
     if exp.true_scale != 1.0:
@@ -73,7 +76,7 @@ def run_one(exp: Experiment, policy: str, requests: Sequence[Request]) -> dict:
         return _best_static(exp, requests, options)
     pol = make_policy(policy, exp.cluster, **options)
     result = simulate(pol, requests, exp.cluster, plan_cost, true_cost, exp.noise_cv,
-                      exp.seed, exp.check)
+                      exp.seed, exp.check, on_progress)
     summary = summarize(result)
     errors = plan_cost.prediction_error()
     if errors:
@@ -102,23 +105,31 @@ def _best_static(exp: Experiment, requests, options: dict) -> dict:
 
 # progress(done, total, label, wall_s): called as each simulation ends
 Progress = Callable[[int, int, str, float], None]
+# heartbeat(label, requests ended, requests in all, wall_s): called every few
+# seconds while one simulation runs, in the process that runs it (so it must
+# pickle: a module-level function or class instance)
+Heartbeat = Callable[[str, int, int, float], None]
 
 
 def _run_job(job):
-    index, exp, policy, requests, _ = job
+    index, exp, policy, requests, label, heartbeat = job
+    beat = None if heartbeat is None else (
+        lambda ended, total, wall_s: heartbeat(label, ended, total, wall_s))
     t0 = time.perf_counter()
-    return index, run_one(exp, policy, requests), time.perf_counter() - t0
+    return index, run_one(exp, policy, requests, beat), time.perf_counter() - t0
 
 
 def run_policies(exp: Experiment, policies: Sequence[str], requests: Sequence[Request],
-                 jobs: int = 1, progress: Progress | None = None) -> dict[str, dict]:
+                 jobs: int = 1, progress: Progress | None = None,
+                 heartbeat: Heartbeat | None = None) -> dict[str, dict]:
     work = [(exp, p, requests, p) for p in policies]
-    return dict(zip(policies, _map(work, jobs, progress)))
+    return dict(zip(policies, _map(work, jobs, progress, heartbeat)))
 
 
 def sweep(exp: Experiment, policies: Sequence[str], spec: WorkloadSpec | None,
           trace: Sequence[TraceRequest] | None, param: str, values: Sequence[float],
-          slo_scale: float, jobs: int = 1, progress: Progress | None = None) -> list[dict]:
+          slo_scale: float, jobs: int = 1, progress: Progress | None = None,
+          heartbeat: Heartbeat | None = None) -> list[dict]:
     """Summaries per point of a sweep over ``rate`` or ``slo_scale``; a trace
     can only sweep ``slo_scale``."""
     if param not in ("rate", "slo_scale"):
@@ -132,7 +143,7 @@ def sweep(exp: Experiment, policies: Sequence[str], spec: WorkloadSpec | None,
         requests = resolve_workload(exp, base, x if param == "slo_scale" else slo_scale)
         points.append(x)
         work += [(exp, p, requests, f"{p} at {param.replace('_', ' ')} {x:g}") for p in policies]
-    results = _map(work, jobs, progress)
+    results = _map(work, jobs, progress, heartbeat)
     out = []
     for i, x in enumerate(points):
         chunk = results[i * len(policies):(i + 1) * len(policies)]
@@ -140,16 +151,17 @@ def sweep(exp: Experiment, policies: Sequence[str], spec: WorkloadSpec | None,
     return out
 
 
-def _map(work: list, jobs: int, progress: Progress | None = None) -> list:
+def _map(work: list, jobs: int, progress: Progress | None = None,
+         heartbeat: Heartbeat | None = None) -> list:
     """Each (exp, policy, requests, label) of ``work`` run, results in order."""
-    work = [(i, *w) for i, w in enumerate(work)]
+    work = [(i, *w, heartbeat) for i, w in enumerate(work)]
     out: list = [None] * len(work)
 
     def collect(done_jobs):
         for n, (i, summary, wall_s) in enumerate(done_jobs, 1):
             out[i] = summary
             if progress is not None:
-                progress(n, len(work), work[i][-1], wall_s)
+                progress(n, len(work), work[i][4], wall_s)
 
     if jobs <= 1 or len(work) <= 1:
         collect(_run_job(w) for w in work)

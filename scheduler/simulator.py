@@ -92,8 +92,12 @@ class Simulator:
 
     def __init__(self, policy, requests: Sequence[Request], cluster: ClusterSpec, plan_cost,
                  true_cost=None, noise_cv: float = 0.0, seed: int = 0, check: bool = True,
-                 strict: bool = True, max_idle_s: float = 600.0):
+                 strict: bool = True, max_idle_s: float = 600.0, on_progress=None,
+                 progress_every_s: float = 10.0):
         self.policy, self.cluster, self.cost = policy, cluster, plan_cost
+        # on_progress(requests ended, requests in all, wall seconds): called
+        # about every progress_every_s of wall time (a long run is not silent)
+        self.on_progress, self.progress_every_s = on_progress, progress_every_s
         self.true_cost = true_cost or plan_cost
         self.noise_cv, self.rng = noise_cv, random.Random(seed)
         self.check, self.strict = check, strict
@@ -124,7 +128,12 @@ class Simulator:
         for r in self.requests:
             self._push(r.arrival_s, 1, r)
         idle_since = None
+        rounds, report_at = 0, wall0 + self.progress_every_s
         while self.events:
+            rounds += 1
+            if self.on_progress is not None and rounds % 256 == 0 and time.perf_counter() >= report_at:
+                self.on_progress(len(self.outcomes), len(self.requests), time.perf_counter() - wall0)
+                report_at = time.perf_counter() + self.progress_every_s
             self.now = self.events[0][0]
             arrived = self._pop_instant()
             if arrived or self.num_idle:
@@ -365,7 +374,7 @@ def _view(v: RequestView, steps_done: int, num_preemptions: int, device_ids: tup
 
 def simulate(policy, requests: Sequence[Request], cluster: ClusterSpec, plan_cost,
              true_cost=None, noise_cv: float = 0.0, seed: int = 0,
-             check: bool = True) -> SimResult:
+             check: bool = True, on_progress=None) -> SimResult:
     """Run ``policy`` over ``requests`` on ``cluster``; see the module docstring."""
     return Simulator(policy, requests, cluster, plan_cost, true_cost, noise_cv, seed,
-                     check).run()
+                     check, on_progress=on_progress).run()

@@ -2,6 +2,7 @@
 import argparse
 import csv
 import json
+import pickle
 import statistics
 
 import pytest
@@ -132,6 +133,29 @@ def test_simulate_progress_lines_and_quiet(capsys):
     assert "fcfs done in" in err and "sjf done in" in err
     assert main(flags + ["--quiet"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_long_simulation_reports_progress_while_it_runs(capsys):
+    from genserve.scheduler import ClusterSpec, load_profile, make_policy
+    from genserve.scheduler.cli import heartbeat
+    from genserve.scheduler.runner import Experiment, resolve_workload
+    from genserve.scheduler.simulator import Simulator
+
+    exp = Experiment(ClusterSpec(4), load_profile("reference-h100"))
+    requests = resolve_workload(exp, generate(WorkloadSpec(rate_rps=0.3, num_requests=60)), 2.0)
+    cost = LatencyModel(exp.profile)
+    beats = []
+    result = Simulator(make_policy("genserve", exp.cluster), requests, exp.cluster, cost,
+                       on_progress=lambda *b: beats.append(b), progress_every_s=0.0).run()
+    assert beats, "no progress while it ran"
+    ended = [b[0] for b in beats]
+    assert ended == sorted(ended) and ended[-1] < len(result.outcomes) == 60  # mid-run, not after
+    assert all(b[1] == 60 and b[2] >= 0 for b in beats)
+    # the CLI's reporter is what --jobs workers call: it must pickle, and says where the run is
+    assert pickle.loads(pickle.dumps(heartbeat)) is heartbeat
+    heartbeat("genserve at rate 0.3", 1234, 20000, 12.4)
+    assert capsys.readouterr().err == (
+        "genserve simulate: genserve at rate 0.3: 1,234 of 20,000 requests ended after 12 s\n")
 
 
 def test_simulate_refuses_an_empty_trace(tmp_path, capsys):
