@@ -9,6 +9,7 @@ import re
 import sys
 import threading
 
+from genserve import logs
 from genserve.config import DEFAULT_MODELS, EngineConfig, Limits, Security, ServerConfig
 from genserve.scheduler.policies import POLICY_NAMES
 
@@ -91,7 +92,14 @@ def add_serve(sub) -> None:
     p.add_argument("--demo", action="store_true",
                    help="once up, generate one image and one video through the gRPC API and print them "
                         "(a plaintext, token-less smoke test: not with --tls-cert or --auth-tokens)")
+    add_log_format_arg(p)
     p.set_defaults(func=cmd_serve)
+
+
+def add_log_format_arg(p) -> None:
+    p.add_argument("--log-format", choices=logs.FORMATS, default="text",
+                   help="log lines on stderr, the server's and its workers': text (default), or json "
+                        "(one object per line, for log pipelines)")
 
 
 def add_attention_arg(p) -> None:
@@ -428,8 +436,7 @@ def _subcommand_hooks():
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO, getattr(args, "log_format", "text"))
     status = args.func(args)
     if isinstance(status, int) and status:  # a command that reports its exit status (simulate)
         sys.exit(status)

@@ -13,6 +13,7 @@ import statistics
 import time
 from pathlib import Path
 
+from genserve import logs
 from genserve.models.base import GenParams
 from genserve.scheduler import DecodeSample, Profile, StepSample, save_profile
 from genserve.workers import protocol as P
@@ -219,7 +220,7 @@ def cmd_profile(args) -> None:
     threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, num_workers))
     try:
         specs = make_worker_specs(device, num_workers, tuple(args.model), args.dtype, threads,
-                                  attention=args.attention)
+                                  attention=args.attention, log_format=logs.configured())
         executor = MultiprocessExecutor(specs)
         try:
             ready = executor.start()
@@ -251,7 +252,7 @@ def cmd_profile(args) -> None:
 
 
 def add_profile_parser(sub) -> None:
-    from genserve.cli import add_attention_arg
+    from genserve.cli import add_attention_arg, add_log_format_arg
     from genserve.config import DEFAULT_MODELS
 
     p = sub.add_parser("profile", help="measure the served models and write a latency profile",
@@ -277,6 +278,7 @@ def add_profile_parser(sub) -> None:
     p.add_argument("--video-shapes", type=_shapes, default=(), metavar="WxHxF,...",
                    help="video shapes to measure, e.g. 832x480x33,832x480x81 (default: each video model's "
                         "default-width squares at its default frame count and about twice it)")
+    add_log_format_arg(p)
     p.set_defaults(func=lambda a: cmd_profile(_with_default_models(a, DEFAULT_MODELS)))
 
 

@@ -276,7 +276,8 @@ class InProcessExecutor(Executor):
 def make_worker_specs(device: str, num_workers: int, model_specs: tuple[str, ...],
                       dtype: str = "float32", num_threads: int = 0, max_sp_degree: int = 8,
                       paused_budget_mb: float = 0.0, attention: str = "sdpa",
-                      log_level: int = logging.INFO, caps: Limits = Limits()) -> list[WorkerSpec]:
+                      log_level: int = logging.INFO, caps: Limits = Limits(),
+                      log_format: str = "text") -> list[WorkerSpec]:
     """One WorkerSpec per device: ``cpu`` × num_workers, or every visible GPU
     (``num_workers`` > 0 caps the count). With several devices and
     max_sp_degree > 1 the workers join one world for sequence parallelism.
@@ -292,4 +293,4 @@ def make_worker_specs(device: str, num_workers: int, model_specs: tuple[str, ...
         devices = ["cpu"] * max(1, num_workers)
     dist = dist_spec(len(devices), devices[0], max_sp_degree)
     return [WorkerSpec(i, d, model_specs, dtype, num_threads, dist, paused_budget_mb, attention,
-                       log_level, caps) for i, d in enumerate(devices)]
+                       log_level, caps, log_format) for i, d in enumerate(devices)]

@@ -19,6 +19,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
+from genserve import logs
 from genserve.config import Limits
 from genserve.models.base import GenParams, ModelLimits, RequestState
 from genserve.workers import protocol as P
@@ -41,6 +42,7 @@ class WorkerSpec:
     attention: str = "sdpa"  # attention kernel: sdpa | xformers (CUDA only)
     log_level: int = logging.INFO  # the server's (DEBUG with --verbose)
     caps: Limits = Limits()  # the operator's --max-* caps: the warm-up stays within them
+    log_format: str = "text"  # the server's --log-format (genserve.logs)
 
 
 @dataclass(slots=True)
@@ -401,7 +403,7 @@ def _bars_lock_in_process() -> None:
 
 def worker_main(spec: WorkerSpec, conn) -> None:
     """Entry point of a spawned worker process."""
-    logging.basicConfig(level=spec.log_level, format=f"%(asctime)s worker{spec.device_id} %(levelname)s %(message)s")
+    logs.configure(spec.log_level, spec.log_format, f"worker{spec.device_id}")
     _bars_lock_in_process()
     try:
         worker, ready = boot(spec)
