@@ -87,3 +87,20 @@ def test_a_worker_that_dies_before_a_word_is_one_error_with_its_exit_code():
     child.close()
     with pytest.raises(WorkerStartError, match=r"^worker 0 exited before it was ready \(exit code 3\)$"):
         OneProcess(proc, parent).await_ready([0], timeout_s=30)
+
+
+def test_a_worker_stopped_by_an_unexpected_error_logs_it_and_exits_1(monkeypatch, caplog):
+    from genserve.workers import worker as W
+
+    class Broken:
+        def serve(self, conn, ready):
+            raise RuntimeError("a collective failed")
+
+    monkeypatch.setattr(W.logs, "configure", lambda *a: None)  # keep pytest's log capture
+    monkeypatch.setattr(W, "boot", lambda spec: (Broken(), None))
+    with pytest.raises(SystemExit) as stop:
+        W.worker_main(WorkerSpec(3, "cpu", ()), conn=None)
+    assert stop.value.code == 1
+    (record,) = [r for r in caplog.records if r.levelname == "CRITICAL"]
+    assert record.getMessage() == "worker 3 stopped on an unexpected error"
+    assert "a collective failed" in str(record.exc_info[1])

@@ -411,4 +411,8 @@ def worker_main(spec: WorkerSpec, conn) -> None:
         log.debug("failed to start", exc_info=True)
         conn.send(P.Failed("", "INTERNAL", str(exc)))
         raise SystemExit(1) from None
-    worker.serve(conn, ready)
+    try:
+        worker.serve(conn, ready)
+    except Exception:  # logged here, in --log-format, not by multiprocessing's bare print
+        log.critical("worker %d stopped on an unexpected error", spec.device_id, exc_info=True)
+        raise SystemExit(1) from None
