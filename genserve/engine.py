@@ -496,9 +496,10 @@ class Engine(WorkerLoss):
                 self.executor.send(device_id, P.Drop((t.req.req_id,)))
         now = time.monotonic()
         queue_s = ((t.started_s or now) - t.req.arrival_s)
-        if kind == EventType.CANCELLED:
-            status = t.cancel_status
-        slo_met = None if kind == EventType.CANCELLED else False  # a failure counts as a miss
+        slo_met = False  # a failure counts as a miss
+        if kind == EventType.CANCELLED:  # its caller ended it (a cancel, a deadline, a closed call):
+            status = t.cancel_status    # a miss once its SLO had passed, else nobody can tell
+            slo_met = False if now - t.req.arrival_s > t.slo_ms / 1e3 else None
         self.metrics.request_finished(t.req.task, t.req.model, status, now - t.req.arrival_s, queue_s, slo_met)
         self.metrics.calls_ended(t.req.task, t.req.model, status, len(t.sinks) - 1)  # attached callers
         t.emit(now, kind, reason=reason, status=status)

@@ -201,6 +201,32 @@ def test_a_caller_that_leaves_does_not_end_the_request_for_the_others(engine):
     _wait_until(lambda: "alone" not in engine.tracked)
 
 
+def _slo(engine, outcome: str) -> float:
+    return sum(s.value for m in engine.metrics.registry.collect() if m.name == "genserve_slo"
+               for s in m.samples if s.name.endswith("_total") and s.labels.get("outcome") == outcome)
+
+
+def test_a_request_its_caller_ends_after_its_slo_is_a_miss_before_it_neither(engine):
+    """A caller gone at its deadline (or cancelling) after the SLO had passed
+    leaves a request that missed it; before, nobody can tell whether it
+    would have been on time."""
+    from dataclasses import replace
+
+    missed, met = _slo(engine, "missed"), _slo(engine, "met")
+    late: queue.Queue = queue.Queue()
+    engine.submit(replace(make_request("late", task="video", steps=40), slo_ms=1), late.put)
+    _wait_for(late, EventType.STEP)  # well past its 1 ms SLO
+    engine.abandon("late", late.put, "DEADLINE_EXCEEDED")
+    _wait_until(lambda: "late" not in engine.tracked)
+    assert _slo(engine, "missed") == missed + 1
+    early: queue.Queue = queue.Queue()
+    engine.submit(replace(make_request("early", task="video", steps=40), slo_ms=600_000), early.put)
+    _wait_for(early, EventType.STEP)
+    assert engine.cancel("early")
+    _wait_until(lambda: "early" not in engine.tracked)
+    assert (_slo(engine, "missed"), _slo(engine, "met")) == (missed + 1, met)
+
+
 def test_a_different_request_on_a_running_id_is_refused(engine):
     """An id is an idempotency key: the same request attaches, another one
     gets ALREADY_EXISTS, and the running one is untouched."""
