@@ -9,6 +9,7 @@ only weights and is shared by every request on the worker.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Protocol
 
@@ -147,10 +148,30 @@ class ModelAdapter(Protocol):
         every device) and this request's own noise-scheduler schedule."""
 
     def denoise_step(self, states: list[RequestState]) -> None:
-        """Advance every state by one step (batched where shapes agree)."""
+        """Advance every state by one step (batched where shapes agree).
+        A video adapter's step over an SP group raises ``CollectiveError``
+        when one of its collectives fails."""
 
     def decode(self, state: RequestState) -> np.ndarray:
         """uint8 RGB array of shape (frames, height, width, 3)."""
 
     def set_attention(self, backend: str) -> None:
         """Pick the attention kernel (``sdpa`` default, ``xformers`` on CUDA)."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective over a sequence-parallel group failed, typically because a
+    member died (gloo raises within milliseconds of it; NCCL may block
+    instead). The group is broken for good: every later collective over it
+    fails too, so its members end what they were doing together."""
+
+
+@contextlib.contextmanager
+def collective(what: str):
+    """Run one torch.distributed collective: its failure (torch raises
+    RuntimeError) is a ``CollectiveError``, which a worker can tell from a
+    fault of its own step."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise CollectiveError(f"{what} failed: {exc}") from exc

@@ -21,7 +21,8 @@ the padding is dropped before attention (so real tokens never attend to it)
 and again after the gather. Head counts must divide by k (``heads % k == 0``).
 
 Collectives: ``all_to_all_single`` and ``all_gather`` only, which both gloo
-(CPU) and NCCL (CUDA) implement.
+(CPU) and NCCL (CUDA) implement. Either failing (a member died) raises
+``CollectiveError``.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from genserve.models.base import collective
 
 BACKENDS = ("sdpa", "xformers")
 
@@ -139,7 +142,8 @@ def gather_tokens(x: torch.Tensor, sp: SPGroup, seq_len: int, dim: int = 1) -> t
     padding dropped. Collective over ``sp.group``."""
     if sp.parallel:
         parts = [torch.empty_like(x) for _ in range(sp.size)]
-        dist.all_gather(parts, x.contiguous(), group=sp.group)
+        with collective("all_gather of the SP group's tokens"):
+            dist.all_gather(parts, x.contiguous(), group=sp.group)
         x = torch.cat(parts, dim=dim)
     return x.narrow(dim, 0, seq_len)
 
@@ -160,7 +164,8 @@ def _exchange(x: torch.Tensor, sp: SPGroup) -> torch.Tensor:
     and slot j of the result came from member j."""
     x = x.contiguous()
     out = torch.empty_like(x)
-    dist.all_to_all_single(out, x, group=sp.group)
+    with collective("all_to_all of the SP group's attention"):
+        dist.all_to_all_single(out, x, group=sp.group)
     return out
 
 

@@ -17,6 +17,8 @@ import pickle
 import tempfile
 from dataclasses import dataclass
 
+from genserve.models.base import collective
+
 log = logging.getLogger("genserve.parallel")
 
 
@@ -90,20 +92,24 @@ class Groups:
         return self.groups[block]
 
     def broadcast_object(self, obj, src: int, block: tuple[int, ...]):
-        """Send ``obj`` from rank ``src`` to every member of ``block``."""
+        """Send ``obj`` from rank ``src`` to every member of ``block``;
+        CollectiveError when that fails (a member died)."""
         import torch.distributed as dist
 
         box = [obj if self.rank == src else None]
-        dist.broadcast_object_list(box, src=src, group=self.group(block))
+        with collective("broadcast of a request's state"):
+            dist.broadcast_object_list(box, src=src, group=self.group(block))
         return box[0]
 
     def broadcast_flag(self, value: bool, src: int, block: tuple[int, ...]) -> bool:
-        """Agree on one boolean decided by ``src`` (e.g. 'run another step')."""
+        """Agree on one boolean decided by ``src`` (e.g. 'run another step');
+        CollectiveError when that fails (a member died)."""
         import torch
         import torch.distributed as dist
 
         flag = torch.tensor([1 if value else 0], dtype=torch.int32)
-        dist.broadcast(flag, src=src, group=self.group(block))
+        with collective("broadcast of the step flag"):
+            dist.broadcast(flag, src=src, group=self.group(block))
         return bool(flag.item())
 
     def close(self) -> None:
