@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from genserve import logs
 from genserve.config import Limits
-from genserve.models.base import GenParams, ModelLimits, RequestState
+from genserve.models.base import CollectiveError, GenParams, ModelLimits, RequestState
 from genserve.workers import protocol as P
 from genserve.workers.parallel import DistSpec, Groups, state_from_bytes, state_to_bytes
 
@@ -188,6 +188,14 @@ class Worker:
 
     # ---- one dispatch ---------------------------------------------------
     def run_steps(self, msg: P.RunSteps, conn) -> P.DispatchDone:
+        """Run one dispatch; its report. A collective of an SP dispatch that
+        fails (a member died) ends the dispatch, not this worker."""
+        try:
+            return self._run_steps(msg, conn)
+        except CollectiveError as exc:
+            return self._group_lost(msg, exc)
+
+    def _run_steps(self, msg: P.RunSteps, conn) -> P.DispatchDone:
         block = msg.device_ids or (self.spec.device_id,)
         leader = block[0] == self.spec.device_id
         t0 = time.perf_counter()
@@ -216,6 +224,23 @@ class Worker:
                 self._poll_drops(conn, batch, failed, block)
         paused = tuple(r for r in msg.req_ids if r in self.live)
         return P.DispatchDone(msg.dispatch_id, paused, tuple(finished), tuple(failed), encode_ms)
+
+    def _group_lost(self, msg: P.RunSteps, exc: CollectiveError) -> P.DispatchDone:
+        """A collective of this SP dispatch failed: a member of its block died.
+        The batch's states may be half-updated and the members out of step, so
+        they go, and the dispatch ends with no further collective. The engine
+        has already taken the death (``Executor.wait`` puts it before the
+        survivors' replies, and the dead one's connections close only as it
+        dies): it restarted these requests, so this report is stale and their
+        'failed' reaches no client. The broken world stays until a Rejoin
+        replaces it; meanwhile the engine sends only single-device work."""
+        block = list(msg.device_ids)
+        log.error("worker %d: SP group %s broke in dispatch %d; dropping %s and going on: %s",
+                  self.spec.device_id, block, msg.dispatch_id, ", ".join(msg.req_ids), exc)
+        self.drop(msg.req_ids)
+        reason = f"worker {self.spec.device_id} lost its SP group {block}: {exc}"
+        failed = tuple(P.Failed(r, "UNAVAILABLE", reason) for r in msg.req_ids)
+        return P.DispatchDone(msg.dispatch_id, (), (), failed, 0.0)
 
     def _admit_all(self, msg: P.RunSteps, block: tuple[int, ...]) -> list[P.Failed]:
         """Create the state of requests new to this worker; bring back offloaded ones."""
@@ -265,6 +290,8 @@ class Worker:
                 model.denoise_step(states, sp=sp)
             else:
                 model.denoise_step(states)
+        except CollectiveError:
+            raise  # the SP group broke: the whole dispatch ends (run_steps)
         except Exception as exc:
             log.error("step failed on worker %d: %s", self.spec.device_id, traceback.format_exc())
             self.drop(batch)

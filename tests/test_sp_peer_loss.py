@@ -1,0 +1,132 @@
+"""One member of a running SP group dies on its own: its peer must not.
+
+The peer's next collective with the dead one fails (gloo raises within
+milliseconds), so the peer drops that dispatch's requests, answers the
+dispatch and serves on; the engine, which takes the death first, starts the
+requests over from step 0 and brings SP back once the restarted worker and
+the peer have joined a new world. A worker with a fake world and model
+covers each collective that can fail; live workers cover the whole story.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+
+from genserve.models.base import GenParams, RequestState, collective
+from genserve.types import EventType
+from genserve.workers import protocol as P
+from genserve.workers.worker import Worker, WorkerSpec, _LockedConn
+
+BLOCK = (0, 1)
+PARAMS = GenParams("a boat", "", 64, 64, 9, 4, 5.0, 0)
+
+
+class PeerGone:
+    """A world whose other member died after ``good`` collectives: every later
+    one fails as a real one does (torch raises RuntimeError, made a
+    CollectiveError). ``calls`` names every collective tried."""
+
+    def __init__(self, good: int = 0):
+        self.good, self.calls = good, []
+
+    def group(self, block):
+        return None
+
+    def broadcast_flag(self, value, src, block):
+        self.collective("flag")
+        return value
+
+    def broadcast_object(self, obj, src, block):
+        self.collective("state")
+        return obj
+
+    def collective(self, what: str) -> None:
+        self.calls.append(what)
+        if len(self.calls) > self.good:
+            with collective(what):
+                raise RuntimeError("Connection closed by peer [127.0.0.1]:1234")
+
+
+class FakeVideo:
+    """A model whose step over an SP group makes one collective in ``world``
+    (the all_to_all of the transformer's attention)."""
+
+    name, task = "wan-tiny", "video"
+
+    def __init__(self, world: PeerGone):
+        self.world = world
+
+    def encode_prompt(self, params):
+        return None
+
+    def prepare(self, params, cond):
+        return RequestState(params, cond, None, None, None)
+
+    def denoise_step(self, states, sp=None):
+        if sp is not None:
+            self.world.collective("attention")
+        for s in states:
+            s.step_index += 1
+
+
+def run(world: PeerGone, msg: P.RunSteps, device_id: int = 0, held: bool = False):
+    """``msg`` on a worker in ``world``: its report, the steps it reported, the worker."""
+    engine_end, worker_end = mp.Pipe()
+    worker = Worker(WorkerSpec(device_id, "cpu", ()), {"wan-tiny": FakeVideo(world)}, world)
+    if held:
+        worker._admit(P.NewRequest("v", "wan-tiny", PARAMS, "raw", 8))
+    report = worker.run_steps(msg, _LockedConn(worker_end))
+    steps = []
+    while engine_end.poll():
+        steps.append(engine_end.recv())
+    return report, steps, worker
+
+
+def sp_steps(num_steps: int, new=(P.NewRequest("v", "wan-tiny", PARAMS, "raw", 8),), state_src=-1) -> P.RunSteps:
+    return P.RunSteps(7, "wan-tiny", ("v",), num_steps, tuple(new), BLOCK, state_src)
+
+
+def assert_group_lost(report: P.DispatchDone, worker: Worker) -> None:
+    """The request's state is gone and reported UNAVAILABLE (a stale report the
+    engine ignores: it restarted the request on the death); the worker stays."""
+    assert report.dispatch_id == 7 and report.paused == () and report.finished == ()
+    assert [(f.req_id, f.status) for f in report.failed] == [("v", "UNAVAILABLE")]
+    assert report.failed[0].message.startswith(f"worker {worker.spec.device_id} lost its SP group [0, 1]: ")
+    assert "Connection closed by peer" in report.failed[0].message
+    assert worker.live == {}
+
+
+def test_the_step_flag_broadcast_fails():
+    world = PeerGone(good=4)  # two steps (flag, attention), then the third flag
+    report, steps, worker = run(world, sp_steps(4))
+    assert_group_lost(report, worker)
+    assert world.calls == ["flag", "attention", "flag", "attention", "flag"]
+    assert [s.step_indices for s in steps] == [(1,), (2,)]  # the leader reported the steps it made
+
+
+def test_a_collective_inside_the_step_fails_and_no_other_follows(caplog):
+    world = PeerGone(good=1)
+    report, steps, worker = run(world, sp_steps(4), device_id=1)  # the non-leader
+    assert_group_lost(report, worker)
+    assert world.calls == ["flag", "attention"]  # no flag after a broken step: the group is gone
+    assert steps == []  # (only the leader reports steps)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("worker 1: SP group [0, 1] broke in dispatch 7; dropping v and going on") for m in messages)
+    assert not any(r.exc_info or "Traceback" in r.getMessage() for r in caplog.records)
+
+
+def test_the_state_broadcast_growing_the_group_fails():
+    world = PeerGone(good=0)
+    report, _, worker = run(world, sp_steps(2, new=(), state_src=0), held=True)  # worker 0 holds the state
+    assert_group_lost(report, worker)
+    assert world.calls == ["state"]
+
+
+def test_after_its_group_broke_the_worker_serves_single_device_steps():
+    world = PeerGone(good=0)
+    _, _, worker = run(world, sp_steps(2))
+    engine_end, worker_end = mp.Pipe()
+    alone = P.RunSteps(8, "wan-tiny", ("w",), 2, (P.NewRequest("w", "wan-tiny", PARAMS, "raw", 8),))
+    report = worker.run_steps(alone, _LockedConn(worker_end))
+    assert report.paused == ("w",) and report.failed == () and worker.live["w"].state.step_index == 2
+    assert world.calls == ["flag"]  # a single-device dispatch uses no collective
+
