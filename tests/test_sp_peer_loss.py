@@ -10,11 +10,17 @@ covers each collective that can fail; live workers cover the whole story.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
+
+import pytest
 
 from genserve.models.base import GenParams, RequestState, collective
 from genserve.types import EventType
 from genserve.workers import protocol as P
 from genserve.workers.worker import Worker, WorkerSpec, _LockedConn
+from test_step_execution import (drain, events_until, frames, restarts, run_video, start_engine, stop_engine,
+                                 submit, video, wait_until)
 
 BLOCK = (0, 1)
 PARAMS = GenParams("a boat", "", 64, 64, 9, 4, 5.0, 0)
@@ -130,3 +136,41 @@ def test_after_its_group_broke_the_worker_serves_single_device_steps():
     assert report.paused == ("w",) and report.failed == () and worker.live["w"].state.step_index == 2
     assert world.calls == ["flag"]  # a single-device dispatch uses no collective
 
+
+STEPS = 30  # a dispatch of them runs ~0.5 s here: the kill after its first step lands inside it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [0, 1], ids=["leader-killed", "non-leader-killed"])
+def test_the_peer_of_a_killed_sp_member_serves_on_and_the_video_completes(victim, capfd):
+    """SIGKILL one member of a running SP-2 video. Its peer keeps its process
+    (before, its next collective raised out of the worker loop: it exited with
+    code 1 and was restarted too, reloading its models); the video starts
+    over on the peer and ends bit-identical to an uninterrupted run; SP comes
+    back, and no traceback is logged."""
+    survivor = 1 - victim
+    eng = start_engine(("wan-tiny",))  # its own: capfd sees its workers' logs
+    try:
+        pids = {d: eng.executor.pid(d) for d in BLOCK}
+        v = video(steps=STEPS, seed=41)
+        events = submit(eng, v, [(BLOCK, STEPS)])
+        events_until(events, EventType.STEP)
+        os.kill(pids[victim], signal.SIGKILL)
+        assert events_until(events, EventType.PREEMPTED)[-1].reason == (
+            f"worker {victim} crashed (exit code -9); restarting from step 0")
+        eng.policy.scripts[v.req_id] = [((survivor,), STEPS)]  # SP is off until the new world
+        rest = drain(events, timeout_s=60)
+        assert rest[-1].type == EventType.COMPLETED, rest[-1]
+        assert [e.step for e in rest if e.type == EventType.STEP] == list(range(1, STEPS + 1))
+        assert eng.executor.pid(survivor) == pids[survivor], f"worker {survivor} exited and was restarted"
+        assert eng.executor.procs[survivor].is_alive()
+        assert wait_until(lambda: eng.max_sp_degree == 2, 120), "sequence parallelism did not come back"
+        assert restarts(eng) == {str(victim): 1.0}  # the victim only
+        alone = run_video(eng, [((survivor,), STEPS)], steps=STEPS, seed=41)
+        assert frames(alone[-1]).tobytes() == frames(rest[-1]).tobytes()
+        assert run_video(eng, [(BLOCK, 2)], steps=2)[-1].result.sp_degrees == (2,)  # in the new world
+    finally:
+        stop_engine(eng)
+    log = capfd.readouterr().err
+    assert f"worker {survivor}: SP group [0, 1] broke in dispatch " in log
+    assert "Traceback" not in log, log[-3000:]
