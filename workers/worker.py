@@ -10,6 +10,8 @@ member holds the request's full state, computes its shard of the sequence,
 and applies the same all-gathered update, so members stay identical and any
 one of them can continue alone later. The block's first member leads: it
 decides each step (honouring cancels), reports steps and decodes the result.
+A member that dies mid-dispatch breaks the block's collectives: the others
+drop that dispatch's requests and go on (the engine restarts them).
 """
 from __future__ import annotations
 
