@@ -215,10 +215,11 @@ def test_xformers_on_cpu_is_refused_before_any_worker_starts(command):
 
 
 def test_a_worker_checks_its_attention_backend_before_loading_models():
-    from genserve.workers.worker import Worker, WorkerSpec
+    from genserve.workers.startup import load
+    from genserve.workers.worker import WorkerSpec
 
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        Worker.start(WorkerSpec(0, "cpu", ("no-such-model",), attention="xformers"))
+        load(WorkerSpec(0, "cpu", ("no-such-model",), attention="xformers"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")

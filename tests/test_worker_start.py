@@ -12,7 +12,8 @@ import pytest
 from genserve.config import Limits
 from genserve.models.base import VIDEO, ModelLimits
 from genserve.workers.executor import Executor, MultiprocessExecutor, WorkerStartError, make_worker_specs
-from genserve.workers.worker import Worker, WorkerSpec
+from genserve.workers.startup import warm_up
+from genserve.workers.worker import WorkerSpec
 
 
 class ShapeRecorder:
@@ -40,7 +41,7 @@ class ShapeRecorder:
 def test_the_warm_up_keeps_to_the_servers_caps():
     model = ShapeRecorder()
     caps = Limits(max_width=64, max_height=48, max_frames=9)
-    (warm,) = Worker(WorkerSpec(0, "cpu", (), caps=caps), models={"v": model}).warm_up()
+    (warm,) = warm_up({"v": model}, caps)
     assert model.shapes == [(64, 48, 9)] * 2
     assert (warm.width, warm.height, warm.num_frames) == (64, 48, 9)  # what the latency model learns
     assert make_worker_specs("cpu", 2, (), caps=caps)[1].caps == caps
@@ -48,7 +49,7 @@ def test_the_warm_up_keeps_to_the_servers_caps():
 
 def test_without_caps_the_warm_up_uses_the_models_defaults():
     model = ShapeRecorder()
-    Worker(WorkerSpec(0, "cpu", ()), models={"v": model}).warm_up()
+    warm_up({"v": model})
     assert model.shapes == [(256, 256, 33)] * 2
 
 
@@ -90,7 +91,7 @@ def test_a_worker_that_dies_before_a_word_is_one_error_with_its_exit_code():
 
 
 def test_a_worker_stopped_by_an_unexpected_error_logs_it_and_exits_1(monkeypatch, caplog):
-    from genserve.workers import worker as W
+    from genserve.workers import startup as W
 
     class Broken:
         def serve(self, conn, ready):

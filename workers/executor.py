@@ -21,7 +21,8 @@ from multiprocessing.connection import Connection, wait
 from genserve.config import Limits
 from genserve.workers import protocol as P
 from genserve.workers.parallel import DistSpec, dist_spec
-from genserve.workers.worker import StartFailed, Worker, WorkerSpec, boot, worker_main
+from genserve.workers.startup import StartFailed, boot, worker_main
+from genserve.workers.worker import Worker, WorkerSpec
 
 log = logging.getLogger("genserve.executor")
 

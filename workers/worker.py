@@ -3,7 +3,8 @@
 One worker per device. It answers ``RunSteps`` with a ``StepDone`` after each
 step and one ``DispatchDone``; errors in a step fail that step's requests with
 a status and the worker goes on. The same ``Worker.serve`` loop runs in a
-spawned process (serving) or a thread (unit tests).
+spawned process (serving) or a thread (unit tests); startup.py loads the
+models, warms them up and is the process's entry point.
 
 A video's step may run on a block of devices (sequence parallelism): every
 member holds the request's full state, computes its shard of the sequence,
@@ -21,9 +22,8 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from genserve import logs
 from genserve.config import Limits
-from genserve.models.base import CollectiveError, GenParams, ModelLimits, RequestState
+from genserve.models.base import CollectiveError, RequestState
 from genserve.workers import protocol as P
 from genserve.workers.parallel import DistSpec, Groups, state_from_bytes, state_to_bytes
 
@@ -64,65 +64,6 @@ class Worker:
         self._joining: threading.Thread | None = None  # a Rejoin in progress
         self._deferred: list = []  # messages held until the running dispatch ends
         self._stopping = False  # a Shutdown arrived during a dispatch: exit after it
-
-    @classmethod
-    def start(cls, spec: WorkerSpec) -> "Worker":
-        import torch
-
-        from genserve.models.registry import build_model
-        from genserve.models.sp import check_backend
-
-        check_backend(spec.attention, spec.device)  # before minutes of loading
-        if spec.num_threads > 0:
-            torch.set_num_threads(spec.num_threads)
-        if spec.device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(spec.device))
-        dtype = getattr(torch, spec.dtype)
-        models = {}
-        for model_spec in spec.model_specs:
-            adapter = build_model(model_spec, device=spec.device, dtype=dtype)
-            adapter.set_attention(spec.attention)
-            models[adapter.name] = adapter
-        groups = Groups.join(spec.dist, spec.device_id) if spec.dist else None
-        return cls(spec, models, groups)
-
-    # ---- warm-up --------------------------------------------------------
-    def warm_up(self) -> tuple[P.Warmup, ...]:
-        """Run a short request per model twice: the first pays one-time costs
-        (lazy imports, allocator, kernels) before real traffic; the second is
-        measured for the latency model when no profile is given. Each runs
-        at its served default shape (``Limits.effective``: the model's own,
-        lowered by the caps), a shape requests can have. WarmUpError, naming
-        the model, when one fails (a bad shape, an OOM)."""
-        out = []
-        for model in self.models.values():
-            try:
-                limits = self.spec.caps.effective(model.name, model.limits)
-                out.append([self._warm_once(model, limits) for _ in range(2)][-1])
-            except Exception as exc:
-                raise WarmUpError(f"model {model.name}: {exc}") from exc
-        return tuple(out)
-
-    @staticmethod
-    def _warm_once(model, lim: ModelLimits) -> P.Warmup:
-        params = GenParams("warm-up", "", lim.default_width, lim.default_height,
-                           lim.default_frames, 2, lim.default_guidance_scale, 0)
-        t0 = time.perf_counter()
-        state = model.prepare(params, model.encode_prompt(params))
-        t1 = time.perf_counter()
-        model.denoise_step([state])
-        t2 = time.perf_counter()
-        model.denoise_step([state])
-        t3 = time.perf_counter()
-        model.decode(state)
-        t4 = time.perf_counter()
-        return P.Warmup(model.name, params.width, params.height, params.num_frames,
-                        (t1 - t0) * 1e3, min(t2 - t1, t3 - t2) * 1e3, (t4 - t3) * 1e3)
-
-    def ready(self, load_s: float) -> P.Ready:
-        """Warm up, then the message that says this worker may take steps."""
-        cards = tuple(P.ModelCard(m.name, m.task, m.limits) for m in self.models.values())
-        return P.Ready(self.spec.device_id, cards, load_s, self.warm_up())
 
     # ---- the loop -------------------------------------------------------
     def serve(self, conn, ready: P.Ready) -> None:
@@ -392,56 +333,3 @@ def _tensors(obj):
     elif hasattr(obj, "__dataclass_fields__") or hasattr(obj, "__slots__"):
         for name in getattr(obj, "__dataclass_fields__", ()) or getattr(obj, "__slots__", ()):
             yield from _tensors(getattr(obj, name, None))
-
-
-class WarmUpError(RuntimeError):
-    """A model loaded but its warm-up request failed."""
-
-
-class StartFailed(RuntimeError):
-    """A worker could not load its models or warm them up; the message names
-    the worker (and the model, for a warm-up)."""
-
-
-def boot(spec: WorkerSpec) -> tuple[Worker, P.Ready]:
-    """Load the models and warm them up: the worker and its Ready message.
-    Every failure is a StartFailed, so the caller sends one message and the
-    engine reports one line."""
-    t0 = time.perf_counter()
-    try:
-        worker = Worker.start(spec)
-    except Exception as exc:
-        raise StartFailed(f"worker {spec.device_id} failed to load models: {exc}") from exc
-    try:
-        return worker, worker.ready(load_s=time.perf_counter() - t0)
-    except WarmUpError as exc:
-        raise StartFailed(f"worker {spec.device_id} failed to warm up {exc}") from exc
-
-
-def _bars_lock_in_process() -> None:
-    """Give tqdm (the loading bars of diffusers and transformers) a thread
-    lock. Its default one holds a multiprocessing RLock: a named semaphore
-    registered with the server's resource tracker, which a worker killed
-    with SIGKILL (a crash, a hung worker) never unregisters, so the server
-    warns of "leaked semaphore objects" at exit. A spawned worker shares
-    its bars with no other process: a thread lock is all they need."""
-    import tqdm
-
-    tqdm.tqdm.set_lock(threading.RLock())
-
-
-def worker_main(spec: WorkerSpec, conn) -> None:
-    """Entry point of a spawned worker process."""
-    logs.configure(spec.log_level, spec.log_format, f"worker{spec.device_id}")
-    _bars_lock_in_process()
-    try:
-        worker, ready = boot(spec)
-    except StartFailed as exc:  # the engine logs the message; the traceback with --verbose
-        log.debug("failed to start", exc_info=True)
-        conn.send(P.Failed("", "INTERNAL", str(exc)))
-        raise SystemExit(1) from None
-    try:
-        worker.serve(conn, ready)
-    except Exception:  # logged here, in --log-format, not by multiprocessing's bare print
-        log.critical("worker %d stopped on an unexpected error", spec.device_id, exc_info=True)
-        raise SystemExit(1) from None
