@@ -67,8 +67,11 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--video-model", default="", help="default: the server's video default")
     g.add_argument("--steps-image", type=int, default=0, help="denoising steps (0: server default)")
     g.add_argument("--steps-video", type=int, default=0, help="denoising steps (0: server default)")
-    g.add_argument("--num-requests", type=int, default=0, help="stop after N requests")
-    g.add_argument("--duration-s", type=float, default=0.0, help="stop sending after S seconds")
+    g.add_argument("--num-requests", type=int, default=0,
+                   help="stop after N requests (a trace: its first N arrivals, as simulate)")
+    g.add_argument("--duration-s", type=float, default=0.0,
+                   help="stop sending after S seconds (a trace: its arrivals within S s, as "
+                        "simulate); with --num-requests, whichever ends first")
     g.add_argument("--seed", type=int, default=0)
     s = p.add_argument_group("SLOs (default: slo_ms=0, the server's default SLO)")
     s.add_argument("--slo-ms-image", type=float, default=0.0, help="fixed SLO of every image")

@@ -19,6 +19,7 @@ from genserve.scheduler.workload import (
     parse_shapes,
     read_trace,
     resolve,
+    truncate,
 )
 
 ARRIVALS = ("poisson", "gamma", "constant")
@@ -37,8 +38,8 @@ class WorkloadOptions:
     image_fraction: float = 0.7
     image_shapes: str = TINY_IMAGE_SHAPES  # "WxH[:weight],..."
     video_shapes: str = TINY_VIDEO_SHAPES  # "WxHxF[:weight],..."
-    num_requests: int = 0  # 0: until duration_s
-    duration_s: float = 0.0  # 0: until num_requests
+    num_requests: int = 0  # 0: until duration_s (a trace: its first N arrivals; 0: all)
+    duration_s: float = 0.0  # 0: until num_requests (a trace: its arrivals within; 0: all)
     seed: int = 0
     image_model: str = ""
     video_model: str = ""
@@ -103,11 +104,10 @@ def with_scaled_slos(trace: Sequence[TraceRequest], cost, slo_scale: float,
 def build_workload(opts: WorkloadOptions) -> tuple[TraceRequest, ...]:
     """The requests of a run, sorted by arrival time."""
     opts.validate()
-    trace = read_trace(opts.trace) if opts.trace else generated(opts)
-    if opts.trace and opts.duration_s:
-        trace = tuple(t for t in trace if t.arrival_s <= opts.duration_s)
-    if opts.trace and opts.num_requests:
-        trace = trace[:opts.num_requests]
+    if opts.trace:
+        trace = truncate(read_trace(opts.trace), opts.num_requests, opts.duration_s)
+    else:
+        trace = generated(opts)
     trace = with_defaults(sorted(trace, key=lambda t: t.arrival_s), opts)
     if opts.slo_scale:
         from genserve.scheduler.latency import LatencyModel

@@ -17,9 +17,10 @@ from .policies import BASELINES, POLICY_NAMES, make_policy
 from .profile import load_profile
 from .runner import Experiment, resolve_workload, run_policies, sweep
 from .types import ClusterSpec
-from .workload import WorkloadSpec, generate, parse_shapes, read_trace, write_trace
+from .workload import WorkloadSpec, generate, parse_shapes, read_trace, truncate, write_trace
 
 DEFAULT_POLICIES = ("genserve",) + BASELINES
+GENERATED_REQUESTS = 300  # --num-requests of a generated workload when not given
 
 
 def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
@@ -60,8 +61,12 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--image-shapes", default="512x512,768x768,1024x1024")
     g.add_argument("--video-shapes", default="832x480x33,832x480x81")
     g.add_argument("--slo-scale", type=float, default=2.0)
-    g.add_argument("--num-requests", type=int, default=300)
-    g.add_argument("--duration-s", type=float, default=0.0)
+    g.add_argument("--num-requests", type=int, default=None,
+                   help="stop after N arrivals (default 300 for a generated workload; a "
+                        "trace: its first N arrivals, default all)")
+    g.add_argument("--duration-s", type=float, default=0.0,
+                   help="keep only the arrivals within S seconds, a trace's too "
+                        "(default 0: no limit); with --num-requests, whichever ends first")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print exactly one JSON object")
@@ -147,7 +152,8 @@ def _setup(args):
     bad = [p for p in policies if p not in POLICY_NAMES]
     if bad or not policies:
         raise ValueError(f"unknown policies {bad}; choose from {', '.join(POLICY_NAMES)}")
-    if args.num_requests <= 0 and args.duration_s <= 0 and not args.trace:
+    num_requests = GENERATED_REQUESTS if args.num_requests is None else args.num_requests
+    if num_requests <= 0 and args.duration_s <= 0 and not args.trace:
         raise ValueError("give --num-requests or --duration-s (a positive number)")
     for flag, value, ok in (("--rate", args.rate, args.rate > 0),
                             ("--cv", args.cv, args.cv > 0 or args.arrival != "gamma"),
@@ -156,6 +162,7 @@ def _setup(args):
                             ("--true-scale", args.true_scale, args.true_scale > 0),
                             ("--noise-cv", args.noise_cv, args.noise_cv >= 0),
                             ("--duration-s", args.duration_s, args.duration_s >= 0),
+                            ("--num-requests", num_requests, num_requests >= 0),
                             ("--jobs", args.jobs, args.jobs >= 1)):
         if not ok:  # also NaN
             raise ValueError(f"{flag} {value} is out of range")
@@ -172,20 +179,26 @@ def _setup(args):
                      load_profile(args.true_profile) if args.true_profile else None,
                      args.true_scale, args.noise_cv, args.seed, not args.no_check, options)
     spec = None
-    if args.trace:
-        trace = read_trace(args.trace)
+    if args.trace:  # cut as loadgen cuts a trace: by arrival time
+        trace = truncate(read_trace(args.trace), args.num_requests or 0, args.duration_s)
     else:
         spec = WorkloadSpec(args.rate, args.arrival, args.cv, args.mix,
                             parse_shapes(args.image_shapes, "image"),
                             parse_shapes(args.video_shapes, "video"),
-                            args.num_requests, args.duration_s, args.seed)
+                            num_requests, args.duration_s, args.seed)
         trace = generate(spec)
         if args.write_trace:
             write_trace(args.write_trace, trace)
     if not trace:
-        raise ValueError(f"--trace {args.trace}: no requests in it" if args.trace else
-                         "the workload is empty (raise --duration-s or --rate)")
+        raise ValueError(f"--trace {args.trace}: no requests in it{_within(args)}" if args.trace
+                         else "the workload is empty (raise --duration-s or --rate)")
     return exp, policies, spec, trace
+
+
+def _within(args) -> str:
+    limits = [f"{flag} {value:g}" for flag, value in (("--num-requests", args.num_requests or 0),
+                                                       ("--duration-s", args.duration_s)) if value]
+    return f" within {' and '.join(limits)}" if limits else ""
 
 
 def _sweep_values(args) -> tuple[str, list[float]] | None:

@@ -255,6 +255,18 @@ def read_trace(path: str | Path) -> tuple[TraceRequest, ...]:
     return tuple(out)
 
 
+def truncate(trace: Iterable[TraceRequest], num_requests: int = 0,
+             duration_s: float = 0.0) -> tuple[TraceRequest, ...]:
+    """``trace`` sorted by arrival time, cut the way ``--num-requests`` and
+    ``--duration-s`` cut a trace in both ``simulate`` and ``loadgen``: the
+    requests arriving at or before ``duration_s`` (0: no limit), then the
+    first ``num_requests`` of those (0: all). Equal arrivals keep file order."""
+    ordered = sorted(trace, key=lambda t: t.arrival_s)
+    if duration_s > 0:
+        ordered = [t for t in ordered if t.arrival_s <= duration_s]
+    return tuple(ordered[:num_requests] if num_requests > 0 else ordered)
+
+
 def write_trace(path: str | Path, trace: Sequence[TraceRequest]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for t in trace:

@@ -109,3 +109,17 @@ def test_mounts_as_a_subcommand():
     assert args.func is cmd_loadgen
     args = parser.parse_args(["loadgen", "--target", "h:1", "--trace", "t.jsonl", "--out", "o"])
     assert (args.mode, args.target, args.trace, args.out) == ("run", "h:1", "t.jsonl", "o")
+
+
+def test_trace_limits_cut_by_arrival_time_not_file_order(tmp_path):
+    """--num-requests cut the file's first lines before sorting (the 3.0 and
+    2.0 s arrivals of this trace): the same cut as simulate's now."""
+    path = tmp_path / "unsorted.jsonl"
+    path.write_text("".join(json.dumps({"arrival_s": t, "task": "image", "width": 64, "height": 64}) + "\n"
+                            for t in (3.0, 2.0, 0.2, 0.1)))
+    for limits, arrivals in (({"num_requests": 2}, [0.1, 0.2]), ({"duration_s": 1.0}, [0.1, 0.2]),
+                             ({"num_requests": 3, "duration_s": 2.5}, [0.1, 0.2, 2.0])):
+        trace = build_workload(WorkloadOptions(trace=str(path), **limits))
+        assert [t.arrival_s for t in trace] == arrivals
+    args = build_parser().parse_args(["--trace", str(path), "--num-requests", "2"])
+    assert [t.arrival_s for t in build_workload(workload_options(args))] == [0.1, 0.2]

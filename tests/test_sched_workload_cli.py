@@ -11,7 +11,7 @@ from genserve.scheduler import LatencyModel
 from genserve.scheduler.profile import Profile, StepSample, save_profile
 from genserve.scheduler.cli import add_simulate_parser, main
 from genserve.scheduler.workload import (TraceRequest, WorkloadSpec, generate, parse_shapes,
-                                         read_trace, resolve, write_trace)
+                                         read_trace, resolve, truncate, write_trace)
 
 COST = LatencyModel.load("reference-h100")
 
@@ -163,6 +163,10 @@ def test_simulate_refuses_an_empty_trace(tmp_path, capsys):
     trace.write_text("")
     assert main(["simulate", "--trace", str(trace), "--policy", "fcfs"]) == 2
     assert capsys.readouterr().err == f"genserve simulate: --trace {trace}: no requests in it\n"
+    trace.write_text('{"arrival_s": 2, "task": "image", "width": 512, "height": 512}\n')
+    assert main(["simulate", "--trace", str(trace), "--policy", "fcfs", "--duration-s", "1"]) == 2
+    assert capsys.readouterr().err == (
+        f"genserve simulate: --trace {trace}: no requests in it within --duration-s 1\n")
 
 
 @pytest.mark.parametrize("line, message", [
@@ -241,3 +245,37 @@ def test_simulate_warns_when_the_workload_lies_far_outside_the_profile(tmp_path,
                             "extrapolated (--image-shapes / --video-shapes set the workload's)\n")
     assert main(flags + ["--image-shapes", "64x64,96x96,256x256"]) == 0
     assert capsys.readouterr().err == ""
+
+
+UNSORTED = ('{"arrival_s": 3.0, "task": "image", "width": 512, "height": 512}\n'
+            '{"arrival_s": 2.0, "task": "image", "width": 768, "height": 768}\n'
+            '{"arrival_s": 0.2, "task": "video", "width": 832, "height": 480, "num_frames": 33}\n'
+            '{"arrival_s": 0.1, "task": "image", "width": 1024, "height": 1024}\n')
+
+
+@pytest.mark.parametrize("limits, arrivals", [
+    ((2, 0.0), (0.1, 0.2)), ((0, 1.0), (0.1, 0.2)), ((9, 2.5), (0.1, 0.2, 2.0)),
+    ((0, 0.0), (0.1, 0.2, 2.0, 3.0)), ((1, 0.15), (0.1,))])
+def test_truncate_keeps_the_first_arrivals_not_the_first_lines(limits, arrivals, tmp_path):
+    """The one meaning of --num-requests / --duration-s on a trace, shared by
+    simulate and loadgen: sorted by arrival, then cut."""
+    path = tmp_path / "unsorted.jsonl"
+    path.write_text(UNSORTED)
+    assert tuple(t.arrival_s for t in truncate(read_trace(path), *limits)) == arrivals
+
+
+@pytest.mark.parametrize("flags, submitted", [
+    (["--num-requests", "2"], 2), (["--duration-s", "1"], 2), (["--duration-s", "2.5"], 3), ([], 4)])
+def test_simulate_cuts_a_trace_by_its_limits(flags, submitted, tmp_path, capsys):
+    """simulate ignored --num-requests and --duration-s with --trace (and its
+    generated workload's default of 300 must not cut a trace)."""
+    path = tmp_path / "unsorted.jsonl"
+    path.write_text(UNSORTED)
+    assert main(["simulate", "--devices", "4", "--trace", str(path), "--policy", "fcfs", "--quiet",
+                 "--json", *flags]) == 0
+    assert json.loads(capsys.readouterr().out)["policies"]["fcfs"]["submitted"] == submitted
+    long = tmp_path / "long.jsonl"
+    write_trace(long, [TraceRequest(i / 10, "image", 512, 512) for i in range(301)])
+    assert main(["simulate", "--devices", "4", "--trace", str(long), "--policy", "fcfs", "--quiet",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["policies"]["fcfs"]["submitted"] == 301
