@@ -85,10 +85,13 @@ def generated(opts: WorkloadOptions) -> tuple[TraceRequest, ...]:
 
 
 def with_defaults(trace: Sequence[TraceRequest], opts: WorkloadOptions) -> tuple[TraceRequest, ...]:
-    """Fill unset steps and SLOs from the per-class options (never overriding the trace)."""
+    """Fill unset models, steps and SLOs from the per-class options (never
+    overriding the trace)."""
+    models = {"image": opts.image_model, "video": opts.video_model}
     steps = {"image": opts.steps_image, "video": opts.steps_video}
     slos = {"image": opts.slo_ms_image, "video": opts.slo_ms_video}
-    return tuple(replace(t, num_inference_steps=t.num_inference_steps or steps[t.task],
+    return tuple(replace(t, model=t.model or models[t.task],
+                         num_inference_steps=t.num_inference_steps or steps[t.task],
                          slo_ms=t.slo_ms or slos[t.task]) for t in trace)
 
 

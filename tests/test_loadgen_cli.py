@@ -188,6 +188,10 @@ def test_workload_the_server_cannot_serve_is_refused(image_server, tmp_path):
                      '{"arrival_s": 0, "task": "image", "width": 64, "height": 64, "model": "big"}\n')
     main(["--target", target, "--trace", str(trace), "--no-progress", "--no-plots", "--out", str(out)])
     assert servicer.num_generated == 6
+    # --image-model fills the trace's unset models, so the pre-flight check applies as without --trace
+    assert "serves no image model for the workload (asked for: 'big';" in refusal(
+        ["--target", target, "--trace", str(trace), "--image-model", "big", "--out", str(out)])
+    assert servicer.num_generated == 6
 
 
 def test_an_out_folder_that_cannot_be_made_is_one_line_before_the_run(image_server, tmp_path):

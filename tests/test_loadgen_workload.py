@@ -123,3 +123,16 @@ def test_trace_limits_cut_by_arrival_time_not_file_order(tmp_path):
         assert [t.arrival_s for t in trace] == arrivals
     args = build_parser().parse_args(["--trace", str(path), "--num-requests", "2"])
     assert [t.arrival_s for t in build_workload(workload_options(args))] == [0.1, 0.2]
+
+
+def test_model_flags_fill_a_traces_unset_models(tmp_path):
+    """--image-model / --video-model were ignored with --trace (model "" went
+    out: the server's default), though steps and SLOs were filled."""
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in (
+        {"arrival_s": 0, "task": "image", "width": 64, "height": 64},
+        {"arrival_s": 1, "task": "image", "width": 64, "height": 64, "model": "kept"},
+        {"arrival_s": 2, "task": "video", "width": 64, "height": 64, "num_frames": 9})))
+    trace = build_workload(WorkloadOptions(trace=str(path), image_model="img", video_model="vid"))
+    assert [t.model for t in trace] == ["img", "kept", "vid"]
+    assert [t.model for t in build_workload(WorkloadOptions(trace=str(path)))] == ["", "kept", ""]
