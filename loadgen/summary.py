@@ -9,7 +9,8 @@ Definitions:
   class, failed and rejected ones included (they count as misses);
 - goodput: requests that met their SLO per second of the measured window
   (first measured send to last measured finish);
-- latency: the server's ``latency_ms`` of requests that finished OK;
+- latency: the server's ``latency_ms`` of requests that finished OK (client
+  latency, queueing and first-event time are of those requests too);
 - achieved send rate: (n - 1) / (last send - first send); the intended rate is
   the same over the planned send times (open loop only).
 """
@@ -105,7 +106,7 @@ def _rate(times: Sequence[float]) -> float | None:
 def summarize_class(records: Sequence[RequestRecord], window_s: float) -> ClassSummary:
     ok = [r for r in records if r.ok]
     met = sum(r.slo_met for r in records)
-    started = [r for r in records if r.first_event_s >= 0]
+    started = [r for r in ok if r.first_event_s >= 0]
     return ClassSummary(
         num_requests=len(records), num_ok=len(ok), num_met=met,
         attainment=_ratio(met, len(records)),

@@ -108,3 +108,15 @@ def test_plots_are_written(tmp_path):
     compare_bars({"genserve": {"live all": 0.9, "sim all": 0.8}, "fcfs": {"live all": 0.5, "sim all": None}},
                  tmp_path / "compare.png")
     assert (tmp_path / "compare.png").stat().st_size > 1000
+
+
+def test_first_event_ms_is_of_ok_requests_only():
+    """Refused requests that streamed an event (QUEUED, then FAILED) were
+    counted: first_event_ms.count was num_ok + refusals, beside figures of OK
+    requests only."""
+    records = [rec(0, send_s=0.0), rec(1, "image", "ALREADY_EXISTS", send_s=1.0, finish_s=1.01),
+               rec(2, "image", "RESOURCE_EXHAUSTED", send_s=2.0, finish_s=2.5)]
+    assert records[1].first_event_s >= 0 and records[2].first_event_s >= 0
+    image = summarize(records).classes["image"]
+    assert image.num_ok == 1 and image.first_event_ms.count == 1
+    assert image.first_event_ms.p50 == pytest.approx(10.0)
