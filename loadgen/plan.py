@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from genserve.scheduler.workload import (
+    MIN_SLO_MS,
     TraceRequest,
     WorkloadSpec,
     generate,
@@ -62,6 +63,9 @@ class WorkloadOptions:
                              "--default-slo-scale applies")
         if min(self.steps_image, self.steps_video) < 0:
             raise ValueError("steps must be positive (0: default)")
+        if any(0 < slo < MIN_SLO_MS for slo in (self.slo_ms_image, self.slo_ms_video)):
+            raise ValueError(f"a fixed SLO must be 0 (the server's default) or at least "
+                             f"{MIN_SLO_MS:g} ms")
 
 
 def generated(opts: WorkloadOptions) -> tuple[TraceRequest, ...]:
@@ -101,7 +105,8 @@ def with_scaled_slos(trace: Sequence[TraceRequest], cost, slo_scale: float,
     ``cost`` (the shared ``resolve``); models and steps stay as sent."""
     ordered = sorted(trace, key=lambda t: t.arrival_s)
     resolved = resolve(ordered, cost, slo_scale, max_devices)
-    return tuple(replace(t, slo_ms=t.slo_ms or round(r.slo_ms, 3)) for t, r in zip(ordered, resolved))
+    return tuple(replace(t, slo_ms=t.slo_ms or max(MIN_SLO_MS, round(r.slo_ms, 3)))
+                 for t, r in zip(ordered, resolved))
 
 
 def build_workload(opts: WorkloadOptions) -> tuple[TraceRequest, ...]:

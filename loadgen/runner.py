@@ -81,6 +81,12 @@ class Clock:
         return time.monotonic() - self.t0
 
 
+def wire_slo_ms(slo_ms: float) -> int:
+    """The API's whole milliseconds; a positive SLO stays positive (rounding
+    it to 0 would ask for the server's default SLO instead)."""
+    return max(1, round(slo_ms)) if slo_ms > 0 else 0
+
+
 def to_proto(item: TraceRequest, index: int, opts: RunOptions) -> pb.GenerateRequest:
     """The GenerateRequest of one workload item; 0 in steps means the server's default."""
     is_video = item.task == "video"
@@ -88,7 +94,7 @@ def to_proto(item: TraceRequest, index: int, opts: RunOptions) -> pb.GenerateReq
         opts.prompt, task=item.task, model=item.model, width=item.width, height=item.height,
         num_frames=item.num_frames if is_video else None,
         steps=item.num_inference_steps or None, seed=opts.seed * SEED_STRIDE + index,
-        slo_ms=int(round(item.slo_ms)), output_format=opts.output_format,
+        slo_ms=wire_slo_ms(item.slo_ms), output_format=opts.output_format,
         request_id=f"{opts.id_prefix}-{index:06d}")
 
 

@@ -6,8 +6,9 @@ model for the task), ``width``, ``height``, ``num_frames``,
 ``num_inference_steps`` (0: the model's default) and ``slo_ms`` (0: the
 default SLO, slo_scale × isolated latency). Other keys are kept in ``extra``
 (a prompt, for instance) and written back. Sizes and steps are whole numbers,
-times finite; steps are at most ``MAX_STEPS`` and arrivals at most
-``MAX_ARRIVAL_S`` (see ``from_json``).
+times finite; steps are at most ``MAX_STEPS``, arrivals at most
+``MAX_ARRIVAL_S`` and a positive ``slo_ms`` at least ``MIN_SLO_MS`` (see
+``from_json``).
 
 ``generate`` draws arrivals (Poisson, or Gamma with a coefficient of
 variation for bursts), a class mix and a shape mix from a seeded RNG;
@@ -33,6 +34,10 @@ TRACE_KEYS = ("arrival_s", "task", "model", "width", "height", "num_frames",
 # latency is made of (1e300 + 2.0 == 1e300).
 MAX_STEPS = 10_000
 MAX_ARRIVAL_S = 1e7
+# The API's slo_ms is whole milliseconds, 0 meaning the default SLO: a
+# positive SLO under 1 ms cannot be sent as it is (0.4 rounded to 0, the
+# default, while the simulator missed it), so a trace may not hold one.
+MIN_SLO_MS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +171,8 @@ def from_json(d: dict) -> TraceRequest:
 
     Sizes and steps must be whole numbers (512 or 512.0, not 64.9 or true);
     times must be finite; steps at most MAX_STEPS, arrivals at most
-    MAX_ARRIVAL_S; everything within the API's 32 bits."""
+    MAX_ARRIVAL_S, slo_ms 0 or at least MIN_SLO_MS; everything within the
+    API's 32 bits."""
     if not isinstance(d, dict):
         raise ValueError("a trace line must be a JSON object")
     task = d.get("task")
@@ -189,6 +195,9 @@ def from_json(d: dict) -> TraceRequest:
                      (t.num_inference_steps <= MAX_STEPS,
                       f"num_inference_steps must be at most {MAX_STEPS}, got {t.num_inference_steps}"),
                      (0 <= t.slo_ms < math.inf, "slo_ms must be a finite number >= 0"),
+                     (t.slo_ms == 0 or t.slo_ms >= MIN_SLO_MS,
+                      f"slo_ms must be 0 (the default SLO) or at least {MIN_SLO_MS:g} ms (the "
+                      f"API's unit), got {t.slo_ms:g}"),
                      (max(t.width, t.height, t.num_frames, t.slo_ms)
                       < 2 ** 32, "sizes and slo_ms must fit 32 bits (the API's fields)")):
         if not ok:  # also NaN

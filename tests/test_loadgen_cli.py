@@ -71,6 +71,7 @@ NOWHERE = ["--target", "127.0.0.1:9"]  # nothing listens on port 9 (the discard 
     (["--connect-timeout-s", "0"], "--connect-timeout-s must be positive"),
     (["--slo-ms-image", "-5"], "--slo-ms-image must not be negative"),
     (["--slo-ms-video", "-5"], "--slo-ms-video must not be negative"),
+    (["--slo-ms-image", "0.4"], "--slo-ms-image must be 0 (the server's default) or at least 1 ms"),
     (["--slo-scale", "-1", "--profile", "reference-h100"], "--slo-scale must not be negative"),
     (["--num-requests", "-3"], "--num-requests must not be negative"),
     (["--duration-s", "-1"], "--duration-s must not be negative"),
@@ -105,6 +106,9 @@ def test_bad_flags_are_one_line_before_anything_runs(args, expected, tmp_path):
     ("[1, 2]", "must be a JSON object"),
     ('{"arrival_s": 0, "task": "image", "width": -64, "height": 64}', "must be positive"),
     ('{"arrival_s": 0, "task": "image", "width": 64, "height": 64, "slo_ms": -5}', "slo_ms must"),
+    # sent as 0 (the server's default SLO) where simulate missed it: refused in both
+    ('{"arrival_s": 0, "task": "image", "width": 64, "height": 64, "slo_ms": 0.4}',
+     "slo_ms must be 0 (the default SLO) or at least 1 ms"),
     ('{"arrival_s": NaN, "task": "image", "width": 64, "height": 64}', "arrival_s must"),
     ('{"arrival_s": 0, "task": "image", "width": 64, "height": 64, "num_inference_steps": -1}',
      "num_inference_steps must not be negative"),

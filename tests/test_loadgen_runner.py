@@ -80,6 +80,15 @@ def _opts(target: str, **kw) -> RunOptions:
     return RunOptions(target=target, progress=False, **kw)
 
 
+def test_a_positive_slo_is_never_sent_as_the_default():
+    """slo_ms is whole milliseconds on the wire: 0.4 was sent as 0, the
+    server's default SLO, and reported met; the API's smallest SLO is 1 ms."""
+    from genserve.loadgen.runner import to_proto
+
+    opts = _opts("unused", id_prefix="p")
+    assert [to_proto(_item(0, slo_ms=ms), 0, opts).slo_ms for ms in (0, 0.4, 1.4, 2.6)] == [0, 1, 1, 3]
+
+
 def test_every_request_recorded_once_whatever_its_outcome(fake, tmp_path):
     servicer, target = fake
     items = [_item(0.01 * i) for i in range(6)] + [

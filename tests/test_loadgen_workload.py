@@ -136,3 +136,8 @@ def test_model_flags_fill_a_traces_unset_models(tmp_path):
     trace = build_workload(WorkloadOptions(trace=str(path), image_model="img", video_model="vid"))
     assert [t.model for t in trace] == ["img", "kept", "vid"]
     assert [t.model for t in build_workload(WorkloadOptions(trace=str(path)))] == ["", "kept", ""]
+
+
+def test_a_fixed_slo_under_a_millisecond_is_refused():
+    with pytest.raises(ValueError, match="at least 1 ms"):
+        build_workload(WorkloadOptions(num_requests=2, slo_ms_image=0.4))

@@ -66,6 +66,9 @@ def test_trace_numbers_are_whole_and_bounded_and_a_bom_is_allowed(tmp_path):
                                 ("height", True, "height must be a number, got true"),
                                 ("arrival_s", True, "arrival_s must be a number, got true"),
                                 ("slo_ms", 10**400, "slo_ms must be a finite number"),
+                                # the API's whole milliseconds sent 0.4 as 0: the default SLO
+                                ("slo_ms", 0.4, "slo_ms must be 0 .the default SLO. or at least 1 "
+                                                "ms .the API's unit., got 0.4"),
                                 ("num_inference_steps", 10_001, "num_inference_steps must be at most 10000"),
                                 # int()'s and a KeyError's own messages named neither field nor line
                                 ("width", "a", "width must be a whole number, got 'a'"),
