@@ -111,6 +111,10 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-format", default="",
                    help="png|jpeg|webp|mp4|gif|raw (default png/mp4); the server's models must "
                         "offer it for every class in the workload")
+    g.add_argument("--id-prefix", default="",
+                   help="request ids are PREFIX-000000, ... (default: lg- and a random tag, new "
+                        "each run, so runs sharing a server never share an id; compare adds "
+                        "-NAME per run)")
     g.add_argument("--out", default="loadgen-out", help="output directory")
     g.add_argument("--metrics-url", default="",
                    help="run only: server /metrics URL (or HOST:PORT) to scrape; it must answer "
@@ -182,7 +186,7 @@ def run_options(args):
         duration_s=args.duration_s if args.concurrency else 0.0, warmup_s=args.warmup_s,
         warmup_requests=args.warmup_requests, timeout_s=args.timeout_s,
         drain_timeout_s=args.drain_timeout_s, output_format=args.output_format, seed=args.seed,
-        progress=not args.no_progress)
+        id_prefix=args.id_prefix, progress=not args.no_progress)
 
 
 def check_args(args) -> None:
@@ -191,6 +195,7 @@ def check_args(args) -> None:
     unknown output format)."""
     from genserve.client import FORMATS
 
+    from .runner import MAX_ID_PREFIX_CHARS
     from .scrape import metrics_url
 
     for name, value in sorted(vars(args).items()):
@@ -208,6 +213,9 @@ def check_args(args) -> None:
                          f"not {args.output_format!r}")
     if args.metrics_url:
         metrics_url(args.metrics_url)  # the syntax; it is scraped once before the run
+    if not (args.id_prefix.isprintable() and len(args.id_prefix) <= MAX_ID_PREFIX_CHARS):
+        raise ValueError(f"--id-prefix: at most {MAX_ID_PREFIX_CHARS} printable characters, "
+                         f"not {args.id_prefix!r}")
 
 
 def _flag(name: str) -> str:

@@ -71,9 +71,12 @@ def run_live(items: Sequence[TraceRequest], run_opts: RunOptions, copts: Compare
     names = [(p, "") for p in copts.policies] + list(copts.targets)
     for name, target in names:
         run_dir = out_dir / f"live-{name.replace(':', '_')}"
+        # each run its own ids (two targets may be one server): a fresh prefix, or PREFIX-NAME
+        prefix = f"{run_opts.id_prefix}-{name}" if run_opts.id_prefix else ""
         if target:
             _calibrated(items, target, copts, out_dir, client_options)
-            result = run_load(items, replace(run_opts, target=target), client_options=client_options)
+            result = run_load(items, replace(run_opts, target=target, id_prefix=prefix),
+                              client_options=client_options)
         else:
             try:
                 server = LaunchedServer(name, num_workers=copts.num_workers,
@@ -88,7 +91,7 @@ def run_live(items: Sequence[TraceRequest], run_opts: RunOptions, copts: Compare
                     check_workload(items, check_server(server.target), run_opts.output_format,
                                    f"the {name} server")
                     _calibrated(items, server.target, copts, out_dir)
-                    result = run_load(items, replace(run_opts, target=server.target),
+                    result = run_load(items, replace(run_opts, target=server.target, id_prefix=prefix),
                                       metrics_url=server.metrics_url)
                 finally:
                     run_dir.mkdir(parents=True, exist_ok=True)

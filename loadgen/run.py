@@ -14,7 +14,7 @@ import asyncio
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -27,7 +27,7 @@ from genserve.v1 import genserve_pb2 as pb
 
 from .plots import run_plots
 from .records import RequestRecord, read_records, write_records
-from .runner import Clock, RunOptions, closed_loop, open_loop
+from .runner import Clock, RunOptions, closed_loop, new_id_prefix, open_loop
 from .scrape import MetricSample, Scraper, write_samples
 from .summary import Summary, format_table, summarize
 
@@ -155,10 +155,13 @@ def run_load(items: Sequence[TraceRequest], opts: RunOptions, metrics_url: str =
              client_options: dict | None = None, stop_on_sigint: bool = False) -> RunResult:
     """Send ``items`` to ``opts.target`` and wait for every outcome; ``settings``
     (e.g. the workload's options) is kept for summary.json; ``client_options``
-    (``credentials``, ``token``) go to the client and are not recorded. With
+    (``credentials``, ``token``) go to the client and are not recorded. Without
+    ``opts.id_prefix`` the run's request ids get a fresh prefix (``lg-`` and a
+    random tag, in ``settings["run"]``), so concurrent runs never share one. With
     ``stop_on_sigint``, Ctrl-C stops sending and cancels the requests still
     open (their records say CANCELLED), and the result is of what was sent
     (``settings["interrupted"]``); else it raises KeyboardInterrupt as usual."""
+    opts = replace(opts, id_prefix=opts.id_prefix or new_id_prefix())  # (recorded in settings)
     clock = Clock()
     started = time.time()
     scraper = Scraper(metrics_url, clock.t0, scrape_interval_s).start() if metrics_url else None

@@ -13,6 +13,7 @@ metrics scraper uses the same clock, so the two line up.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -27,6 +28,17 @@ from .records import OK, RequestRecord
 
 EV = pb.GenerateEvent.Type
 SEED_STRIDE = 1_000_003  # request seed = run seed * stride + index (reproducible media)
+# A request id is PREFIX-000042: up to 80 characters leave room for compare's
+# "-NAME" and the index within the API's 128.
+MAX_ID_PREFIX_CHARS = 80
+
+
+def new_id_prefix() -> str:
+    """A run's own request-id prefix, ``lg-`` and 8 random hex digits. Ids
+    name requests on the server: two runs sending the same ids to one server
+    interfere (a call with an unfinished request's id is attached to it, or
+    refused ALREADY_EXISTS), so no two runs share a default prefix."""
+    return f"lg-{secrets.token_hex(4)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +55,7 @@ class RunOptions:
     output_format: str = ""  # "": PNG / MP4
     prompt: str = "a lighthouse on a cliff at dusk"
     seed: int = 0
-    id_prefix: str = "lg"
+    id_prefix: str = ""  # request ids are PREFIX-000000, ...; "": new_id_prefix(), per run_load
     progress: bool = True
 
 

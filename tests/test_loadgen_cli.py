@@ -30,6 +30,7 @@ class ModelsOnly(pb_grpc.GenServeServicer):
 
     def __init__(self):
         self.num_generated = 0
+        self.request_ids: list[str] = []
 
     def ListModels(self, request, context):
         return pb.ListModelsResponse(models=[pb.ModelInfo(
@@ -37,6 +38,7 @@ class ModelsOnly(pb_grpc.GenServeServicer):
 
     def GenerateStream(self, request, context):
         self.num_generated += 1
+        self.request_ids.append(request.request_id)
         yield pb.GenerateEvent(request_id=request.request_id, type=EV.COMPLETED,
                                response=pb.GenerateResponse(request_id=request.request_id, slo_met=True))
 
@@ -89,6 +91,8 @@ NOWHERE = ["--target", "127.0.0.1:9"]  # nothing listens on port 9 (the discard 
     (["compare", "--policies", "foo"], "--policies: unknown 'foo'; choose from genserve,"),
     (["compare", "--policies", "fcfs,fcfs"], "each policy or target name once"),
     (["compare", "--targets", "foo"], "--targets: expected NAME=HOST:PORT"),
+    (["--id-prefix", "x" * 100], "--id-prefix: at most 80 printable characters"),
+    (["--id-prefix", "a\tb"], "--id-prefix: at most 80 printable characters"),
     (["compare"], "give --policies and/or --targets"),
     (["--num-requests", "3", "--warmup-requests", "3"], "--warmup-requests 3 leaves none of the workload's 3"),
     (["--num-requests", "3", "--rate", "1", "--warmup-s", "100"], "--warmup-s 100 leaves no request to measure"),
@@ -230,3 +234,33 @@ def test_a_server_that_does_not_start_is_one_line(tmp_path):
 
     err = ServerStartError("fcfs", "", None, 5.0)
     assert err.line == "the server (fcfs) was not listening after 5 s (no output)"
+
+
+def test_runs_send_their_own_ids_and_id_prefix_sets_them(image_server, tmp_path):
+    """Two runs (same seed) sent the same ids lg-000000...; --id-prefix did not
+    exist. compare's runs each get their own ids too, even on one server."""
+    import json
+
+    servicer, target = image_server
+    base = ["--target", target, "--image-fraction", "1", "--num-requests", "2", "--rate", "100",
+            "--no-progress", "--no-plots"]
+    sent = []
+    for run in ("a", "b"):
+        before = len(servicer.request_ids)
+        main([*base, "--out", str(tmp_path / run)])
+        sent.append(servicer.request_ids[before:])
+        records = [json.loads(line) for line in (tmp_path / run / "requests.jsonl").read_text().splitlines()]
+        assert sorted(r["req_id"] for r in records) == sorted(sent[-1])
+    assert len(set(sent[0] + sent[1])) == 4
+    main([*base, "--id-prefix", "exp7", "--out", str(tmp_path / "c")])
+    assert sorted(servicer.request_ids[-2:]) == ["exp7-000000", "exp7-000001"]
+    doc = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert doc["settings"]["run"]["id_prefix"] == "exp7"
+    before = len(servicer.request_ids)
+    main(["compare", "--targets", f"x={target},y={target}", "--image-fraction", "1", "--num-requests", "2",
+          "--rate", "100", "--no-progress", "--no-plots", "--out", str(tmp_path / "cmp")])
+    assert len(set(servicer.request_ids[before:])) == 4
+    before = len(servicer.request_ids)
+    main(["compare", "--targets", f"x={target},y={target}", "--image-fraction", "1", "--num-requests", "1",
+          "--id-prefix", "exp8", "--no-progress", "--no-plots", "--out", str(tmp_path / "cmp2")])
+    assert sorted(servicer.request_ids[before:]) == ["exp8-x-000000", "exp8-y-000000"]

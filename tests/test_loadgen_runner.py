@@ -117,6 +117,24 @@ def test_every_request_recorded_once_whatever_its_outcome(fake, tmp_path):
     assert {p.name for p in tmp_path.glob("*.png")} == {"latency_cdf.png", "attainment_over_time.png"}
 
 
+def test_each_run_sends_its_own_request_ids(fake):
+    """Ids were lg-000000, lg-000001, ... in every run: a second load generator
+    on the same server had its calls attached to the first's requests (same
+    seed: half the work, identical latencies) or refused ALREADY_EXISTS."""
+    servicer, target = fake
+    items = [_item(0.0), _item(0.01)]
+    runs = [run_load(items, RunOptions(target=target, progress=False)) for _ in range(2)]
+    ids = [[r.req_id for r in run.records] for run in runs]
+    assert not set(ids[0]) & set(ids[1])
+    for run, run_ids in zip(runs, ids):
+        prefix = run.settings["run"]["id_prefix"]  # recorded in summary.json's settings
+        assert prefix.startswith("lg-") and run_ids == [f"{prefix}-000000", f"{prefix}-000001"]
+        with servicer.lock:
+            assert {r.request_id for _, r in servicer.received} >= set(run_ids)
+    mine = run_load(items, RunOptions(target=target, progress=False, id_prefix="mine"))
+    assert [r.req_id for r in mine.records] == ["mine-000000", "mine-000001"]
+
+
 def test_open_loop_replays_arrival_times_and_fields(fake, tmp_path):
     servicer, target = fake
     trace = tmp_path / "trace.jsonl"
