@@ -334,15 +334,12 @@ def _prepare(args):
 
 
 def _cmd_run(args, out: Path, items, wopts, client: dict) -> None:
-    from genserve.scheduler.workload import write_trace
-
     from .run import run_load, write_run
 
     result = run_load(items, run_options(args), metrics_url=args.metrics_url,
                       scrape_interval_s=args.scrape_interval_s, settings={"workload": asdict(wopts)},
                       client_options=client, stop_on_sigint=True)
-    write_run(out, result, plots=not args.no_plots)
-    write_trace(out / "workload.jsonl", [items[r.index] for r in result.records])  # what was sent
+    write_run(out, result, items, plots=not args.no_plots)
     print(f"results in {out}/ (requests.jsonl, summary.json{', *.png' if not args.no_plots else ''})")
     if result.settings["interrupted"]:
         stopped = sum(r.status == "CANCELLED" and "load generator" in r.reason for r in result.records)

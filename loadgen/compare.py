@@ -97,7 +97,7 @@ def run_live(items: Sequence[TraceRequest], run_opts: RunOptions, copts: Compare
                     run_dir.mkdir(parents=True, exist_ok=True)
                     server.save_log(run_dir / "server.log")
         print(f"\n== {name} (live)")
-        results[name] = write_run(run_dir, result).to_dict()
+        results[name] = write_run(run_dir, result, items).to_dict()
     return results
 
 

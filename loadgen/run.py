@@ -5,6 +5,7 @@ records; ``write_run`` writes a run directory:
 
     requests.jsonl   one RequestRecord per request (``records.py``)
     summary.json     ``summarize(records)`` plus the run's settings
+    workload.jsonl   the requests sent, as a trace (given the workload's items)
     metrics.jsonl    scraped gauges (only with a metrics URL)
     *.png            latency CDF, attainment over time, queue depth
 """
@@ -22,7 +23,7 @@ import grpc
 from tqdm import tqdm
 
 from genserve.client import FORMATS, AsyncClient, Client
-from genserve.scheduler.workload import TraceRequest
+from genserve.scheduler.workload import TraceRequest, write_trace
 from genserve.v1 import genserve_pb2 as pb
 
 from .plots import run_plots
@@ -180,12 +181,23 @@ def run_load(items: Sequence[TraceRequest], opts: RunOptions, metrics_url: str =
                      clock(), settings)
 
 
-def write_run(out_dir: str | Path, result: RunResult, *, plots: bool = True,
-              quiet: bool = False) -> Summary:
-    """Write the run directory (see the module docstring); returns the summary."""
+def sent_trace(items: Sequence[TraceRequest], records: Sequence[RequestRecord]) -> list[TraceRequest]:
+    """The requests of ``records`` as a trace that ``--trace`` replays at the
+    times they were sent: open loop, the items as planned; closed loop (no
+    planned time), each at its send time, seconds since the run's start."""
+    return [items[r.index] if r.intended_s >= 0 else replace(items[r.index], arrival_s=round(r.send_s, 6))
+            for r in records]
+
+
+def write_run(out_dir: str | Path, result: RunResult, items: Sequence[TraceRequest] | None = None,
+              *, plots: bool = True, quiet: bool = False) -> Summary:
+    """Write the run directory (see the module docstring; ``workload.jsonl``
+    when given the ``items`` the run was handed); returns the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_records(out / "requests.jsonl", result.records)
+    if items is not None:
+        write_trace(out / "workload.jsonl", sent_trace(items, result.records))
     summary = summarize(result.records)
     doc = {"summary": summary.to_dict(), "settings": result.settings,
            "started_unix_s": result.started_unix_s, "elapsed_s": result.elapsed_s}

@@ -264,3 +264,26 @@ def test_runs_send_their_own_ids_and_id_prefix_sets_them(image_server, tmp_path)
     main(["compare", "--targets", f"x={target},y={target}", "--image-fraction", "1", "--num-requests", "1",
           "--id-prefix", "exp8", "--no-progress", "--no-plots", "--out", str(tmp_path / "cmp2")])
     assert sorted(servicer.request_ids[before:]) == ["exp8-x-000000", "exp8-y-000000"]
+
+
+def test_closed_loop_workload_jsonl_holds_the_send_times(image_server, tmp_path):
+    """workload.jsonl of a closed loop held the unused Poisson plan at --rate
+    (1/s: 6 requests over ~6 s) instead of the requests as sent (~all at once)."""
+    import json
+
+    from genserve.scheduler.workload import read_trace
+
+    servicer, target = image_server
+    out = tmp_path / "closed"
+    main(["--target", target, "--image-fraction", "1", "--concurrency", "2", "--num-requests", "6",
+          "--no-progress", "--no-plots", "--out", str(out)])
+    records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+    trace = read_trace(out / "workload.jsonl")
+    assert [t.arrival_s for t in trace] == [round(r["send_s"], 6) for r in records]
+    assert trace[-1].arrival_s < 1.0
+    replay = tmp_path / "replay"  # replayable: open loop at those times
+    main(["--target", target, "--trace", str(out / "workload.jsonl"), "--no-progress", "--no-plots",
+          "--out", str(replay)])
+    again = [json.loads(line) for line in (replay / "requests.jsonl").read_text().splitlines()]
+    assert [r["intended_s"] for r in again] == [t.arrival_s for t in trace]
+    assert read_trace(replay / "workload.jsonl") == trace
