@@ -249,7 +249,7 @@ def _compare_options(args):
     return CompareOptions(policies=policies, targets=targets, num_workers=args.num_workers,
                           server_args=tuple(server_args), profile=args.profile,
                           sim_slo_scale=args.slo_scale or 3.0,
-                          sim_max_sp_degree=args.sim_max_sp_degree)
+                          sim_max_sp_degree=args.sim_max_sp_degree, plots=not args.no_plots)
 
 
 def cmd_loadgen(args) -> None:

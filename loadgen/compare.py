@@ -51,6 +51,7 @@ class CompareOptions:
     sim_max_image_batch: int = 8
     sim_max_image_sp_degree: int = 1
     metrics: bool = True  # scrape launched servers' queue depth
+    plots: bool = True  # PNGs of each run and compare.png
 
 
 def _calibrated(items: Sequence[TraceRequest], target: str, copts: CompareOptions, out_dir: Path,
@@ -97,7 +98,7 @@ def run_live(items: Sequence[TraceRequest], run_opts: RunOptions, copts: Compare
                     run_dir.mkdir(parents=True, exist_ok=True)
                     server.save_log(run_dir / "server.log")
         print(f"\n== {name} (live)")
-        results[name] = write_run(run_dir, result, items).to_dict()
+        results[name] = write_run(run_dir, result, items, plots=copts.plots).to_dict()
     return results
 
 
@@ -137,7 +138,8 @@ def warmup_ids(items: Sequence[TraceRequest], run_opts: RunOptions) -> frozenset
 
 def compare(items: Sequence[TraceRequest], run_opts: RunOptions, copts: CompareOptions,
             out_dir: str | Path, client_options: dict | None = None) -> dict:
-    """Run everything, write ``compare.json`` and ``compare.png``; returns the table rows."""
+    """Run everything, write ``compare.json`` (and ``compare.png`` unless
+    ``copts.plots`` is off); returns the table rows."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     live = run_live(items, run_opts, copts, out, client_options)
@@ -158,8 +160,9 @@ def compare(items: Sequence[TraceRequest], run_opts: RunOptions, copts: CompareO
                 rows[name]["sim detail"] = sim["summary"]
     doc = {"rows": rows, "live": live, "options": _jsonable(copts), "num_requests": len(items)}
     (out / "compare.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    bars = {n: {k: v for k, v in r.items() if k.split()[-1] in CLASSES} for n, r in rows.items()}
-    compare_bars(bars, out / "compare.png")
+    if copts.plots:
+        bars = {n: {k: v for k, v in r.items() if k.split()[-1] in CLASSES} for n, r in rows.items()}
+        compare_bars(bars, out / "compare.png")
     print("\n" + format_compare(rows))
     return rows
 

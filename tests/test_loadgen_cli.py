@@ -287,3 +287,15 @@ def test_closed_loop_workload_jsonl_holds_the_send_times(image_server, tmp_path)
     again = [json.loads(line) for line in (replay / "requests.jsonl").read_text().splitlines()]
     assert [r["intended_s"] for r in again] == [t.arrival_s for t in trace]
     assert read_trace(replay / "workload.jsonl") == trace
+
+
+def test_compare_no_plots_writes_no_png(image_server, tmp_path):
+    servicer, target = image_server
+    flags = ["compare", "--targets", f"x={target}", "--image-fraction", "1", "--num-requests", "2",
+             "--rate", "100", "--no-progress"]
+    main([*flags, "--no-plots", "--out", str(tmp_path / "a")])
+    assert (tmp_path / "a" / "compare.json").exists() and (tmp_path / "a" / "live-x" / "summary.json").exists()
+    assert not list((tmp_path / "a").rglob("*.png"))
+    main([*flags, "--out", str(tmp_path / "b")])
+    assert {p.name for p in (tmp_path / "b").rglob("*.png")} == {
+        "compare.png", "latency_cdf.png", "attainment_over_time.png"}
