@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -142,6 +143,7 @@ def compare(items: Sequence[TraceRequest], run_opts: RunOptions, copts: CompareO
     ``copts.plots`` is off); returns the table rows."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _note_unsimulated(copts)
     live = run_live(items, run_opts, copts, out, client_options)
     if copts.profile == AUTO:
         copts = replace(copts, profile=str(out / "profile.json"))
@@ -165,6 +167,18 @@ def compare(items: Sequence[TraceRequest], run_opts: RunOptions, copts: CompareO
         compare_bars(bars, out / "compare.png")
     print("\n" + format_compare(rows))
     return rows
+
+
+def _note_unsimulated(copts: CompareOptions) -> None:
+    """The simulator runs a policy by its name: a target named otherwise gets
+    no simulated columns, which would look like a simulation that failed."""
+    from genserve.scheduler import POLICY_NAMES
+
+    for name, _ in copts.targets if copts.profile else ():
+        if name not in POLICY_NAMES:
+            print(f"loadgen: note: target {name!r} is not a policy name, so it is not simulated "
+                  f"(its sim columns read -); name it after its server's --policy "
+                  f"({', '.join(POLICY_NAMES)}) to simulate that policy", file=sys.stderr)
 
 
 def _jsonable(copts: CompareOptions) -> dict:

@@ -299,3 +299,16 @@ def test_compare_no_plots_writes_no_png(image_server, tmp_path):
     main([*flags, "--out", str(tmp_path / "b")])
     assert {p.name for p in (tmp_path / "b").rglob("*.png")} == {
         "compare.png", "latency_cdf.png", "attainment_over_time.png"}
+
+
+def test_compare_notes_a_target_it_cannot_simulate(image_server, tmp_path, capsys):
+    """With --profile, a target not named after a policy was silently left
+    out of the simulation (its sim columns "-")."""
+    servicer, target = image_server
+    main(["compare", "--targets", f"mine={target}", "--profile", "reference-h100", "--image-fraction", "1",
+          "--num-requests", "1", "--no-progress", "--no-plots", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "loadgen: note: target 'mine' is not a policy name" in err and "not simulated" in err
+    main(["compare", "--targets", f"mine={target}", "--image-fraction", "1", "--num-requests", "1",
+          "--no-progress", "--no-plots", "--out", str(tmp_path)])
+    assert "note" not in capsys.readouterr().err  # no profile: nothing is simulated, nothing to say
