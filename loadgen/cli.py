@@ -85,9 +85,9 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--slo-ms-image", type=float, default=0.0, help="fixed SLO of every image")
     s.add_argument("--slo-ms-video", type=float, default=0.0, help="fixed SLO of every video")
     s.add_argument("--slo-scale", type=float, default=0.0,
-                   help="SLO = scale x isolated latency from --profile (compare without a "
-                        "profile: passed to the servers as --default-slo-scale; 0: the "
-                        "server's default)")
+                   help="SLO = scale x isolated latency from --profile (compare with --profile "
+                        "auto: the measured one; without a profile: passed to the servers compare "
+                        "starts as --default-slo-scale; 0: the server's default)")
     s.add_argument("--profile", default="", help="latency profile (name or JSON path): SLOs for "
                                                  "--slo-scale, and the simulator in compare; compare "
                                                  "also takes 'auto' (measured on the live servers)")
@@ -243,11 +243,12 @@ def _compare_options(args):
     if args.metrics_url:
         raise ValueError("--metrics-url is for run (compare scrapes the servers it starts)")
     server_args = shlex.split(args.server_args)
-    # Without a profile the loadgen cannot compute SLOs: the servers apply the scale.
-    if args.slo_scale and args.profile in ("", "auto"):
+    # Without a profile the loadgen cannot compute SLOs: the servers it starts apply the
+    # scale (with "auto", compare computes them from the first server's measured profile).
+    if args.slo_scale and not args.profile:
         server_args += ["--default-slo-scale", str(args.slo_scale)]
     return CompareOptions(policies=policies, targets=targets, num_workers=args.num_workers,
-                          server_args=tuple(server_args), profile=args.profile,
+                          server_args=tuple(server_args), profile=args.profile, slo_scale=args.slo_scale,
                           sim_slo_scale=args.slo_scale or 3.0,
                           sim_max_sp_degree=args.sim_max_sp_degree, plots=not args.no_plots)
 

@@ -6,10 +6,16 @@ each run is a normal run directory under ``OUT/live-NAME``. Simulated: the
 same requests through ``genserve.scheduler.simulator`` with a latency profile,
 on a cluster shaped like the live one. ``profile="auto"`` measures one through
 the API (``calibrate.py``) on every live server before its run (the same
-warm-up for all) and simulates with the first server's (``OUT/profile.json``). The SLOs are the ones sent live when
-the workload carries them (``--slo-ms-*`` or ``--slo-scale`` with a profile);
-requests with ``slo_ms=0`` get ``sim_slo_scale`` x isolated latency in the
-simulator, as the server does with its ``--default-slo-scale``.
+warm-up for all) and simulates with the first server's (``OUT/profile.json``).
+
+SLOs: live and simulated runs share the ones the workload carries
+(``--slo-ms-*``, or ``--slo-scale`` with a named profile), and with
+``profile="auto"`` and ``slo_scale`` the ones the simulator computes from the
+first server's measured profile (set before the first run, sent to every
+server). Requests with ``slo_ms=0`` get ``sim_slo_scale`` x isolated latency
+in the simulator and each server's own ``--default-slo-scale`` live; without
+a profile ``--slo-scale`` can reach only the servers compare starts, so running
+targets are warned about.
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ class CompareOptions:
     num_workers: int = 2
     server_args: tuple[str, ...] = ()  # extra `genserve serve` flags
     profile: str = ""  # latency profile for the simulator ("": no simulation; "auto": measure it)
+    slo_scale: float = 0.0  # --slo-scale: with "auto", live SLOs of requests without one (above)
     sim_slo_scale: float = 3.0  # SLO of slo_ms=0 requests in the simulator
     # The simulated cluster mirrors the live engine: SP up to the largest
     # power of two of its workers (0: derive it), state moves between
@@ -55,28 +62,47 @@ class CompareOptions:
     plots: bool = True  # PNGs of each run and compare.png
 
 
+def sim_max_sp(copts: CompareOptions) -> int:
+    """The simulated cluster's SP limit: as the live engine's unless set."""
+    return copts.sim_max_sp_degree or 1 << (max(copts.num_workers, 1).bit_length() - 1)
+
+
 def _calibrated(items: Sequence[TraceRequest], target: str, copts: CompareOptions, out_dir: Path,
-                client_options: dict | None = None) -> None:
+                client_options: dict | None = None, *, first: bool) -> tuple[TraceRequest, ...]:
+    """The items to send ``target``: with profile "auto", after measuring its
+    profile; the first server's is the simulator's (``OUT/profile.json``) and,
+    with ``copts.slo_scale``, gives each request without an SLO the one the
+    simulator computes from it, so that every live run is sent the same."""
     if copts.profile != AUTO:
-        return
+        return tuple(items)
     profile = calibrate(target, items, client_options=client_options)
-    if not (out_dir / "profile.json").exists():
-        save_profile(profile, out_dir / "profile.json")
+    if not first:
+        return tuple(items)
+    save_profile(profile, out_dir / "profile.json")
+    if not copts.slo_scale:
+        return tuple(items)
+    from genserve.scheduler.latency import LatencyModel
+
+    from .plan import with_scaled_slos
+
+    cost = LatencyModel.load(str(out_dir / "profile.json"))  # as simulate_policy loads it
+    return with_scaled_slos(items, cost, copts.slo_scale, sim_max_sp(copts))
 
 
 def run_live(items: Sequence[TraceRequest], run_opts: RunOptions, copts: CompareOptions,
-             out_dir: Path, client_options: dict | None = None) -> dict[str, dict]:
-    """Every live run; {name: summary dict}. ``client_options`` (TLS
-    credentials, token) are for the running ``targets``; servers this starts
-    listen in plaintext on loopback."""
+             out_dir: Path, client_options: dict | None = None
+             ) -> tuple[dict[str, dict], tuple[TraceRequest, ...]]:
+    """Every live run: ({name: summary dict}, the items sent, with the SLOs
+    ``_calibrated`` set). ``client_options`` (TLS credentials, token) are for
+    the running ``targets``; servers this starts listen in plaintext on loopback."""
     results = {}
     names = [(p, "") for p in copts.policies] + list(copts.targets)
-    for name, target in names:
+    for n, (name, target) in enumerate(names):
         run_dir = out_dir / f"live-{name.replace(':', '_')}"
         # each run its own ids (two targets may be one server): a fresh prefix, or PREFIX-NAME
         prefix = f"{run_opts.id_prefix}-{name}" if run_opts.id_prefix else ""
         if target:
-            _calibrated(items, target, copts, out_dir, client_options)
+            items = _calibrated(items, target, copts, out_dir, client_options, first=n == 0)
             result = run_load(items, replace(run_opts, target=target, id_prefix=prefix),
                               client_options=client_options)
         else:
@@ -92,7 +118,7 @@ def run_live(items: Sequence[TraceRequest], run_opts: RunOptions, copts: Compare
                 try:
                     check_workload(items, check_server(server.target), run_opts.output_format,
                                    f"the {name} server")
-                    _calibrated(items, server.target, copts, out_dir)
+                    items = _calibrated(items, server.target, copts, out_dir, first=n == 0)
                     result = run_load(items, replace(run_opts, target=server.target, id_prefix=prefix),
                                       metrics_url=server.metrics_url)
                 finally:
@@ -100,7 +126,7 @@ def run_live(items: Sequence[TraceRequest], run_opts: RunOptions, copts: Compare
                     server.save_log(run_dir / "server.log")
         print(f"\n== {name} (live)")
         results[name] = write_run(run_dir, result, items, plots=copts.plots).to_dict()
-    return results
+    return results, tuple(items)
 
 
 def simulate_policy(items: Sequence[TraceRequest], policy: str, copts: CompareOptions,
@@ -113,7 +139,7 @@ def simulate_policy(items: Sequence[TraceRequest], policy: str, copts: CompareOp
     from genserve.scheduler.workload import resolve
 
     cost = LatencyModel.load(copts.profile)
-    max_sp = copts.sim_max_sp_degree or 1 << (max(copts.num_workers, 1).bit_length() - 1)
+    max_sp = sim_max_sp(copts)
     cluster = ClusterSpec(copts.num_workers, max_sp_degree=max_sp, migratable=copts.sim_migratable,
                           max_image_batch=copts.sim_max_image_batch,
                           max_image_sp_degree=copts.sim_max_image_sp_degree)
@@ -143,8 +169,8 @@ def compare(items: Sequence[TraceRequest], run_opts: RunOptions, copts: CompareO
     ``copts.plots`` is off); returns the table rows."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _note_unsimulated(copts)
-    live = run_live(items, run_opts, copts, out, client_options)
+    _notes(copts)
+    live, items = run_live(items, run_opts, copts, out, client_options)
     if copts.profile == AUTO:
         copts = replace(copts, profile=str(out / "profile.json"))
     rows: dict[str, dict] = {}
@@ -169,10 +195,17 @@ def compare(items: Sequence[TraceRequest], run_opts: RunOptions, copts: CompareO
     return rows
 
 
-def _note_unsimulated(copts: CompareOptions) -> None:
-    """The simulator runs a policy by its name: a target named otherwise gets
-    no simulated columns, which would look like a simulation that failed."""
+def _notes(copts: CompareOptions) -> None:
+    """What the table cannot show: running targets that keep their own SLO
+    scale, and targets the simulator cannot run (it knows a policy by its
+    name: the sim columns of another name read as a simulation that failed)."""
     from genserve.scheduler import POLICY_NAMES
+
+    if copts.slo_scale and not copts.profile and copts.targets:
+        print(f"loadgen: warning: --slo-scale {copts.slo_scale:g} without --profile reaches only the "
+              f"servers compare starts (as --default-slo-scale); the running target(s) "
+              f"{', '.join(repr(name) for name, _ in copts.targets)} give requests their own default "
+              f"SLOs (--profile, or auto, sends every server the same SLOs)", file=sys.stderr)
 
     for name, _ in copts.targets if copts.profile else ():
         if name not in POLICY_NAMES:

@@ -102,11 +102,11 @@ def with_defaults(trace: Sequence[TraceRequest], opts: WorkloadOptions) -> tuple
 def with_scaled_slos(trace: Sequence[TraceRequest], cost, slo_scale: float,
                      max_devices: int) -> tuple[TraceRequest, ...]:
     """Give each request without an SLO ``slo_scale`` x its isolated latency under
-    ``cost`` (the shared ``resolve``); models and steps stay as sent."""
-    ordered = sorted(trace, key=lambda t: t.arrival_s)
-    resolved = resolve(ordered, cost, slo_scale, max_devices)
-    return tuple(replace(t, slo_ms=t.slo_ms or max(MIN_SLO_MS, round(r.slo_ms, 3)))
-                 for t, r in zip(ordered, resolved))
+    ``cost`` (the shared ``resolve``); models, steps and order stay as given."""
+    order = sorted(range(len(trace)), key=lambda i: trace[i].arrival_s)  # resolve's order
+    slos = dict(zip(order, (r.slo_ms for r in resolve(trace, cost, slo_scale, max_devices))))
+    return tuple(replace(t, slo_ms=t.slo_ms or max(MIN_SLO_MS, round(slos[i], 3)))
+                 for i, t in enumerate(trace))
 
 
 def build_workload(opts: WorkloadOptions) -> tuple[TraceRequest, ...]:
