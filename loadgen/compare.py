@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from genserve.scheduler.workload import TraceRequest
+from genserve.scheduler.workload import TraceRequest, write_trace
 
 from genserve.scheduler.profile import save_profile
 
@@ -171,6 +171,7 @@ def compare(items: Sequence[TraceRequest], run_opts: RunOptions, copts: CompareO
     out.mkdir(parents=True, exist_ok=True)
     _notes(copts)
     live, items = run_live(items, run_opts, copts, out, client_options)
+    write_trace(out / "workload.jsonl", items)  # with the SLOs sent (profile "auto")
     if copts.profile == AUTO:
         copts = replace(copts, profile=str(out / "profile.json"))
     rows: dict[str, dict] = {}
@@ -217,7 +218,7 @@ def _notes(copts: CompareOptions) -> None:
 def _jsonable(copts: CompareOptions) -> dict:
     return {"policies": list(copts.policies), "targets": [list(t) for t in copts.targets],
             "num_workers": copts.num_workers, "server_args": list(copts.server_args),
-            "profile": copts.profile, "sim_slo_scale": copts.sim_slo_scale,
+            "profile": copts.profile, "slo_scale": copts.slo_scale, "sim_slo_scale": copts.sim_slo_scale,
             "sim_max_sp_degree": copts.sim_max_sp_degree}
 
 

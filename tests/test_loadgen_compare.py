@@ -80,6 +80,7 @@ def test_slo_scale_with_a_measured_profile_reaches_the_live_runs(calibratable, t
     assert [t.slo_ms for t in sent] == pytest.approx(expected, abs=1e-3)
     assert min(expected) > 1.0
     assert sorted(servicer.slo_ms.values()) == sorted(wire_slo_ms(ms) for ms in expected)
+    assert read_trace(tmp_path / "workload.jsonl") == sent  # the simulator's requests
 
 
 def test_slo_scale_without_a_profile_warns_that_targets_keep_their_own(calibratable, tmp_path, capsys):
