@@ -27,7 +27,7 @@ def _positive(v) -> bool:
     return v > 0
 
 
-def _zero_or_whole_ms(v) -> bool:
+def _zero_or_min_slo(v) -> bool:
     from genserve.scheduler.workload import MIN_SLO_MS
 
     return v == 0 or v >= MIN_SLO_MS
@@ -47,8 +47,8 @@ RANGES = (
     ("duration_s", _not_negative, "must not be negative"),
     ("slo_ms_image", _not_negative, "must not be negative (0: the server's default)"),
     ("slo_ms_video", _not_negative, "must not be negative (0: the server's default)"),
-    ("slo_ms_image", _zero_or_whole_ms, "must be 0 (the server's default) or at least 1 ms"),
-    ("slo_ms_video", _zero_or_whole_ms, "must be 0 (the server's default) or at least 1 ms"),
+    ("slo_ms_image", _zero_or_min_slo, "must be 0 (the server's default) or at least 1 ms"),
+    ("slo_ms_video", _zero_or_min_slo, "must be 0 (the server's default) or at least 1 ms"),
     ("slo_scale", _not_negative, "must not be negative (0: the server's default)"),
     ("concurrency", _not_negative, "must not be negative (0: open loop)"),
     ("warmup_s", _not_negative, "must not be negative"),
