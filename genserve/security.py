@@ -132,17 +132,20 @@ def _read(path: str, what: str) -> bytes:
 
 
 def _read_pair(cert_path: str, key_path: str, cert_flag: str, key_flag: str) -> tuple[bytes, bytes]:
-    """(key, certificate chain): PEM, and the key the certificate's (grpc would
-    only find out when it binds or connects, with a message about the port or
-    the connection)."""
+    """(key, certificate chain): PEM, the key unencrypted and the certificate's
+    (grpc would only find out when it binds or connects, with a message about
+    the port or the connection)."""
     cert = _read(cert_path, cert_flag)  # in the order the flags are usually given
     key = _read(key_path, key_flag)
     if b"-----BEGIN CERTIFICATE-----" not in cert:
         raise SecurityError(f"{cert_flag} {cert_path}: not a PEM certificate")
     if b"PRIVATE KEY-----" not in key:
         raise SecurityError(f"{key_flag} {key_path}: not a PEM private key")
+    def encrypted():  # OpenSSL asks for the passphrase: refuse instead of prompting on the terminal
+        raise SecurityError(f"{key_flag} {key_path}: the key is encrypted (passphrase-protected); give it "
+                            f"unencrypted (openssl pkey -in {key_path} -out key.pem), readable by this user only")
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert_path, key_path)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert_path, key_path, password=encrypted)
     except ssl.SSLError as err:
         why = "is not the key of" if "KEY_VALUES_MISMATCH" in str(err) else "does not load with"
         raise SecurityError(f"{key_flag} {key_path} {why} {cert_flag} {cert_path} ({err.reason or err})") from None

@@ -59,7 +59,8 @@ def _leaf(d: pathlib.Path, name: str, ca: str, usage: str, serial: int) -> None:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> pathlib.Path:
-    """ca (signs server and client), rogue-ca (signs rogue-client)."""
+    """ca (signs server and client), rogue-ca (signs rogue-client); the keys
+    of server and client encrypted (PKCS#8 and OpenSSL's traditional form)."""
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is needed to make test certificates")
     d = tmp_path_factory.mktemp("pki")
@@ -68,6 +69,10 @@ def pki(tmp_path_factory) -> pathlib.Path:
     _leaf(d, "server", "ca", "serverAuth", 2)
     _leaf(d, "client", "ca", "clientAuth", 3)
     _leaf(d, "rogue-client", "rogue-ca", "clientAuth", 4)
+    for name in ("server", "client"):
+        _openssl("pkey", "-in", f"{name}.key", "-aes256", "-passout", "pass:secret", "-out", f"{name}-enc.key", cwd=d)
+        _openssl("pkey", "-in", f"{name}.key", "-aes256", "-passout", "pass:secret", "-traditional",
+                 "-out", f"{name}-enc-traditional.key", cwd=d)
     return d
 
 
@@ -164,6 +169,41 @@ def test_tls_files_are_checked_when_loaded(pki, tmp_path):
         channel_credentials(str(garbage))
     with pytest.raises(SecurityError, match="--tls-client-key .* is not the key of --tls-client-cert"):
         channel_credentials(ca, str(pki / "client.pem"), cert)
+
+
+@pytest.mark.parametrize("form", ["enc", "enc-traditional"])
+def test_an_encrypted_key_is_refused_in_one_line_without_a_prompt(pki, form, tmp_path):
+    """OpenSSL prompted 'Enter PEM pass phrase:' on a terminal and, without
+    one, load_cert_chain raised OSError [Errno 22] (a traceback); the client
+    commands likewise, and loadgen printed the errno without the file."""
+    from genserve.cli import main
+    from genserve.loadgen.cli import main as loadgen_main
+
+    server_key, client_key_path = pki / f"server-{form}.key", pki / f"client-{form}.key"
+
+    def refusal(flag, path):
+        return (f"{flag} {path}: the key is encrypted (passphrase-protected); give it unencrypted "
+                f"(openssl pkey -in {path} -out key.pem), readable by this user only")
+    with pytest.raises(SecurityError) as err:
+        load_security(Security(tls_cert=str(pki / "server.pem"), tls_key=str(server_key)))
+    assert str(err.value) == refusal("--tls-key", server_key)
+    with pytest.raises(SecurityError) as err:
+        channel_credentials(str(pki / "ca.pem"), str(pki / "client.pem"), str(client_key_path))
+    assert str(err.value) == refusal("--tls-client-key", client_key_path)
+    flags = ["--target", "127.0.0.1:1", "--tls-ca", str(pki / "ca.pem"), "--tls-client-cert",
+             str(pki / "client.pem"), "--tls-client-key", str(client_key_path)]
+    for command in (["models"], ["generate", "a cat"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*command, *flags])
+        assert exc.value.code == "error: " + refusal("--tls-client-key", client_key_path)
+    with pytest.raises(SystemExit) as exc:
+        loadgen_main(["run", *flags, "--num-requests", "1", "--out", str(tmp_path / "out")])
+    assert exc.value.code == "loadgen: " + refusal("--tls-client-key", client_key_path)
+    # the real command, with no terminal to prompt on (a new session): one line, no traceback
+    proc = subprocess.run([sys.executable, "-m", "genserve", "serve", "--port", "0", "--tls-cert",
+                           str(pki / "server.pem"), "--tls-key", str(server_key)], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120, start_new_session=True)
+    assert proc.returncode == 1 and proc.stderr == f"error: {refusal('--tls-key', server_key)}\n", proc.stderr
 
 
 @pytest.mark.parametrize("flags", [["--tls-client-key", "k.pem"], ["--tls-ca", "/no/such/ca.pem"]])
