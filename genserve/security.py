@@ -29,11 +29,13 @@ import logging
 import pathlib
 import ssl
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Callable
 
 import grpc
 
 from genserve.config import Security
+from genserve.pem import date_warnings
 from genserve.v1 import genserve_pb2 as pb
 
 log = logging.getLogger("genserve.security")
@@ -134,7 +136,7 @@ def _read(path: str, what: str) -> bytes:
 def _read_pair(cert_path: str, key_path: str, cert_flag: str, key_flag: str) -> tuple[bytes, bytes]:
     """(key, certificate chain): PEM, the key unencrypted and the certificate's
     (grpc would only find out when it binds or connects, with a message about
-    the port or the connection)."""
+    the port or the connection). Logs a warning for a certificate out of date."""
     cert = _read(cert_path, cert_flag)  # in the order the flags are usually given
     key = _read(key_path, key_flag)
     if b"-----BEGIN CERTIFICATE-----" not in cert:
@@ -149,6 +151,8 @@ def _read_pair(cert_path: str, key_path: str, cert_flag: str, key_flag: str) -> 
     except ssl.SSLError as err:
         why = "is not the key of" if "KEY_VALUES_MISMATCH" in str(err) else "does not load with"
         raise SecurityError(f"{key_flag} {key_path} {why} {cert_flag} {cert_path} ({err.reason or err})") from None
+    for line in date_warnings(cert, f"{cert_flag} {cert_path}", datetime.now(timezone.utc)):
+        log.warning("%s", line)  # served anyway: an operator may need the server up
     return key, cert
 
 

@@ -9,6 +9,7 @@ limit of 2, and mutual TLS. Certificates are made at test time with the
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import pathlib
 import shutil
@@ -57,10 +58,28 @@ def _leaf(d: pathlib.Path, name: str, ca: str, usage: str, serial: int) -> None:
              "-set_serial", str(serial), "-days", "2", "-out", f"{name}.pem", "-extfile", ext.name, cwd=d)
 
 
+def _dated_leaf(d: pathlib.Path, name: str, ca: str, start: str, end: str) -> None:
+    """A certificate valid from ``start`` to ``end`` (YYYYMMDDHHMMSSZ), which
+    only ``openssl ca`` can date in the past (it keeps a small database)."""
+    db = d / "ca-db"
+    if not db.exists():
+        db.mkdir()
+        (db / "index.txt").write_text("")
+        (db / "serial").write_text("10\n")
+        (d / "ca.cnf").write_text("[ca]\ndefault_ca = d\n[d]\ndatabase = ca-db/index.txt\nnew_certs_dir = ca-db\n"
+                                  "serial = ca-db/serial\ndefault_md = sha256\npolicy = p\nunique_subject = no\n"
+                                  "[p]\ncommonName = supplied\n")
+    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+    _openssl("ca", "-batch", "-config", "ca.cnf", "-cert", f"{ca}.pem", "-keyfile", f"{ca}.key", "-notext",
+             "-in", f"{name}.csr", "-out", f"{name}.pem", "-startdate", start, "-enddate", end, cwd=d)
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> pathlib.Path:
     """ca (signs server and client), rogue-ca (signs rogue-client); the keys
-    of server and client encrypted (PKCS#8 and OpenSSL's traditional form)."""
+    of server and client encrypted (PKCS#8 and OpenSSL's traditional form);
+    certificates expired (2020), not valid yet (2050) and valid until 2099."""
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is needed to make test certificates")
     d = tmp_path_factory.mktemp("pki")
@@ -73,6 +92,9 @@ def pki(tmp_path_factory) -> pathlib.Path:
         _openssl("pkey", "-in", f"{name}.key", "-aes256", "-passout", "pass:secret", "-out", f"{name}-enc.key", cwd=d)
         _openssl("pkey", "-in", f"{name}.key", "-aes256", "-passout", "pass:secret", "-traditional",
                  "-out", f"{name}-enc-traditional.key", cwd=d)
+    _dated_leaf(d, "expired", "ca", "20200101000000Z", "20200102000000Z")
+    _dated_leaf(d, "future", "ca", "20500101000000Z", "20510101000000Z")
+    _dated_leaf(d, "lasting", "ca", "20200101000000Z", "20991231000000Z")
     return d
 
 
@@ -204,6 +226,28 @@ def test_an_encrypted_key_is_refused_in_one_line_without_a_prompt(pki, form, tmp
                            str(pki / "server.pem"), "--tls-key", str(server_key)], stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=120, start_new_session=True)
     assert proc.returncode == 1 and proc.stderr == f"error: {refusal('--tls-key', server_key)}\n", proc.stderr
+
+
+@pytest.mark.parametrize("name, warning", [
+    ("expired", "expired on 2020-01-02 00:00:00 UTC (notAfter): TLS clients refuse it"),
+    ("future", "is not valid until 2050-01-01 00:00:00 UTC (notBefore)"),  # a GeneralizedTime
+    ("server", "day(s): replace it and restart the server before then"),  # made for 2 days
+    ("lasting", None),
+])
+def test_a_certificate_out_of_date_is_one_warning_when_loaded(pki, caplog, name, warning):
+    """The server started with an expired certificate without a word and
+    reported SERVING; every TLS client failed 'certificate has expired'. It
+    still starts (an operator may need it up), with one WARNING line."""
+    cert, key = pki / f"{name}.pem", pki / f"{name}.key"
+    with caplog.at_level(logging.WARNING, logger="genserve.security"):
+        assert load_security(Security(tls_cert=str(cert), tls_key=str(key))).credentials is not None
+        channel_credentials(str(pki / "ca.pem"), str(cert), str(key))  # a client certificate: the same
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if warning is None:
+        assert lines == []
+    else:
+        assert len(lines) == 2 and warning in lines[0] and warning in lines[1], lines
+        assert lines[0].startswith(f"--tls-cert {cert} ") and lines[1].startswith(f"--tls-client-cert {cert} ")
 
 
 @pytest.mark.parametrize("flags", [["--tls-client-key", "k.pem"], ["--tls-ca", "/no/such/ca.pem"]])
@@ -430,6 +474,8 @@ def test_tls_with_token_serves(tls_server, pki):
         assert resp.media.data and resp.media.width == 64
         assert {m.name for m in c.models()} >= {"sd3-tiny", "wan-tiny"}
     assert "mutual TLS" not in tls_server.output and "TLS, token auth (2 tenant(s))" in tls_server.output
+    # the test certificate lasts 2 days: the server says so as it starts
+    assert f"--tls-cert {pki / 'server.pem'} expires on " in tls_server.output
 
 
 def test_tls_refuses_plaintext_and_unknown_ca(tls_server, pki):
