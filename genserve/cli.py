@@ -191,12 +191,18 @@ def add_client_args(p) -> None:
 
 def client_options(args) -> dict:
     """``Client`` keyword arguments from the shared client flags; SecurityError
-    (a ValueError) names the flag of a TLS file that is missing or malformed."""
+    (a ValueError) names the flag of a TLS file that is missing or malformed,
+    ValueError a token that cannot be sent."""
+    from genserve.client import check_token
     from genserve.security import channel_credentials
 
     tls = args.tls or args.tls_ca or args.tls_client_cert or args.tls_client_key
     credentials = channel_credentials(args.tls_ca, args.tls_client_cert, args.tls_client_key) if tls else None
-    return {"credentials": credentials, "token": args.token or None}
+    try:
+        token = check_token(args.token)
+    except ValueError as err:
+        raise ValueError(f"--token (or $GENSERVE_TOKEN): {err}") from None
+    return {"credentials": credentials, "token": token}
 
 
 def _client_options_or_exit(args) -> dict:

@@ -70,7 +70,22 @@ def raw_frames(media: pb.Media) -> np.ndarray:
     return np.frombuffer(media.data, np.uint8).reshape(media.num_frames, media.height, media.width, 3)
 
 
+def check_token(token: str | None) -> str | None:
+    """``token`` without surrounding whitespace (a file's line ending, say), or
+    None when that leaves nothing. ValueError for a character a gRPC metadata
+    value cannot carry (grpc would fail every call INTERNAL: Invalid metadata);
+    the message never shows the token."""
+    token = (token or "").strip()
+    for position, char in enumerate(token, 1):
+        if not " " <= char <= "~":
+            what = f"a control character (U+{ord(char):04X})" if char.isascii() else "a non-ASCII character"
+            raise ValueError(f"the token has {what} at position {position}: a bearer token travels in gRPC "
+                             "metadata, which takes printable ASCII only")
+    return token or None
+
+
 def _metadata(token: str | None):
+    token = check_token(token)
     return (("authorization", f"Bearer {token}"),) if token else None
 
 
@@ -79,10 +94,10 @@ class Client:
 
     def __init__(self, target: str = "127.0.0.1:50051", *, credentials: grpc.ChannelCredentials | None = None,
                  token: str | None = None):
+        self.metadata = _metadata(token)  # first: a token that cannot be sent opens no channel
         self.channel = (grpc.secure_channel(target, credentials, _OPTIONS) if credentials
                         else grpc.insecure_channel(target, _OPTIONS))
         self.stub = pb_grpc.GenServeStub(self.channel)
-        self.metadata = _metadata(token)
 
     def generate(self, prompt: str, *, timeout_s: float | None = None, **fields) -> pb.GenerateResponse:
         return self.stub.Generate(build_request(prompt, **fields), timeout=timeout_s, metadata=self.metadata)
@@ -118,10 +133,10 @@ class AsyncClient:
 
     def __init__(self, target: str = "127.0.0.1:50051", *, credentials: grpc.ChannelCredentials | None = None,
                  token: str | None = None):
+        self.metadata = _metadata(token)  # first: a token that cannot be sent opens no channel
         self.channel = (grpc.aio.secure_channel(target, credentials, _OPTIONS) if credentials
                         else grpc.aio.insecure_channel(target, _OPTIONS))
         self.stub = pb_grpc.GenServeStub(self.channel)
-        self.metadata = _metadata(token)
 
     async def generate(self, prompt: str, *, timeout_s: float | None = None, **fields) -> pb.GenerateResponse:
         return await self.stub.Generate(build_request(prompt, **fields), timeout=timeout_s,

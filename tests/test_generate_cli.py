@@ -43,6 +43,7 @@ class Fake(pb_grpc.GenServeServicer):
         self.requests: list[pb.GenerateRequest] = []
         self.started = threading.Event()
         self.cancelled = threading.Event()
+        self.authorization: list[str | None] = []  # of each ListModels call
 
     def _response(self, request):
         return pb.GenerateResponse(
@@ -85,6 +86,7 @@ class Fake(pb_grpc.GenServeServicer):
         return pb.CancelResponse(cancelled=False)
 
     def ListModels(self, request, context):
+        self.authorization.append(dict(context.invocation_metadata()).get("authorization"))
         return pb.ListModelsResponse(models=[pb.ModelInfo(name="tiny", task=pb.TASK_TEXT_TO_IMAGE, is_default=True)])
 
 
@@ -336,3 +338,47 @@ def test_client_conveniences_match_the_cli(fake):
     assert build_request("x", output_format="JPG").output_format == pb.OUTPUT_FORMAT_JPEG
     with Client(target) as client:
         assert client.cancel("nothing", timeout_s=5) is False
+
+
+# ---- tokens -------------------------------------------------------------------------------------
+def test_a_token_with_a_line_ending_is_sent_without_it(fake, monkeypatch, capsys):
+    """GENSERVE_TOKEN="$(cat f)" of a CRLF file, or open(f).read(): every call
+    failed on the client with INTERNAL: Invalid metadata, even to a server
+    without auth (and loadgen blamed the server)."""
+    servicer, target = fake
+    with Client(target, token="s3cret\r\n") as client:
+        client.models()
+
+    async def run():
+        async with AsyncClient(target, token=" s3cret\n") as client:
+            await client.models()
+    asyncio.run(run())
+    monkeypatch.setenv("GENSERVE_TOKEN", "s3cret\r")
+    main(["models", "--target", target])
+    assert "tiny" in capsys.readouterr().out
+    assert servicer.authorization == ["Bearer s3cret"] * 3
+    with Client(target, token=" \r\n") as client:  # nothing left: no token at all
+        client.models()
+    assert servicer.authorization[-1] is None
+
+
+@pytest.mark.parametrize("token, what", [("s3c\rret", "a control character (U+000D) at position 4"),
+                                         ("s3cr\u00e9t", "a non-ASCII character at position 5")])
+def test_a_token_grpc_cannot_send_is_refused_by_the_client(fake, tmp_path, token, what):
+    from genserve.loadgen.cli import main as loadgen_main
+
+    servicer, target = fake
+    message = f"the token has {what}: a bearer token travels in gRPC metadata, which takes printable ASCII only"
+    for make in (Client, AsyncClient):
+        with pytest.raises(ValueError) as err:
+            make(target, token=token)
+        assert str(err.value) == message  # the token itself is never shown
+    for command in (["models"], ["generate", "a cat"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*command, "--target", target, "--token", token])
+        assert exc.value.code == f"error: --token (or $GENSERVE_TOKEN): {message}"
+    with pytest.raises(SystemExit) as exc:
+        loadgen_main(["run", "--target", target, "--token", token, "--num-requests", "1",
+                      "--out", str(tmp_path / "out")])
+    assert exc.value.code == f"loadgen: --token (or $GENSERVE_TOKEN): {message}"
+    assert servicer.requests == [] and servicer.authorization == []  # refused before anything was sent

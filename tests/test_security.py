@@ -250,6 +250,11 @@ def test_a_certificate_out_of_date_is_one_warning_when_loaded(pki, caplog, name,
         assert lines[0].startswith(f"--tls-cert {cert} ") and lines[1].startswith(f"--tls-client-cert {cert} ")
 
 
+def test_token_file_with_crlf_line_endings():
+    table = parse_tokens("tokA alice\r\ntokB bob\r\n", "tokens.txt")
+    assert table.tenant("tokA") == "alice" and table.tenant("tokB") == "bob" and table.tenant("tokA\r") is None
+
+
 @pytest.mark.parametrize("flags", [["--tls-client-key", "k.pem"], ["--tls-ca", "/no/such/ca.pem"]])
 def test_client_commands_refuse_bad_tls_flags_with_one_line(flags):
     from genserve.cli import main
