@@ -9,7 +9,10 @@ Errors surface as ``grpc.RpcError`` with the server's status code and message.
 """
 from __future__ import annotations
 
-from typing import AsyncIterator, Iterator
+import ipaddress
+import urllib.parse
+import warnings
+from typing import AsyncIterator, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -89,27 +92,73 @@ def _metadata(token: str | None):
     return (("authorization", f"Bearer {token}"),) if token else None
 
 
+def _channel_options(extra: Sequence[tuple[str, object]]) -> list[tuple[str, object]]:
+    """genserve's options with ``extra``'s; a key in both takes ``extra``'s value."""
+    return list({**dict(_OPTIONS), **dict(extra)}.items())
+
+
+def _is_loopback(target: str) -> bool:
+    """Whether ``target`` (HOST:PORT, [IPV6]:PORT, dns:///HOST:PORT, unix:PATH) is this machine."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    address = target.partition(":///")[2] or target.removeprefix("ipv4:").removeprefix("ipv6:")
+    try:
+        host = urllib.parse.urlsplit("//" + address.split(",")[0]).hostname or ""
+    except ValueError:  # e.g. an IPv6 literal without brackets
+        host = address
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve anywhere
+        return False
+
+
+def _warn_if_token_in_clear(target: str, credentials, metadata) -> None:
+    if metadata and credentials is None and not _is_loopback(target):
+        warnings.warn(f"sending a bearer token to {target} without TLS: anyone on the path can read it "
+                      "(pass credentials=genserve.security.channel_credentials(...))", stacklevel=3)
+
+
 class Client:
-    """Blocking client. ``target`` is HOST:PORT; pass ``credentials`` for TLS."""
+    """Blocking client. ``target`` is HOST:PORT (or any gRPC target: dns:///,
+    unix:); pass ``credentials`` for TLS. ``token`` is sent as
+    ``authorization: Bearer TOKEN`` (surrounding whitespace stripped;
+    ValueError for a character gRPC metadata cannot carry); without
+    ``credentials`` to another host it warns once, as it travels in clear.
+    ``channel_options`` are gRPC channel arguments, e.g.
+    ``("grpc.ssl_target_name_override", "genserve.internal")``,
+    ``("grpc.keepalive_time_ms", 30000)``,
+    ``("grpc.lb_policy_name", "round_robin")``,
+    ``("grpc.max_reconnect_backoff_ms", 2000)``."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, credentials: grpc.ChannelCredentials | None = None,
-                 token: str | None = None):
+                 token: str | None = None, channel_options: Sequence[tuple[str, object]] = ()):
         self.metadata = _metadata(token)  # first: a token that cannot be sent opens no channel
-        self.channel = (grpc.secure_channel(target, credentials, _OPTIONS) if credentials
-                        else grpc.insecure_channel(target, _OPTIONS))
+        _warn_if_token_in_clear(target, credentials, self.metadata)
+        options = _channel_options(channel_options)
+        self.channel = (grpc.secure_channel(target, credentials, options) if credentials
+                        else grpc.insecure_channel(target, options))
         self.stub = pb_grpc.GenServeStub(self.channel)
 
-    def generate(self, prompt: str, *, timeout_s: float | None = None, **fields) -> pb.GenerateResponse:
-        return self.stub.Generate(build_request(prompt, **fields), timeout=timeout_s, metadata=self.metadata)
+    def generate(self, prompt: str, *, timeout_s: float | None = None, wait_for_ready: bool = False,
+                 **fields) -> pb.GenerateResponse:
+        """The result. ``wait_for_ready``: while the server cannot be reached
+        (not up yet, restarting), wait for it up to ``timeout_s`` instead of
+        failing UNAVAILABLE at once."""
+        return self.stub.Generate(build_request(prompt, **fields), timeout=timeout_s, metadata=self.metadata,
+                                  wait_for_ready=wait_for_ready)
 
-    def stream(self, prompt: str, *, timeout_s: float | None = None, **fields) -> Iterator[pb.GenerateEvent]:
-        """Events as they happen; the last is COMPLETED, FAILED or CANCELLED."""
+    def stream(self, prompt: str, *, timeout_s: float | None = None, wait_for_ready: bool = False,
+               **fields) -> Iterator[pb.GenerateEvent]:
+        """Events as they happen; the last is COMPLETED, FAILED or CANCELLED.
+        ``wait_for_ready`` as for ``generate``."""
         return self.stub.GenerateStream(build_request(prompt, **fields), timeout=timeout_s,
-                                        metadata=self.metadata)
+                                        metadata=self.metadata, wait_for_ready=wait_for_ready)
 
-    def cancel(self, request_id: str, *, timeout_s: float | None = None) -> bool:
+    def cancel(self, request_id: str, *, timeout_s: float | None = None, wait_for_ready: bool = False) -> bool:
         return self.stub.Cancel(pb.CancelRequest(request_id=request_id), timeout=timeout_s,
-                                metadata=self.metadata).cancelled
+                                metadata=self.metadata, wait_for_ready=wait_for_ready).cancelled
 
     def models(self, *, timeout_s: float | None = None, wait_for_ready: bool = False) -> list[pb.ModelInfo]:
         """The served models; ``wait_for_ready``: wait (up to ``timeout_s``) for
@@ -128,36 +177,42 @@ class Client:
 
 
 class AsyncClient:
-    """asyncio client with the same methods as ``Client``. Make it inside the
-    event loop that uses it (grpc.aio binds a channel to the running loop)."""
+    """asyncio client with the same arguments and methods as ``Client``. Make
+    it inside the event loop that uses it (grpc.aio binds a channel to the
+    running loop)."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, credentials: grpc.ChannelCredentials | None = None,
-                 token: str | None = None):
+                 token: str | None = None, channel_options: Sequence[tuple[str, object]] = ()):
         self.metadata = _metadata(token)  # first: a token that cannot be sent opens no channel
-        self.channel = (grpc.aio.secure_channel(target, credentials, _OPTIONS) if credentials
-                        else grpc.aio.insecure_channel(target, _OPTIONS))
+        _warn_if_token_in_clear(target, credentials, self.metadata)
+        options = _channel_options(channel_options)
+        self.channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
+                        else grpc.aio.insecure_channel(target, options))
         self.stub = pb_grpc.GenServeStub(self.channel)
 
-    async def generate(self, prompt: str, *, timeout_s: float | None = None, **fields) -> pb.GenerateResponse:
+    async def generate(self, prompt: str, *, timeout_s: float | None = None, wait_for_ready: bool = False,
+                       **fields) -> pb.GenerateResponse:
+        """As ``Client.generate``."""
         return await self.stub.Generate(build_request(prompt, **fields), timeout=timeout_s,
-                                        metadata=self.metadata)
+                                        metadata=self.metadata, wait_for_ready=wait_for_ready)
 
-    async def stream(self, prompt: str, *, timeout_s: float | None = None,
+    async def stream(self, prompt: str, *, timeout_s: float | None = None, wait_for_ready: bool = False,
                      **fields) -> AsyncIterator[pb.GenerateEvent]:
         """As ``Client.stream``. Leaving early (``break``, then ``aclose()`` or
         ``async with contextlib.aclosing(...)``) cancels the request, as
         dropping the blocking client's iterator does."""
         call = self.stub.GenerateStream(build_request(prompt, **fields), timeout=timeout_s,
-                                        metadata=self.metadata)
+                                        metadata=self.metadata, wait_for_ready=wait_for_ready)
         try:
             async for event in call:
                 yield event
         finally:
             call.cancel()  # (a no-op once the call has ended)
 
-    async def cancel(self, request_id: str, *, timeout_s: float | None = None) -> bool:
+    async def cancel(self, request_id: str, *, timeout_s: float | None = None,
+                     wait_for_ready: bool = False) -> bool:
         reply = await self.stub.Cancel(pb.CancelRequest(request_id=request_id), timeout=timeout_s,
-                                       metadata=self.metadata)
+                                       metadata=self.metadata, wait_for_ready=wait_for_ready)
         return reply.cancelled
 
     async def models(self, *, timeout_s: float | None = None, wait_for_ready: bool = False) -> list[pb.ModelInfo]:

@@ -42,16 +42,16 @@ def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.05):
 
 
 @contextlib.contextmanager
-def fake_genserve(servicer, max_workers: int = 8):
+def fake_genserve(servicer, max_workers: int = 8, port: int = 0):
     """An in-process gRPC server of ``servicer`` (a GenServeServicer stand-in)
-    on a free loopback port; yields its HOST:PORT."""
+    on ``port`` (0: a free one) on loopback; yields its HOST:PORT."""
     import grpc
 
     from genserve.v1 import genserve_pb2_grpc as pb_grpc
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
     pb_grpc.add_GenServeServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     try:
         yield f"127.0.0.1:{port}"

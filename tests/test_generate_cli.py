@@ -340,7 +340,7 @@ def test_client_conveniences_match_the_cli(fake):
         assert client.cancel("nothing", timeout_s=5) is False
 
 
-# ---- tokens -------------------------------------------------------------------------------------
+# ---- tokens, channel options, waiting for the server --------------------------
 def test_a_token_with_a_line_ending_is_sent_without_it(fake, monkeypatch, capsys):
     """GENSERVE_TOKEN="$(cat f)" of a CRLF file, or open(f).read(): every call
     failed on the client with INTERNAL: Invalid metadata, even to a server
@@ -382,3 +382,67 @@ def test_a_token_grpc_cannot_send_is_refused_by_the_client(fake, tmp_path, token
                       "--out", str(tmp_path / "out")])
     assert exc.value.code == f"loadgen: --token (or $GENSERVE_TOKEN): {message}"
     assert servicer.requests == [] and servicer.authorization == []  # refused before anything was sent
+
+
+def test_channel_options_reach_the_channel_constructors(monkeypatch):
+    made = []
+    for module in (grpc, grpc.aio):
+        for name in ("insecure_channel", "secure_channel"):
+            original = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda *args, _make=original, _name=name: (
+                made.append((_name, args[-1])) or _make(*args)))
+    options = [("grpc.lb_policy_name", "round_robin"), ("grpc.keepalive_time_ms", 30_000),
+               ("grpc.max_receive_message_length", 64 << 20)]  # replaces the client's own 512 MiB
+    want = {"grpc.max_receive_message_length": 64 << 20, "grpc.lb_policy_name": "round_robin",
+            "grpc.keepalive_time_ms": 30_000}
+    Client("127.0.0.1:1", channel_options=options).close()
+    Client("127.0.0.1:1", credentials=grpc.ssl_channel_credentials(), channel_options=options).close()
+
+    async def run():
+        async with AsyncClient("127.0.0.1:1", channel_options=options):
+            pass
+    asyncio.run(run())
+    Client("127.0.0.1:1").close()
+    assert [name for name, _ in made] == ["insecure_channel", "secure_channel", "insecure_channel",
+                                          "insecure_channel"]
+    assert all(dict(args) == want and len(args) == 3 for _, args in made[:3])
+    assert made[3][1] == [("grpc.max_receive_message_length", 512 << 20)]
+
+
+def test_wait_for_ready_waits_for_a_server_that_starts_later():
+    """After a restart a reused client failed UNAVAILABLE until gRPC's
+    reconnect back-off ran out (7.5 s, 15.4 s): ``wait_for_ready`` waits for
+    the server instead, and back-off channel options shorten the wait."""
+    port = free_port()
+    quick = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+             ("grpc.max_reconnect_backoff_ms", 200)]
+    with Client(f"127.0.0.1:{port}", channel_options=quick) as client:
+        with pytest.raises(grpc.RpcError) as err:  # the default: fail at once
+            client.generate("x", timeout_s=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        outcome = {}
+
+        def wait():
+            outcome["events"] = [e.type for e in client.stream("x", timeout_s=30, wait_for_ready=True)]
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive()  # waiting, not failed
+        with fake_genserve(Fake(), port=port):
+            waiter.join(20)
+            assert outcome == {"events": [EV.COMPLETED]}
+            assert client.generate("y", timeout_s=10, wait_for_ready=True).request_id == "server-made-id"
+            assert client.cancel("z", timeout_s=10, wait_for_ready=True) is False
+
+
+def test_a_token_in_clear_to_another_host_warns():
+    import warnings
+
+    with pytest.warns(UserWarning, match="sending a bearer token to 10.0.0.5:50051 without TLS"):
+        Client("10.0.0.5:50051", token="t").close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of these warns
+        for target in ("127.0.0.1:50051", "localhost:50051", "[::1]:50051", "dns:///localhost:50051"):
+            Client(target, token="t").close()
+        Client("10.0.0.5:50051").close()
+        Client("10.0.0.5:50051", credentials=grpc.ssl_channel_credentials(), token="t").close()

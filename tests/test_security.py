@@ -483,6 +483,15 @@ def test_tls_with_token_serves(tls_server, pki):
     assert f"--tls-cert {pki / 'server.pem'} expires on " in tls_server.output
 
 
+def test_channel_options_reach_the_tls_channel(tls_server, pki):
+    """ssl_target_name_override: the name the server's certificate must carry
+    (a backend dialled by address whose certificate names a service)."""
+    for name, want in (("localhost", Code.OK), ("not-the-server.example", Code.UNAVAILABLE)):
+        with Client(tls_server.target, credentials=creds(pki), token="s3cret-alice",
+                    channel_options=[("grpc.ssl_target_name_override", name)]) as c:
+            assert code_of(lambda: c.models(timeout_s=30)) == want
+
+
 def test_tls_refuses_plaintext_and_unknown_ca(tls_server, pki):
     with Client(tls_server.target, token="s3cret-alice") as c:  # plaintext to a TLS port
         assert code_of(lambda: c.models()) == Code.UNAVAILABLE
