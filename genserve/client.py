@@ -151,8 +151,9 @@ class Client:
 
     def stream(self, prompt: str, *, timeout_s: float | None = None, wait_for_ready: bool = False,
                **fields) -> Iterator[pb.GenerateEvent]:
-        """Events as they happen; the last is COMPLETED, FAILED or CANCELLED.
-        ``wait_for_ready`` as for ``generate``."""
+        """Events as they happen; the last is COMPLETED, FAILED or CANCELLED (a
+        request refused before it was accepted raises instead, as ``generate``
+        does). ``wait_for_ready`` as for ``generate``."""
         return self.stub.GenerateStream(build_request(prompt, **fields), timeout=timeout_s,
                                         metadata=self.metadata, wait_for_ready=wait_for_ready)
 

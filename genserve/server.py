@@ -131,6 +131,8 @@ class GenServeService(pb_grpc.GenServeServicer):
             while not finished:
                 event = await events.get()
                 finished = event.terminal
+                if event.status == "ALREADY_EXISTS":  # refused, never accepted: a gRPC error like other refusals
+                    await _abort(context, event.status, event.reason)
                 msg = event_to_pb(event)
                 msg.request_id = client_id(req_id)
                 if msg.HasField("response"):

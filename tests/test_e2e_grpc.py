@@ -68,7 +68,9 @@ def test_cancel_running_video(client):
 
 def test_an_attached_caller_that_times_out_leaves_the_request_running(client):
     """Resubmitting a running id attaches; that caller's deadline ends its own
-    call only. A different request on the id is ALREADY_EXISTS."""
+    call only. A different request on the id is ALREADY_EXISTS: a gRPC error
+    from GenerateStream too (it was a FAILED event and status OK), as the
+    other refusals before a request is accepted are."""
     same = dict(task="video", width=128, height=128, num_frames=33, steps=50, seed=5, request_id="shared-e2e")
     stream = client.stream("a shared video", **same)
     assert next(stream).type == T.QUEUED
@@ -78,6 +80,11 @@ def test_an_attached_caller_that_times_out_leaves_the_request_running(client):
     with pytest.raises(grpc.RpcError) as err:
         client.generate("another video", **same)
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and "request_id" in err.value.details()
+    events = []
+    with pytest.raises(grpc.RpcError) as err:
+        events.extend(client.stream("another video", **same))
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and "request_id" in err.value.details()
+    assert events == []
     assert [e.type for e in stream][-1] == T.COMPLETED
 
 

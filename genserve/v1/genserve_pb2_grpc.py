@@ -68,7 +68,13 @@ class GenServeServicer:
 
     def GenerateStream(self, request, context):
         """Runs a request, streaming its progress; the last event is COMPLETED,
-        FAILED or CANCELLED.
+        FAILED or CANCELLED. A request refused before it is accepted (bad input,
+        a request_id in use by a different unfinished request, a full queue, no
+        worker up, the per-client limit, a missing token, a draining server) ends
+        the call with that gRPC status and no event, as Generate would. Once it
+        is accepted (QUEUED; a caller attached to a running request by its id:
+        from its first event) a failure, admission control's refusal included,
+        is a FAILED event whose status_code names the status, and the call ends OK.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
