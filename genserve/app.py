@@ -123,13 +123,21 @@ class Server:
         self.port = 0
         self.service: GenServeService | None = None  # made by serve()
         # reads certificates and tokens: fail before workers start
-        self.security = load_security(config.security, refused=lambda status: self.metrics.request_finished(
-            "", "", status, None, None, None),
-            draining=lambda: self.service is not None and self.service.draining)
+        self.security = load_security(config.security, refused=self._refused_at_the_edge,
+                                      draining=lambda: self.service is not None and self.service.draining)
         if config.port:  # (0: any free port)
             check_listen(config.host, config.port, "gRPC, --port")
         if config.metrics_port:
             check_listen(config.host, config.metrics_port, "--metrics-port")
+
+    def _refused_at_the_edge(self, status: str, request=None) -> None:
+        """Count a generation the security gate refused: labelled by its
+        model once the request is parsed (a stream limit, the drain), else
+        task and model unknown (a missing token)."""
+        if request is not None and self.service is not None:
+            self.service.count_refused(request, status)
+        else:
+            self.metrics.request_finished("", "", status, None, None, None)
 
     def start_workers(self) -> None:
         c = self.config

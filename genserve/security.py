@@ -234,11 +234,12 @@ class Gate(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, tokens: TokenTable | None, max_streams: int,
-                 refused: Callable[[str], None] = lambda status: None,
+                 refused: Callable[..., None] = lambda status, request=None: None,
                  draining: Callable[[], bool] = lambda: False):
         self.tokens = tokens
         self.streams = StreamCounter(max_streams) if max_streams > 0 else None
-        # told the status of each generation refused here (the request metrics)
+        # told the status (and the request, once parsed) of each generation
+        # refused here: the request metrics
         self.refused = refused
         # a draining server sends every new call elsewhere, a client at its limit too
         self.draining = draining
@@ -258,7 +259,7 @@ class Gate(grpc.aio.ServerInterceptor):
                 return _deny(handler, grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN if token else MISSING_TOKEN)
         limited = details.method in LIMITED_METHODS
         return _wrap(handler, tenant, self.streams if limited else None,
-                     self.refused if limited else lambda status: None, self.draining)
+                     self.refused if limited else lambda status, request=None: None, self.draining)
 
 
 def _deny(handler, code: grpc.StatusCode, message: str):
@@ -280,7 +281,7 @@ def _deny(handler, code: grpc.StatusCode, message: str):
     return handler._replace(request_deserializer=None, **{kind: body})
 
 
-def _wrap(handler, tenant: str, counter: StreamCounter | None, refused: Callable[[str], None],
+def _wrap(handler, tenant: str, counter: StreamCounter | None, refused: Callable[..., None],
           draining: Callable[[], bool] = lambda: False):
     """``handler`` with the tenant set for the servicer and, for limited
     methods, a stream slot held for the call's lifetime. The slot is given
@@ -291,17 +292,17 @@ def _wrap(handler, tenant: str, counter: StreamCounter | None, refused: Callable
         return handler
     handler = _parse_safely(handler)
 
-    async def admit(context):
+    async def admit(context, request):
         """Returns the release function (idempotent)."""
         current_tenant.set(tenant)
         if counter is None:
             return lambda: None
         if draining():  # not RESOURCE_EXHAUSTED, whose retry-after-ms says "retry here"
-            refused("UNAVAILABLE")
+            refused("UNAVAILABLE", request)
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         key = client_key(tenant, context.peer())
         if not counter.acquire(key):
-            refused("RESOURCE_EXHAUSTED")
+            refused("RESOURCE_EXHAUSTED", request)
             context.set_trailing_metadata((("retry-after-ms", "1000"),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"too many concurrent generations from this client (limit "
@@ -320,7 +321,7 @@ def _wrap(handler, tenant: str, counter: StreamCounter | None, refused: Callable
 
         async def unary(request, context):
             await _refuse_malformed(request, context, refused)
-            release = await admit(context)
+            release = await admit(context, request)
             try:
                 return await inner(request, context)
             finally:
@@ -331,7 +332,7 @@ def _wrap(handler, tenant: str, counter: StreamCounter | None, refused: Callable
     if not inspect.isasyncgenfunction(inner_stream):  # a coroutine using context.write
         async def writer(request, context):
             await _refuse_malformed(request, context, refused)
-            release = await admit(context)
+            release = await admit(context, request)
             try:
                 return await inner_stream(request, context)
             finally:
@@ -340,7 +341,7 @@ def _wrap(handler, tenant: str, counter: StreamCounter | None, refused: Callable
 
     async def stream(request, context):
         await _refuse_malformed(request, context, refused)
-        release = await admit(context)
+        release = await admit(context, request)
         try:
             async for item in inner_stream(request, context):
                 yield item
@@ -371,7 +372,7 @@ def _parse_safely(handler):
     return handler._replace(request_deserializer=parse_or_mark)
 
 
-async def _refuse_malformed(request, context, refused: Callable[[str], None]) -> None:
+async def _refuse_malformed(request, context, refused: Callable[..., None]) -> None:
     if isinstance(request, _Malformed):
         refused("INVALID_ARGUMENT")
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request: the message does not parse "
@@ -388,7 +389,7 @@ class LoadedSecurity:
     summary: str  # one line for the start-up log
 
 
-def load_security(sec: Security, refused: Callable[[str], None] = lambda status: None,
+def load_security(sec: Security, refused: Callable[..., None] = lambda status, request=None: None,
                   draining: Callable[[], bool] = lambda: False) -> LoadedSecurity:
     """Read the files ``sec`` names. Raises SecurityError on any problem.
     ``refused`` is told the status of each generation refused at the edge;

@@ -82,7 +82,7 @@ class GenServeService(pb_grpc.GenServeServicer):
         """(engine id, the call's event queue, its sink: what abandon takes).
         A refusal is counted in the metrics like a request that ended."""
         if self.draining:
-            self._refused(request, "UNAVAILABLE")
+            self.count_refused(request, "UNAVAILABLE")
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         try:
             req = replace(self.validator.request(request), fingerprint=fingerprint(request))
@@ -97,11 +97,11 @@ class GenServeService(pb_grpc.GenServeServicer):
 
             self.engine.submit(req, sink)
         except RequestError as err:
-            self._refused(request, err.status)
+            self.count_refused(request, err.status)
             await _abort(context, err.status, err.message)
         return req.req_id, events, sink
 
-    def _refused(self, request: pb.GenerateRequest, status: str) -> None:
+    def count_refused(self, request: pb.GenerateRequest, status: str) -> None:
         card = self.validator.cards.get(request.model or self.validator.defaults.get(TASK_FROM_PB.get(request.task), ""))
         # labels only from served models: a refused request's free text must not take label slots
         self.engine.metrics.request_finished(card.task if card else "", card.name if card else "",

@@ -417,20 +417,22 @@ def test_gate_stream_limit_is_released_however_calls_end():
 def test_gate_without_tokens_limits_by_peer_host():
     async def main():
         refused = []
-        gate = Gate(None, max_streams=1, refused=refused.append)
+        gate = Gate(None, max_streams=1, refused=lambda status, request=None: refused.append((status, request)))
         server, service, channel, stub, target = await _gate_server(gate)
         try:
             first = stub.Generate(pb.GenerateRequest())
             await asyncio.sleep(0.1)
             assert list(gate.streams.active) == ["peer:ipv4:127.0.0.1"]
             other = grpc.aio.insecure_channel(target)  # another connection from the same host
-            assert await _code(pb_grpc.GenServeStub(other).Generate(pb.GenerateRequest())) == Code.RESOURCE_EXHAUSTED
+            over = pb.GenerateRequest(model="sd3-tiny")
+            assert await _code(pb_grpc.GenServeStub(other).Generate(over)) == Code.RESOURCE_EXHAUSTED
             assert await _code(stub.ListModels(pb.ListModelsRequest())) == Code.OK  # only generations count
             service.release.set()
             await first
             await other.close()
             assert gate.streams.active == {} and service.tenants == [""]
-            assert refused == ["RESOURCE_EXHAUSTED"]  # counted in the request metrics
+            # counted in the request metrics, with the request (its model labels the count)
+            assert refused == [("RESOURCE_EXHAUSTED", over)]
         finally:
             await channel.close()
             await server.stop(None)
@@ -442,7 +444,8 @@ def test_gate_sends_a_client_at_its_limit_elsewhere_while_draining():
     retry the very server that was shutting down."""
     async def main():
         refused, draining = [], [False]
-        gate = Gate(None, max_streams=1, refused=refused.append, draining=lambda: draining[0])
+        gate = Gate(None, max_streams=1, refused=lambda status, request=None: refused.append(status),
+                    draining=lambda: draining[0])
         server, service, channel, stub, _ = await _gate_server(gate)
         try:
             first = stub.Generate(pb.GenerateRequest())

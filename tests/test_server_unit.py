@@ -82,3 +82,30 @@ def test_a_profile_that_has_a_served_model_for_the_other_task_is_refused():
                      ModelCard("wan-tiny", "video", WAN_TINY_LIMITS)), 1.0)
     assert build_cost_model(profile, {0: same}).isolated_latency_ms(
         "wan-tiny", 64, 64, 9, 20, "video", 1) > 0
+
+
+def test_a_generation_refused_at_the_edge_is_counted_under_its_model():
+    """The stream limit and the drain refuse a parsed request: its model
+    labels the count (it was task "other", model ""); a call refused before
+    it is parsed (no token) stays unlabelled."""
+    from types import SimpleNamespace
+
+    from genserve.app import Server
+    from genserve.config import Limits, ServerConfig
+    from genserve.convert import Validator
+    from genserve.models.preset_limits import SD3_TINY_LIMITS, WAN_TINY_LIMITS
+    from genserve.server import GenServeService
+    from genserve.v1 import genserve_pb2 as pb
+    from genserve.workers.protocol import ModelCard
+
+    server = Server(ServerConfig(port=0))
+    cards = {"sd3-tiny": ModelCard("sd3-tiny", "image", SD3_TINY_LIMITS),
+             "wan-tiny": ModelCard("wan-tiny", "video", WAN_TINY_LIMITS)}
+    server.service = GenServeService(SimpleNamespace(metrics=server.metrics), Validator(cards, Limits()))
+    server._refused_at_the_edge("RESOURCE_EXHAUSTED", pb.GenerateRequest(task=pb.TASK_TEXT_TO_VIDEO))
+    server._refused_at_the_edge("UNAUTHENTICATED")
+    counts = {(s.labels["task"], s.labels["model"], s.labels["status"]): s.value
+              for m in server.metrics.registry.collect() if m.name == "genserve_requests"
+              for s in m.samples if s.name.endswith("_total")}
+    assert counts[("video", "wan-tiny", "RESOURCE_EXHAUSTED")] == 1
+    assert counts[("other", "", "UNAUTHENTICATED")] == 1
