@@ -135,12 +135,19 @@ def _long_video_in_background(target: str, prompt: str):
     return thread, started, seen
 
 
-def test_sigterm_drains_in_flight_then_exits_zero():
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
+def test_sigterm_drains_in_flight_then_exits_zero(stop):
+    """SIGTERM to the server (an orchestrator), or SIGINT to its whole
+    process group (Ctrl-C at a terminal: the workers used to die of it at
+    once, each with a KeyboardInterrupt traceback, failing the drain)."""
     srv = ServerProcess("--num-workers", "1", "--grace-s", "60")
     try:
         thread, started, events = _long_video_in_background(srv.target, "finish me")
         assert started.wait(60)
-        srv.proc.send_signal(signal.SIGTERM)  # with ~49 steps and a decode still to go
+        if stop == "sigterm":  # with ~49 steps and a decode still to go
+            srv.proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(srv.proc.pid, signal.SIGINT)  # its own session: the group is the server's
         assert wait_for(lambda: health(srv.target) == health_pb2.HealthCheckResponse.NOT_SERVING, 10)
         with Client(srv.target) as client:
             with pytest.raises(grpc.RpcError) as err:
@@ -150,6 +157,8 @@ def test_sigterm_drains_in_flight_then_exits_zero():
         assert events and not isinstance(events[-1], grpc.RpcError), events[-1]
         assert events[-1].type == T.COMPLETED and events[-1].response.media.num_frames == 17
         assert srv.proc.wait(60) == 0
+        assert wait_for(lambda: "stopped" in srv.output, 10)
+        assert "Traceback" not in srv.output, srv.output
     finally:
         srv.stop()
 

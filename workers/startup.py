@@ -8,6 +8,7 @@ traceback from each process.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 
@@ -116,6 +117,10 @@ def _bars_lock_in_process() -> None:
 
 def worker_main(spec: WorkerSpec, conn) -> None:
     """Entry point of a spawned worker process."""
+    # Ctrl-C at a terminal reaches the whole process group: the server drains
+    # and then stops its workers (a Shutdown; a kill at start-up), so a worker
+    # ignores it rather than die mid-step, failing what the drain would finish
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logs.configure(spec.log_level, spec.log_format, f"worker{spec.device_id}")
     _bars_lock_in_process()
     try:
