@@ -94,7 +94,7 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
-    from genserve.cli import add_client_args
+    from genserve.client_cli import add_client_args
 
     g = p.add_argument_group("sending (TLS and token: for --target and compare's --targets)")
     add_client_args(g)
@@ -302,7 +302,7 @@ def _cmd_loadgen(args) -> None:
 def _prepare(args):
     """(items, workload options, compare options or None, client options),
     once every check passed; ValueError / OSError otherwise."""
-    from genserve.cli import client_options
+    from genserve.client_cli import client_options
 
     from .plan import build_workload
     from .run import check_server, check_workload

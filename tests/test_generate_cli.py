@@ -220,7 +220,7 @@ def test_output_extension_and_format_must_agree(fake, cwd, capsys):
 def test_ctrl_c_while_the_progress_bar_is_made_is_raised_once_it_is_whole():
     """A Ctrl-C inside tqdm's constructor left a half-made bar whose finaliser
     printed a traceback after "cancelled" (seen on a loaded machine)."""
-    from genserve.cli import _held_interrupt
+    from genserve.client_cli import _held_interrupt
 
     before = signal.getsignal(signal.SIGINT)
     made = []
