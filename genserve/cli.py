@@ -155,13 +155,27 @@ def cmd_serve(args) -> None:
 
 
 def _demo(target: str) -> None:
+    """One image and one video through the API, each of a task the server
+    serves (a server of one task demos that one); a failure is one line, and
+    the server serves on either way."""
+    import grpc
+
     from genserve.client import Client
+    from genserve.v1 import genserve_pb2 as pb
 
     out = pathlib.Path("demo-out")
     out.mkdir(exist_ok=True)
     with Client(target) as client:
-        for task, fmt in (("image", "png"), ("video", "mp4")):
-            resp = client.generate("a lighthouse on a cliff at dusk", task=task, seed=7, output_format=fmt)
+        served = {m.task for m in client.models()}
+        for task, task_pb, fmt in (("image", pb.TASK_TEXT_TO_IMAGE, "png"), ("video", pb.TASK_TEXT_TO_VIDEO, "mp4")):
+            if task_pb not in served:
+                print(f"demo: no {task}: no served model does text-to-{task}", flush=True)
+                continue
+            try:
+                resp = client.generate("a lighthouse on a cliff at dusk", task=task, seed=7, output_format=fmt)
+            except grpc.RpcError as err:
+                print(f"demo: {task} failed: {err.code().name}: {err.details()}", flush=True)
+                continue
             path = out / f"demo-{task}{MIME_SUFFIX.get(resp.media.mime_type, '')}"
             path.write_bytes(resp.media.data)
             print(f"demo: {task} {resp.media.width}x{resp.media.height}x{resp.media.num_frames} "

@@ -219,3 +219,20 @@ def test_an_ipv6_host_serves_grpc_and_metrics():
             assert b"genserve_requests_total" in reply.read()
     finally:
         srv.stop()
+
+
+def test_the_demo_of_a_server_of_one_task_demos_that_one(tmp_path, monkeypatch):
+    """--demo on a server with only an image model: the video demo was a raw
+    traceback (INVALID_ARGUMENT in the demo's thread) and no 'done' line."""
+    from conftest import ServerProcess, wait_for
+
+    monkeypatch.chdir(tmp_path)  # the demo writes demo-out/ here
+    srv = ServerProcess("--num-workers", "1", "--model", "sd3-tiny", "--demo")
+    try:
+        assert wait_for(lambda: "demo: done" in srv.output, 120), srv.output
+        assert "demo: image 64x64x1" in srv.output
+        assert "demo: no video: no served model does text-to-video" in srv.output
+        assert "Traceback" not in srv.output
+        assert (tmp_path / "demo-out" / "demo-image.png").stat().st_size > 0
+    finally:
+        srv.stop()
