@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import replace
 
-from genserve import __version__, logs
+from genserve import __version__
 from genserve.config import CAPPED_FIELDS, Limits, ServerConfig
 from genserve.convert import Validator
 from genserve.engine import Engine
@@ -143,7 +143,7 @@ class Server:
         c = self.config
         specs = make_worker_specs(c.device, c.num_workers, c.models, c.dtype, threads_per_worker(c),
                                   c.max_sp_degree, c.paused_budget_mb, c.attention,
-                                  logging.getLogger().getEffectiveLevel(), c.limits, logs.configured())
+                                  logging.getLogger().getEffectiveLevel(), c.limits, c.log_format)
         executor = (InProcessExecutor if c.in_process else MultiprocessExecutor)(specs)
         t0 = time.perf_counter()
         log.info("starting %d %s worker(s) with models %s", len(specs), c.device, ", ".join(c.models))

@@ -114,6 +114,7 @@ def cmd_serve(args) -> None:
         num_workers=num_workers, threads_per_worker=args.threads_per_worker,
         models=tuple(args.model or DEFAULT_MODELS), dtype=args.dtype, attention=args.attention,
         max_sp_degree=args.max_sp_degree, paused_budget_mb=args.paused_budget_mb, grace_s=args.grace_s,
+        log_format=args.log_format,
         engine=EngineConfig(policy=args.policy, profile=args.profile,
                             default_slo_scale=args.default_slo_scale,
                             admission_control=args.admission_control, chunk_ms=args.chunk_ms,

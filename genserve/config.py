@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from genserve.logs import FORMATS
+
 if TYPE_CHECKING:
     from genserve.models.base import ModelLimits
 
@@ -144,6 +146,7 @@ class ServerConfig:
     max_sp_degree: int = 8  # largest sequence-parallel group (1: no process groups)
     paused_budget_mb: float = 0.0  # device memory per worker for paused states (0: unlimited)
     grace_s: float = 30.0  # on SIGTERM, how long accepted requests get to finish
+    log_format: str = "text"  # the workers' log lines: text | json (genserve.logs)
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: Limits = field(default_factory=Limits)
     security: Security = field(default_factory=Security)
@@ -155,6 +158,8 @@ class ServerConfig:
             raise ValueError(f"--port and --metrics-port are both {self.port}; give /metrics a port of its own")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, not {self.device!r}")
+        if self.log_format not in FORMATS:
+            raise ValueError(f"--log-format must be one of {', '.join(FORMATS)}, not {self.log_format!r}")
         if self.device == "cpu" and self.num_workers < 1:
             raise ValueError("--num-workers must be at least 1 on cpu")
         if not self.models:

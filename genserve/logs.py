@@ -17,7 +17,6 @@ import sys
 import time
 
 FORMATS = ("text", "json")
-_configured = "text"
 
 
 class JsonFormatter(logging.Formatter):
@@ -38,7 +37,6 @@ class JsonFormatter(logging.Formatter):
 
 def configure(level: int, fmt: str = "text", process: str = "server") -> None:
     """Send this process's log records to stderr in ``fmt``."""
-    global _configured
     if fmt not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     handler = logging.StreamHandler(sys.stderr)
@@ -53,12 +51,6 @@ def configure(level: int, fmt: str = "text", process: str = "server") -> None:
     logging.captureWarnings(fmt == "json")
     if fmt == "json":
         _libraries_through_root(load=process != "server")
-    _configured = fmt
-
-
-def configured() -> str:
-    """The format ``configure`` last set in this process (what workers get)."""
-    return _configured
 
 
 def _libraries_through_root(load: bool) -> None:

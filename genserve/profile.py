@@ -13,7 +13,6 @@ import statistics
 import time
 from pathlib import Path
 
-from genserve import logs
 from genserve.models.base import GenParams
 from genserve.scheduler import DecodeSample, Profile, StepSample, save_profile
 from genserve.workers import protocol as P
@@ -220,7 +219,7 @@ def cmd_profile(args) -> None:
     threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, num_workers))
     try:
         specs = make_worker_specs(device, num_workers, tuple(args.model), args.dtype, threads,
-                                  attention=args.attention, log_format=logs.configured())
+                                  attention=args.attention, log_format=args.log_format)
         executor = MultiprocessExecutor(specs)
         try:
             ready = executor.start()
