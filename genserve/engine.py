@@ -426,16 +426,47 @@ class Engine(WorkerLoss):
                     self._finish(t, EventType.FAILED, "INTERNAL", reason)
 
     def _on_dispatch_done(self, device_id: int, msg: P.DispatchDone) -> None:
+        """A member's DispatchDone. A block whose steps all continue frees as
+        one when its last member reports, and only then do its requests stop
+        running: the members report a few ms apart, and a plan made in between
+        would see a request ready with part of its block busy, so give its
+        free devices to other work and count it preempted. A dispatch that
+        finishes a request frees each member as it reports (the leader alone
+        decodes, as the simulator has it)."""
         fl = self.inflight.get(msg.dispatch_id)
-        if self.busy.get(device_id) == msg.dispatch_id:
-            self.busy.pop(device_id)
-            self._freed_s[device_id] = time.monotonic()
-        if fl is not None:
-            fl.pending.discard(device_id)
+        if fl is None:  # its members are no longer awaited (a worker died): what it says still counts
+            self._free(device_id, msg.dispatch_id)
+            self._on_outcomes(device_id, None, msg)
+            return
+        fl.pending.discard(device_id)
+        if fl.finishing:
+            self._free(device_id, msg.dispatch_id)
             if not fl.pending:
                 self.inflight.pop(msg.dispatch_id)
-            if device_id != fl.leader:  # only the leader reports outcomes
-                return
+            if device_id == fl.leader:  # only the leader reports outcomes
+                self._on_outcomes(device_id, fl, msg)
+            return
+        if device_id == fl.leader:
+            fl.report = msg
+        if not fl.pending:
+            self._block_done(msg.dispatch_id, fl)
+
+    def _block_done(self, dispatch_id: int, fl: InFlight) -> None:
+        """Every member of ``fl`` has reported (or died): its block frees and
+        its leader's report, if one came, takes effect."""
+        self.inflight.pop(dispatch_id, None)
+        for device_id in fl.dispatch.device_ids:
+            self._free(device_id, dispatch_id)
+        if fl.report is not None:
+            self._on_outcomes(fl.leader, fl, fl.report)
+
+    def _free(self, device_id: int, dispatch_id: int) -> None:
+        if self.busy.get(device_id) == dispatch_id:
+            self.busy.pop(device_id)
+            self._freed_s[device_id] = time.monotonic()
+
+    def _on_outcomes(self, device_id: int, fl: InFlight | None, msg: P.DispatchDone) -> None:
+        """Apply the leader's report of a dispatch (``fl`` None: no longer in flight)."""
         now = time.monotonic()
         if fl is not None:
             self.feedback.done(fl, msg, now, self._params_of)

@@ -28,6 +28,10 @@ class InFlight:
     pending: set[int]  # members whose DispatchDone has not arrived
     extra_ms: tuple[float, float] = (0.0, 0.0)  # predicted encode, decode (the leader's)
     fresh: int = 0  # requests the dispatch starts (their prompts are encoded first)
+    # requests it finishes: then its leader decodes alone and the other members
+    # free their devices as soon as their steps end; else the block frees as one
+    finishing: int = 0
+    report: P.DispatchDone | None = None  # the leader's, held until the block frees
     moving: dict[str, bytes | None] = field(default_factory=dict)  # state moves awaited (req -> bytes)
     compute_ms: float = 0.0  # the leader's reported step times so far
     turnaround_ms: float = 0.0  # from the replies that freed its devices to the decision to send it
@@ -60,7 +64,7 @@ class Feedback:
         degree = len(d.device_ids)
         return InFlight(d, model, sent_s,
                         self.cost.step_ms(model, p.width, p.height, p.num_frames, degree, batch),
-                        set(d.device_ids), fresh=fresh, turnaround_ms=turnaround_ms,
+                        set(d.device_ids), fresh=fresh, finishing=finishing, turnaround_ms=turnaround_ms,
                         extra_ms=(fresh * self.cost.encode_ms(model),
                                   finishing * self.cost.decode_ms(model, p.width, p.height, p.num_frames,
                                                                   degree)))

@@ -36,7 +36,7 @@ class WorkerLoss:
     main flow. A mixin of ``Engine``: it works on the engine's state (``config``,
     ``inflight``, ``busy``, ``tracked``, ``down``, ``hung``, ``executor``,
     ``metrics``, ``recovery``, ``restarts``, ``on_workers_down``) and calls its ``_finish``,
-    ``_current`` and ``_set_sp_degree``."""
+    ``_current``, ``_block_done`` and ``_set_sp_degree``."""
 
     def _watch_overdue(self, now: float) -> None:
         """Warn of a dispatch far past its predicted end; past ``hung_worker_s``
@@ -110,8 +110,8 @@ class WorkerLoss:
             elif msg.device_id in fl.dispatch.device_ids:
                 fl.pending.discard(msg.device_id)
                 self.busy.pop(msg.device_id, None)
-                if not fl.pending:
-                    self.inflight.pop(dispatch_id)
+                if not fl.pending:  # the others have reported: what the leader said takes effect
+                    self._block_done(dispatch_id, fl)
         for t in [t for t in self.tracked.values() if msg.device_id in t.holders]:
             self._lost_copy(t, msg)
         self.metrics.worker_restarted(msg.device_id)
