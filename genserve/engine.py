@@ -434,6 +434,8 @@ class Engine(WorkerLoss):
         finishes a request frees each member as it reports (the leader alone
         decodes, as the simulator has it)."""
         fl = self.inflight.get(msg.dispatch_id)
+        if msg.group_lost:
+            self._group_broke(device_id, msg.dispatch_id)
         if fl is None:  # its members are no longer awaited (a worker died): what it says still counts
             self._free(device_id, msg.dispatch_id)
             self._on_outcomes(device_id, None, msg)

@@ -5,7 +5,8 @@ A dead worker is restarted at once, unless it keeps dying soon after it starts
 waits twice as long as the last, up to a minute (``RestartBackoff``).
 
 A restarted worker process cannot rejoin the torch.distributed world its
-peers still belong to, so a crash turns SP off. Once every worker is up again
+peers still belong to, so a crash turns SP off, as does a worker that leaves
+its SP group when its own step fails (its peers' collectives fail with it). Once every worker is up again
 the engine starts a *round*: each worker is told to leave the old world and
 join a fresh one (``P.Rejoin``), which it does beside the single-device steps
 it keeps running. When every worker has answered that it joined, SP comes
@@ -91,6 +92,11 @@ class SPRecovery:
             self.problems.append(f"worker {device_id} died during the round")
             if not self.waiting:
                 self._end()
+
+    def broken(self) -> None:
+        """An SP group broke with every worker alive (a member left it): SP
+        is gone until a round succeeds."""
+        self.wanted = self.executor.configured_sp_degree > 1
 
     def tick(self, down: set[int]) -> None:
         """Called on every engine loop: give up a round whose answers are

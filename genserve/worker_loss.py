@@ -7,6 +7,11 @@ restarts from step 0, once; a second crash fails it (``UNAVAILABLE``). The
 worker is restarted (recovery.py: back-off when it keeps dying, and SP off
 until every worker has joined a new process group).
 
+A worker whose own step fails in an SP dispatch (out of device memory on
+that device alone) leaves the world so that its peers' collectives fail rather
+than wait; its report says the group is lost, and SP is off until every
+worker has joined a new world, as after a crash.
+
 A hung worker (a stuck device call, a stopped process) shows no sign but a
 dispatch that runs on and on, and in an SP group its peers wait with it in a
 collective. Far past its prediction the dispatch is logged; past
@@ -125,6 +130,24 @@ class WorkerLoss:
         if delay > 0:
             log.warning("worker %d keeps dying soon after it starts (%d times in a row); restarting it in %.0f s",
                         msg.device_id, self.restarts.quick_deaths[msg.device_id], delay)
+
+    def _group_broke(self, device_id: int, dispatch_id: int) -> None:
+        """Worker ``device_id`` reports that its SP group broke in dispatch
+        ``dispatch_id``: a member died (then the death came first and SP is off
+        already) or could not go on with the others and left the world (its
+        step failed). It dropped the dispatch's requests. Without a death
+        nothing else would tell the engine that the world is broken: SP goes
+        off until every worker has joined a new one, as after a crash."""
+        req_ids = self.inflight[dispatch_id].dispatch.req_ids if dispatch_id in self.inflight else ()
+        for req_id in req_ids:
+            t = self._current(req_id, dispatch_id)
+            if t is not None:
+                t.holders.discard(device_id)
+        if self.max_sp_degree > 1:
+            log.warning("worker %d lost its SP group with every worker alive; sequence parallelism is off "
+                        "until every worker has joined a new process group", device_id)
+            self._set_sp_degree(1)
+            self.recovery.broken()
 
     def _involves(self, fl: InFlight, device_id: int) -> bool:
         """``device_id`` is in the block of ``fl`` or holds a member's state."""

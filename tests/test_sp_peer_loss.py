@@ -12,12 +12,15 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import time
 
 import pytest
 
 from genserve.models.base import GenParams, RequestState, collective
 from genserve.types import EventType
 from genserve.workers import protocol as P
+from genserve.workers.executor import MultiprocessExecutor, make_worker_specs
+from genserve.workers.startup import worker_main
 from genserve.workers.worker import Worker, WorkerSpec, _LockedConn
 from test_step_execution import (drain, events_until, frames, restarts, run_video, start_engine, stop_engine,
                                  submit, video, wait_until)
@@ -33,13 +36,18 @@ class PeerGone:
 
     def __init__(self, good: int = 0):
         self.good, self.calls = good, []
+        self.closed = False
+        self.leader_says = None  # what the step flag carries to a non-leader (None: its own value)
+
+    def close(self):  # this member leaves the world
+        self.closed = True
 
     def group(self, block):
         return None
 
     def broadcast_flag(self, value, src, block):
         self.collective("flag")
-        return value
+        return value if self.leader_says is None else self.leader_says
 
     def broadcast_object(self, obj, src, block):
         self.collective("state")
@@ -74,10 +82,30 @@ class FakeVideo:
             s.step_index += 1
 
 
-def run(world: PeerGone, msg: P.RunSteps, device_id: int = 0, held: bool = False):
+class FailsHere(FakeVideo):
+    """A model whose step fails on this member alone after ``good`` steps (out
+    of device memory there), or whose preparation does."""
+
+    def __init__(self, world: PeerGone, good: int = 0, at: str = "step"):
+        super().__init__(world)
+        self.good, self.at = good, at
+
+    def prepare(self, params, cond):
+        if self.at == "prepare":
+            raise RuntimeError("out of memory (prepare)")
+        return super().prepare(params, cond)
+
+    def denoise_step(self, states, sp=None):
+        if self.good <= 0:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.good -= 1
+        super().denoise_step(states, sp)
+
+
+def run(world: PeerGone, msg: P.RunSteps, device_id: int = 0, held: bool = False, model=None):
     """``msg`` on a worker in ``world``: its report, the steps it reported, the worker."""
     engine_end, worker_end = mp.Pipe()
-    worker = Worker(WorkerSpec(device_id, "cpu", ()), {"wan-tiny": FakeVideo(world)}, world)
+    worker = Worker(WorkerSpec(device_id, "cpu", ()), {"wan-tiny": model or FakeVideo(world)}, world)
     if held:
         worker._admit(P.NewRequest("v", "wan-tiny", PARAMS, "raw", 8))
     report = worker.run_steps(msg, _LockedConn(worker_end))
@@ -137,6 +165,44 @@ def test_after_its_group_broke_the_worker_serves_single_device_steps():
     assert world.calls == ["flag"]  # a single-device dispatch uses no collective
 
 
+@pytest.mark.parametrize("device_id", [0, 1], ids=["leader", "non-leader"])
+def test_a_member_whose_own_step_fails_leaves_the_world_so_its_peers_do_not_wait(device_id, caplog):
+    # Its peers are in (or about to enter) a collective with it: staying in
+    # the world would leave them waiting for gloo's 30 minutes.
+    world = PeerGone(good=100)
+    report, _, worker = run(world, sp_steps(4), device_id=device_id, model=FailsHere(world, good=1))
+    assert world.calls == ["flag", "attention", "flag"]  # no collective after the failed step
+    assert world.closed and report.group_lost
+    assert report.paused == () and report.finished == () and worker.live == {}
+    assert [(f.req_id, f.status) for f in report.failed] == [("v", "INTERNAL")]
+    assert report.failed[0].message == "denoising step failed: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert any(r.getMessage() == f"worker {device_id}: leaving SP group [0, 1] in dispatch 7: its step failed"
+               for r in caplog.records)
+
+
+def test_a_non_leader_whose_preparation_failed_leaves_rather_than_let_the_leader_step_alone():
+    world = PeerGone(good=100)
+    world.leader_says = True
+    report, _, worker = run(world, sp_steps(4), device_id=1, model=FailsHere(world, at="prepare"))
+    assert world.calls == ["flag"]  # the leader said "step": it would wait in the step's collective
+    assert world.closed and report.group_lost and worker.live == {}
+    assert [(f.req_id, f.status) for f in report.failed] == [("v", "INTERNAL")]
+    assert report.failed[0].message == "prepare failed: out of memory (prepare)"
+
+
+def test_a_peer_whose_collective_fails_reports_the_group_lost():
+    report, _, worker = run(PeerGone(good=1), sp_steps(4))
+    assert report.group_lost and worker.live == {}
+
+
+def test_a_step_failing_on_one_device_alone_keeps_the_world():
+    world = PeerGone(good=100)
+    alone = P.RunSteps(8, "wan-tiny", ("w",), 2, (P.NewRequest("w", "wan-tiny", PARAMS, "raw", 8),))
+    report, _, worker = run(world, alone, model=FailsHere(world, good=0))
+    assert not world.closed and not report.group_lost and world.calls == []
+    assert [(f.req_id, f.status) for f in report.failed] == [("w", "INTERNAL")]
+
+
 STEPS = 30  # a dispatch of them runs ~0.5 s here: the kill after its first step lands inside it
 
 
@@ -174,3 +240,71 @@ def test_the_peer_of_a_killed_sp_member_serves_on_and_the_video_completes(victim
     log = capfd.readouterr().err
     assert f"worker {survivor}: SP group [0, 1] broke in dispatch " in log
     assert "Traceback" not in log, log[-3000:]
+
+
+class StepFailsOnce(MultiprocessExecutor):
+    """Live workers; on ``victim`` the second SP step of the video model
+    raises, as an out-of-memory error on that device alone would."""
+
+    def __init__(self, specs, victim: int):
+        super().__init__(specs)
+        self.victim = victim
+
+    def _start_one(self, device_id: int) -> None:
+        parent, child = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(target=_worker_whose_sp_step_fails_once,
+                                 args=(self.specs[device_id], child, self.victim), daemon=True)
+        proc.start()
+        child.close()
+        self.conns[device_id], self.procs[device_id] = parent, proc
+
+
+def _worker_whose_sp_step_fails_once(spec, conn, victim: int) -> None:
+    if spec.device_id == victim:
+        from genserve.models import wan
+
+        original, calls = wan.WanAdapter.denoise_step, []
+
+        def step(self, states, attention_kwargs=None, sp=None):
+            if sp is not None:
+                calls.append(1)
+                if len(calls) == 2:
+                    raise RuntimeError("CUDA out of memory (injected by the test)")
+            return original(self, states, attention_kwargs, sp)
+
+        wan.WanAdapter.denoise_step = step
+    worker_main(spec, conn)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [0, 1], ids=["leader-fails", "non-leader-fails"])
+def test_a_step_failing_on_one_sp_member_ends_the_dispatch_at_once(victim, capfd, caplog):
+    """Before, the member whose step raised went on to the next step flag
+    while its peer waited in the step's all_to_all: both sat there until the
+    hung-worker watchdog (300 s by default) killed them. Now the video fails
+    within seconds, neither worker restarts, and SP comes back in a new world."""
+    specs = make_worker_specs("cpu", 2, ("wan-tiny",), num_threads=1)
+    eng = start_engine(executor=StepFailsOnce(specs, victim))
+    try:
+        pids = {d: eng.executor.pid(d) for d in BLOCK}
+        v = video(steps=STEPS, seed=41)
+        t0 = time.monotonic()
+        rest = drain(submit(eng, v, [(BLOCK, STEPS)]), timeout_s=60)
+        assert time.monotonic() - t0 < 30
+        end = rest[-1]
+        assert end.type == EventType.FAILED, end
+        if victim == 0:  # the leader reports: its own failure
+            assert (end.status, end.reason) == (
+                "INTERNAL", "denoising step failed: CUDA out of memory (injected by the test)")
+        else:  # the leader's collective with the member that left failed
+            assert end.status == "UNAVAILABLE" and end.reason.startswith("worker 0 lost its SP group [0, 1]: ")
+        assert {d: eng.executor.pid(d) for d in BLOCK} == pids and restarts(eng) == {}
+        assert wait_until(lambda: eng.max_sp_degree == 2, 120), "sequence parallelism did not come back"
+        again = run_video(eng, [(BLOCK, 3)], steps=3)
+        assert again[-1].type == EventType.COMPLETED and again[-1].result.sp_degrees == (2,)
+    finally:
+        stop_engine(eng)
+    log = capfd.readouterr().err
+    assert f"worker {victim}: leaving SP group [0, 1] in dispatch " in log
+    assert "Traceback" not in log.split("leaving SP group")[1], log[-3000:]  # (the failed step's is logged)
+    assert sum("lost its SP group with every worker alive" in r.getMessage() for r in caplog.records) == 1

@@ -64,8 +64,8 @@ class ScriptedPolicy:
         return StepPlan(tuple(dispatches), tuple(preempted))
 
 
-def start_engine(models: tuple[str, ...] = ("sd3-tiny", "wan-tiny")) -> Engine:
-    executor = MultiprocessExecutor(make_worker_specs("cpu", 2, models, num_threads=1))
+def start_engine(models: tuple[str, ...] = ("sd3-tiny", "wan-tiny"), executor=None) -> Engine:
+    executor = executor or MultiprocessExecutor(make_worker_specs("cpu", 2, models, num_threads=1))
     ready = executor.start()
     policy = ScriptedPolicy()
     eng = Engine(EngineConfig(), executor, lambda spec: policy, build_cost_model("", ready), Metrics(),

@@ -168,3 +168,6 @@ class DispatchDone:
     finished: tuple[Finished, ...]
     failed: tuple[Failed, ...]
     encode_ms: float  # prompt encoding + preparation of the new requests
+    # this member's SP group broke in the dispatch (a member died, or this one
+    # could not go on with the others and left the world): SP needs a new world
+    group_lost: bool = False

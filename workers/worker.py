@@ -148,15 +148,21 @@ class Worker:
         failed += [P.Failed(r, "INTERNAL", f"worker {self.spec.device_id} holds no state for {r}")
                    for r in msg.req_ids if r not in self.live and all(f.req_id != r for f in failed)]
         finished: list[P.Finished] = []
+        sp = len(block) > 1
         for _ in range(msg.num_steps):
             if self._stopping:  # the server is going: no more steps
                 break
             batch = [r for r in batch if r in self.live and not self.live[r].state.done]
-            if len(block) > 1 and not self.groups.broadcast_flag(bool(batch), block[0], block):
+            if sp and not self.groups.broadcast_flag(bool(batch), block[0], block):
                 break  # the leader decided: no more steps (done or cancelled)
             if not batch:
+                if sp:  # (its preparation failed here alone)
+                    return self._leave_group(msg, failed, "it holds none of the dispatch's requests")
                 break
-            failed += self._one_step(msg, batch, block, leader, conn)
+            step_failed = self._one_step(msg, batch, block, leader, conn)
+            if step_failed and sp:
+                return self._leave_group(msg, failed + step_failed, "its step failed")
+            failed += step_failed
             for r in [r for r in batch if r in self.live and self.live[r].state.done]:
                 if not leader:  # the leader decodes; the other members just let go
                     self.live.pop(r)
@@ -169,21 +175,42 @@ class Worker:
         return P.DispatchDone(msg.dispatch_id, paused, tuple(finished), tuple(failed), encode_ms)
 
     def _group_lost(self, msg: P.RunSteps, exc: CollectiveError) -> P.DispatchDone:
-        """A collective of this SP dispatch failed: a member of its block died.
-        The batch's states may be half-updated and the members out of step, so
-        they go, and the dispatch ends with no further collective. The engine
-        has already taken the death (``Executor.wait`` puts it before the
-        survivors' replies, and the dead one's connections close only as it
-        dies): it restarted these requests, so this report is stale and their
-        'failed' reaches no client. The broken world stays until a Rejoin
-        replaces it; meanwhile the engine sends only single-device work."""
+        """A collective of this SP dispatch failed: a member of its block died
+        or left the world (``_leave_group``). The batch's states may be
+        half-updated and the members out of step, so they go, and the dispatch
+        ends with no further collective. After a death the engine has already
+        taken it (``Executor.wait`` puts it before the survivors' replies, and
+        the dead one's connections close only as it dies): it restarted these
+        requests, so this report is stale and their 'failed' reaches no client.
+        After a member left, the leader's report ends them. The broken world
+        stays until a Rejoin replaces it; meanwhile the engine sends only
+        single-device work."""
         block = list(msg.device_ids)
         log.error("worker %d: SP group %s broke in dispatch %d; dropping %s and going on: %s",
                   self.spec.device_id, block, msg.dispatch_id, ", ".join(msg.req_ids), exc)
         self.drop(msg.req_ids)
         reason = f"worker {self.spec.device_id} lost its SP group {block}: {exc}"
         failed = tuple(P.Failed(r, "UNAVAILABLE", reason) for r in msg.req_ids)
-        return P.DispatchDone(msg.dispatch_id, (), (), failed, 0.0)
+        return P.DispatchDone(msg.dispatch_id, (), (), failed, 0.0, group_lost=True)
+
+    def _leave_group(self, msg: P.RunSteps, failed: list[P.Failed], why: str) -> P.DispatchDone:
+        """This member cannot go on with its SP group (``why``: its step
+        failed, e.g. out of device memory, or its preparation did) while the
+        others would wait for it in their next collective for as long as a
+        collective waits (gloo: 30 min). It leaves the world, which fails their
+        collectives at once (gloo; measured within milliseconds), so they end
+        the dispatch as after a member's death; its requests go, and the report
+        tells the engine the group is lost: SP is off until every worker has
+        joined a new world, as after a crash."""
+        block = list(msg.device_ids)
+        log.error("worker %d: leaving SP group %s in dispatch %d: %s", self.spec.device_id, block,
+                  msg.dispatch_id, why)
+        self.groups.close()
+        self.drop(msg.req_ids)
+        reason = f"worker {self.spec.device_id} left its SP group {block}: {why}"
+        done = {f.req_id for f in failed}
+        failed = [*failed, *(P.Failed(r, "UNAVAILABLE", reason) for r in msg.req_ids if r not in done)]
+        return P.DispatchDone(msg.dispatch_id, (), (), tuple(failed), 0.0, group_lost=True)
 
     def _admit_all(self, msg: P.RunSteps, block: tuple[int, ...]) -> list[P.Failed]:
         """Create the state of requests new to this worker; bring back offloaded ones."""
