@@ -23,7 +23,10 @@ from __future__ import annotations
 import logging
 import time
 
+from genserve.dispatcher import Dispatcher
 from genserve.inflight import InFlight
+from genserve.recovery import RestartBackoff, SPRecovery
+from genserve.requests import Requests
 from genserve.tracked import Tracked
 from genserve.types import EventType
 from genserve.workers import protocol as P
@@ -37,19 +40,40 @@ OVERDUE_FACTOR, OVERDUE_MIN_S = 10.0, 60.0
 
 
 class WorkerLoss:
-    """The engine's handling of a worker's death or hang, kept apart from its
-    main flow. A mixin of ``Engine``: it works on the engine's state (``config``,
-    ``inflight``, ``busy``, ``tracked``, ``down``, ``hung``, ``executor``,
-    ``metrics``, ``recovery``, ``restarts``, ``on_workers_down``) and calls its ``_finish``,
-    ``_current``, ``_block_done`` and ``_set_sp_degree``."""
+    """The workers' health as the engine sees it: which are down (restarting)
+    or were killed for hanging, and the SP degree the executor can run now
+    (``sp_degree``: 1 from a loss until every worker has joined a new world).
+    It ends or restarts the requests and dispatches a loss touches."""
 
-    def _watch_overdue(self, now: float) -> None:
+    def __init__(self, config, executor, requests: Requests, dispatcher: Dispatcher, metrics):
+        self.config, self.executor, self.metrics = config, executor, metrics
+        self.requests, self.dispatcher = requests, dispatcher
+        self.down: set[int] = set()  # devices whose worker is restarting
+        self.hung: set[int] = set()  # devices whose worker the watchdog killed, until its death arrives
+        self.recovery = SPRecovery(executor)
+        self.restarts = RestartBackoff()
+        for device_id in range(executor.num_devices):
+            self.restarts.started(device_id)
+        self.sp_degree = 0
+        self._set_sp_degree(executor.max_sp_degree)
+
+    def _set_sp_degree(self, degree: int) -> None:
+        self.sp_degree = degree
+        self.metrics.set_sp_max_degree(degree)
+
+    def tick(self) -> None:
+        """Restart the dead workers that are due; bring SP back once every worker is up."""
+        for device_id in self.restarts.due():
+            self.executor.respawn(device_id, standalone=True)  # its Ready arrives through wait()
+        self.recovery.tick(self.down)
+
+    def watch_overdue(self, now: float) -> None:
         """Warn of a dispatch far past its predicted end; past ``hung_worker_s``
         too, kill (once) every worker it waits for: a stopped one cannot be told
         from SP peers blocked in a collective with it, which could not finish
         the dispatch anyway."""
         kill_s = self.config.hung_worker_s
-        for dispatch_id, fl in self.inflight.items():
+        for dispatch_id, fl in self.dispatcher.inflight.items():
             predicted_s = max(fl.busy_until(d, 0.0) for d in fl.dispatch.device_ids) - fl.sent_s
             late_s = now - fl.sent_s - predicted_s
             if late_s <= OVERDUE_FACTOR * predicted_s:
@@ -70,12 +94,12 @@ class WorkerLoss:
     def _awaited(self, fl: InFlight) -> list[int]:
         """The workers ``fl`` waits for: those exporting a state it needs
         while it waits to go out, else its members yet to report."""
-        exporting = [self.tracked.get(r) for r, data in fl.moving.items() if data is None]
+        exporting = [self.requests.get(r) for r, data in fl.moving.items() if data is None]
         if exporting:  # (the Export went to the lowest holder)
             return sorted({min(t.holders) for t in exporting if t is not None and t.holders})
         return sorted(fl.pending)
 
-    def _on_worker_lifecycle(self, device_id: int, msg) -> bool:
+    def on_lifecycle(self, device_id: int, msg) -> bool:
         """A worker died, came back, failed to come back or joined a new SP
         group; False for any other message."""
         if isinstance(msg, WorkerDied):
@@ -84,7 +108,6 @@ class WorkerLoss:
             log.info("worker %d is back", device_id)
             self.executor.ready[device_id] = msg
             self.down.discard(device_id)
-            self.on_workers_down(len(self.down))
         elif isinstance(msg, P.Failed) and device_id in self.down:  # a restarted worker that did not start
             log.error("worker %d failed to start: %s", device_id, msg.message)
         elif isinstance(msg, P.Rejoined):
@@ -106,22 +129,22 @@ class WorkerLoss:
         log.error("worker %d %s; restarting it", msg.device_id, self._loss(msg) if msg.device_id in self.hung
                   else f"died (exit code {msg.exitcode})")
         self.down.add(msg.device_id)
-        self.on_workers_down(len(self.down))
         now = time.monotonic()
-        for dispatch_id, fl in list(self.inflight.items()):
+        inflight, busy = self.dispatcher.inflight, self.dispatcher.busy
+        for dispatch_id, fl in list(inflight.items()):
             if fl.moving and self._involves(fl, msg.device_id):
                 # not sent yet (a state move is awaited): it never will be
                 self._withdraw(dispatch_id, now, msg)
             elif msg.device_id in fl.dispatch.device_ids:
                 fl.pending.discard(msg.device_id)
-                self.busy.pop(msg.device_id, None)
+                busy.pop(msg.device_id, None)
                 if not fl.pending:  # the others have reported: what the leader said takes effect
-                    self._block_done(dispatch_id, fl)
-        for t in [t for t in self.tracked.values() if msg.device_id in t.holders]:
+                    self.dispatcher.block_done(dispatch_id, fl)
+        for t in [t for t in self.requests if msg.device_id in t.holders]:
             self._lost_copy(t, msg)
         self.metrics.worker_restarted(msg.device_id)
         self.recovery.lost(msg.device_id)
-        if self.max_sp_degree > 1:
+        if self.sp_degree > 1:
             # a restarted process cannot join the running process groups
             log.warning("sequence parallelism is off until every worker has joined a new process group")
             self._set_sp_degree(1)
@@ -131,19 +154,19 @@ class WorkerLoss:
             log.warning("worker %d keeps dying soon after it starts (%d times in a row); restarting it in %.0f s",
                         msg.device_id, self.restarts.quick_deaths[msg.device_id], delay)
 
-    def _group_broke(self, device_id: int, dispatch_id: int) -> None:
+    def group_broke(self, device_id: int, dispatch_id: int) -> None:
         """Worker ``device_id`` reports that its SP group broke in dispatch
         ``dispatch_id``: a member died (then the death came first and SP is off
         already) or could not go on with the others and left the world (its
         step failed). It dropped the dispatch's requests. Without a death
         nothing else would tell the engine that the world is broken: SP goes
         off until every worker has joined a new one, as after a crash."""
-        req_ids = self.inflight[dispatch_id].dispatch.req_ids if dispatch_id in self.inflight else ()
-        for req_id in req_ids:
-            t = self._current(req_id, dispatch_id)
+        fl = self.dispatcher.inflight.get(dispatch_id)
+        for req_id in fl.dispatch.req_ids if fl is not None else ():
+            t = self.requests.current(req_id, dispatch_id)
             if t is not None:
                 t.holders.discard(device_id)
-        if self.max_sp_degree > 1:
+        if self.sp_degree > 1:
             log.warning("worker %d lost its SP group with every worker alive; sequence parallelism is off "
                         "until every worker has joined a new process group", device_id)
             self._set_sp_degree(1)
@@ -152,25 +175,22 @@ class WorkerLoss:
     def _involves(self, fl: InFlight, device_id: int) -> bool:
         """``device_id`` is in the block of ``fl`` or holds a member's state."""
         return device_id in fl.dispatch.device_ids or any(
-            device_id in t.holders for t in map(self.tracked.get, fl.dispatch.req_ids) if t is not None)
+            device_id in t.holders for t in map(self.requests.get, fl.dispatch.req_ids) if t is not None)
 
     def _withdraw(self, dispatch_id: int, now: float, msg: WorkerDied) -> None:
         """Take back a dispatch that has not gone out because a worker died:
         its devices free and its requests wait again where their state is (the
         workers never saw it); a state only the dead one held is lost, which
         ``_lost_copy`` reports."""
-        fl = self.inflight.pop(dispatch_id)
-        for device_id in fl.dispatch.device_ids:
-            if self.busy.get(device_id) == dispatch_id:
-                self.busy.pop(device_id)
+        fl = self.dispatcher.withdraw(dispatch_id)
         for req_id in fl.dispatch.req_ids:
-            t = self._current(req_id, dispatch_id)
+            t = self.requests.current(req_id, dispatch_id)
             if t is None:
                 continue
             t.running, t.paused, t.dispatch_id = False, True, -1
             t.device_ids = tuple(sorted(t.holders))
             if t.cancel_requested:
-                self._finish(t, EventType.CANCELLED, "CANCELLED", "cancelled")
+                self.requests.finish(t, EventType.CANCELLED, "CANCELLED", "cancelled")
             elif t.holders != {msg.device_id}:
                 t.emit(now, EventType.PREEMPTED,
                        reason=f"worker {msg.device_id} {self._loss(msg)} before its next step went out")
@@ -188,9 +208,9 @@ class WorkerLoss:
                 self.executor.send(device_id, P.Drop((t.req.req_id,)))
         if t.crash_restarts >= 1:
             t.running = False
-            self._finish(t, EventType.FAILED, "UNAVAILABLE",
-                         f"worker {msg.device_id} {self._loss(msg)} while running this request, "
-                         "its second lost worker; not retrying")
+            self.requests.finish(t, EventType.FAILED, "UNAVAILABLE",
+                                 f"worker {msg.device_id} {self._loss(msg)} while running this request, "
+                                 "its second lost worker; not retrying")
             return
         t.restart_from_scratch()
         t.dispatch_id = -1  # whatever its last dispatch still reports is stale

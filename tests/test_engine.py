@@ -114,14 +114,14 @@ def test_a_bug_in_the_loop_ends_the_requests_it_strands(engine, monkeypatch):
 def test_a_request_that_cannot_be_admitted_ends_internal_and_is_counted(engine, monkeypatch):
     """An exception while admitting (its default SLO could not be computed)
     left the caller with no event at all, and the request uncounted."""
-    original = engine._default_slo_ms
+    original = engine.requests.default_slo_ms
 
     def broken(req):
         if req.req_id == "unadmittable":
             raise OverflowError("cannot convert float infinity to integer")
         return original(req)
 
-    monkeypatch.setattr(engine, "_default_slo_ms", broken)
+    monkeypatch.setattr(engine.requests, "default_slo_ms", broken)
     before = _count(engine, "INTERNAL")
     events = run(engine, make_request("unadmittable"), timeout_s=10)
     assert [e.type for e in events] == [EventType.FAILED] and events[0].status == "INTERNAL"

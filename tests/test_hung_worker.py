@@ -34,7 +34,7 @@ class HangingExecutor:
 def engine(hung_worker_s: float, *flights: InFlight) -> Engine:
     eng = Engine(EngineConfig(hung_worker_s=hung_worker_s), HangingExecutor(),
                  lambda spec: make_policy("fcfs", spec), None, Metrics(), {})
-    eng.inflight = dict(enumerate(flights, 1))
+    eng.dispatcher.inflight = dict(enumerate(flights, 1))
     return eng
 
 
@@ -47,15 +47,15 @@ def flight(req_id: str, block: tuple[int, ...], predicted_s: float, pending=None
 def test_a_dispatch_past_the_bound_and_ten_times_its_prediction_has_its_workers_killed_once(caplog):
     eng = engine(30.0, flight("sp", (0, 1), 1.0), flight("half", (2, 3), 1.0, {3}), flight("long", (4,), 5.0))
     with caplog.at_level(logging.ERROR, logger="genserve.engine"):
-        eng._watch_overdue(30.9)  # 29.9 s late: under the bound
+        eng.loss.watch_overdue(30.9)  # 29.9 s late: under the bound
         assert eng.executor.killed == []
-        eng._watch_overdue(31.5)
+        eng.loss.watch_overdue(31.5)
         # an SP dispatch: every member (the stopped one cannot be told from its blocked peers);
         # of a half-reported one, only the member yet to report; not the one predicted at 5 s
         assert eng.executor.killed == [[0, 1], [3]]
-        eng._watch_overdue(55.9)  # 50.9 s late: over the bound but not 10x its 5 s
-        eng._watch_overdue(56.1)
-        eng._watch_overdue(600.0)  # each only once
+        eng.loss.watch_overdue(55.9)  # 50.9 s late: over the bound but not 10x its 5 s
+        eng.loss.watch_overdue(56.1)
+        eng.loss.watch_overdue(600.0)  # each only once
     assert eng.executor.killed == [[0, 1], [3], [4]]
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 3 and errors[0] == (
@@ -71,7 +71,7 @@ def test_a_dispatch_waiting_for_a_state_move_kills_the_worker_exporting_it():
     moving.moving["v"] = None  # its Export went to worker 4 and is unanswered
     eng = engine(30.0, moving)
     eng.tracked["v"] = t
-    eng._watch_overdue(60.0)
+    eng.loss.watch_overdue(60.0)
     assert eng.executor.killed == [[4]]
 
 
@@ -79,7 +79,7 @@ def test_a_bound_of_zero_never_kills_but_still_warns(caplog):
     eng = engine(0.0, flight("sp", (0, 1), 1.0))
     with caplog.at_level(logging.WARNING, logger="genserve.engine"):
         for now in (100.0, 1e6):
-            eng._watch_overdue(now)
+            eng.loss.watch_overdue(now)
     assert eng.executor.killed == []
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and warnings[0].endswith("past its predicted 1 s: a worker there may be hung")

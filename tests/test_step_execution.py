@@ -244,7 +244,7 @@ def test_hung_workers_are_killed_and_their_requests_go_on(engine, monkeypatch):
     ends UNAVAILABLE. A single-device hang kills only its own worker."""
     import genserve.engine as engine_module
 
-    monkeypatch.setattr(engine, "config", EngineConfig(hung_worker_s=2.0))
+    monkeypatch.setattr(engine.loss, "config", EngineConfig(hung_worker_s=2.0))
     monkeypatch.setattr(engine_module, "WATCHDOG_S", 0.5)  # look as often as the short bound needs
     before, stopped = restarts(engine), []
 

@@ -37,9 +37,9 @@ def image(req_id: str) -> Request:
 
 def test_a_request_is_refused_unavailable_only_while_every_worker_is_down():
     eng = Engine(EngineConfig(), TwoDevices(), lambda spec: make_policy("fcfs", spec), None, Metrics(), {})
-    eng.down = {1}
+    eng.loss.down = {1}
     eng.submit(image("degraded"), lambda ev: None)  # one worker up: queued as before
-    eng.down = {0, 1}
+    eng.loss.down = {0, 1}
     with pytest.raises(RequestError) as err:
         eng.submit(image("none up"), lambda ev: None)
     assert (err.value.status, err.value.message) == ("UNAVAILABLE", NO_WORKER_UP)
