@@ -1,5 +1,6 @@
-"""Transport security and admission at the gRPC edge: TLS / mutual TLS,
-bearer-token authentication, and a cap on concurrent generations per client.
+"""Transport security and admission at the gRPC edge: TLS / mutual TLS
+(its files: tls.py), bearer-token authentication, and a cap on concurrent
+generations per client.
 
 ``config.Security`` says what is wanted and validates without I/O;
 ``load_security`` reads the files named there (certificates, the token file)
@@ -26,16 +27,14 @@ import hashlib
 import hmac
 import inspect
 import logging
-import pathlib
-import ssl
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Callable
 
 import grpc
 
 from genserve.config import Security
-from genserve.pem import date_warnings
+# TLS files (tls.py); channel_credentials and SecurityError are this module's API too
+from genserve.tls import SecurityError, channel_credentials, read_file, server_credentials
 from genserve.v1 import genserve_pb2 as pb
 
 log = logging.getLogger("genserve.security")
@@ -50,10 +49,6 @@ SHUTTING_DOWN = "server is shutting down; retry on another replica"
 
 # The authenticated tenant of the call being served ("" without token auth).
 current_tenant: contextvars.ContextVar[str] = contextvars.ContextVar("genserve_tenant", default="")
-
-
-class SecurityError(ValueError):
-    """A security file is missing, unreadable or malformed."""
 
 
 # ---- tokens ---------------------------------------------------------------
@@ -120,73 +115,6 @@ def bearer_token(metadata) -> str | None:
             scheme, _, token = value.strip().partition(" ")
             return token.strip() if scheme.lower() == "bearer" and token.strip() else None
     return None
-
-
-# ---- TLS ------------------------------------------------------------------
-def _read(path: str, what: str) -> bytes:
-    try:
-        data = pathlib.Path(path).read_bytes()
-    except OSError as err:
-        raise SecurityError(f"{what} {path}: {err.strerror or err}") from err
-    if not data.strip():
-        raise SecurityError(f"{what} {path}: empty file")
-    return data
-
-
-def _read_pair(cert_path: str, key_path: str, cert_flag: str, key_flag: str) -> tuple[bytes, bytes]:
-    """(key, certificate chain): PEM, the key unencrypted and the certificate's
-    (grpc would only find out when it binds or connects, with a message about
-    the port or the connection). Logs a warning for a certificate out of date."""
-    cert = _read(cert_path, cert_flag)  # in the order the flags are usually given
-    key = _read(key_path, key_flag)
-    if b"-----BEGIN CERTIFICATE-----" not in cert:
-        raise SecurityError(f"{cert_flag} {cert_path}: not a PEM certificate")
-    if b"PRIVATE KEY-----" not in key:
-        raise SecurityError(f"{key_flag} {key_path}: not a PEM private key")
-    def encrypted():  # OpenSSL asks for the passphrase: refuse instead of prompting on the terminal
-        raise SecurityError(f"{key_flag} {key_path}: the key is encrypted (passphrase-protected); give it "
-                            f"unencrypted (openssl pkey -in {key_path} -out key.pem), readable by this user only")
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert_path, key_path, password=encrypted)
-    except ssl.SSLError as err:
-        why = "is not the key of" if "KEY_VALUES_MISMATCH" in str(err) else "does not load with"
-        raise SecurityError(f"{key_flag} {key_path} {why} {cert_flag} {cert_path} ({err.reason or err})") from None
-    for line in date_warnings(cert, f"{cert_flag} {cert_path}", datetime.now(timezone.utc)):
-        log.warning("%s", line)  # served anyway: an operator may need the server up
-    return key, cert
-
-
-def _check_ca(path: str, flag: str) -> bytes:
-    data = _read(path, flag)
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
-    except ssl.SSLError as err:
-        raise SecurityError(f"{flag} {path}: not a PEM CA bundle ({err.reason or err})") from None
-    return data
-
-
-def server_credentials(sec: Security) -> grpc.ServerCredentials | None:
-    """TLS credentials (mutual TLS when ``tls_client_ca`` is set), or None.
-    SecurityError names the flag of a file that is missing, malformed or
-    (a key) not the certificate's."""
-    if not sec.tls_cert:
-        return None
-    pair = _read_pair(sec.tls_cert, sec.tls_key, "--tls-cert", "--tls-key")
-    if not sec.tls_client_ca:
-        return grpc.ssl_server_credentials([pair])
-    return grpc.ssl_server_credentials([pair], root_certificates=_check_ca(sec.tls_client_ca, "--tls-client-ca"),
-                                       require_client_auth=True)
-
-
-def channel_credentials(ca: str = "", cert: str = "", key: str = "") -> grpc.ChannelCredentials:
-    """Client-side TLS: trust ``ca`` (empty: the system roots); ``cert`` and
-    ``key`` present a client certificate for mutual TLS."""
-    if bool(cert) != bool(key):
-        raise SecurityError("--tls-client-cert and --tls-client-key go together (a client certificate "
-                            "needs both)")
-    pair = _read_pair(cert, key, "--tls-client-cert", "--tls-client-key") if cert else (None, None)
-    return grpc.ssl_channel_credentials(root_certificates=_check_ca(ca, "--tls-ca") if ca else None,
-                                        private_key=pair[0], certificate_chain=pair[1])
 
 
 # ---- the interceptor ------------------------------------------------------
@@ -398,7 +326,7 @@ def load_security(sec: Security, refused: Callable[..., None] = lambda status, r
     credentials = server_credentials(sec)
     tokens = None
     if sec.auth_tokens:
-        tokens = parse_tokens(_read(sec.auth_tokens, "--auth-tokens").decode("utf-8", "replace"),
+        tokens = parse_tokens(read_file(sec.auth_tokens, "--auth-tokens").decode("utf-8", "replace"),
                               sec.auth_tokens)
     parts = ["mutual TLS" if sec.tls_client_ca else "TLS" if credentials else "plaintext",
              f"token auth ({len(tokens.tenants)} tenant(s))" if tokens else "no auth",
