@@ -10,7 +10,9 @@ stop running: the members report a few ms apart, and a plan made in between
 would see a request ready with part of its block busy, so give its free
 devices to other work and count it preempted. A dispatch that finishes a
 request frees each member as it reports (the leader alone decodes, as the
-simulator has it). Touched only by the engine thread.
+simulator has it), and so does one that broke (a member died or lost its SP
+group: another may still be stuck in a collective). Touched only by the
+engine thread.
 """
 from __future__ import annotations
 
@@ -174,7 +176,9 @@ class Dispatcher:
             self._on_outcomes(device_id, None, msg)
             return
         fl.pending.discard(device_id)
-        if fl.finishing:
+        if msg.group_lost and not fl.broken:
+            self._break(msg.dispatch_id, fl)
+        if fl.finishing or fl.broken:
             self._free(device_id, msg.dispatch_id)
             if not fl.pending:
                 self.inflight.pop(msg.dispatch_id)
@@ -184,16 +188,34 @@ class Dispatcher:
         if device_id == fl.leader:
             fl.report = msg
         if not fl.pending:
-            self.block_done(msg.dispatch_id, fl)
-
-    def block_done(self, dispatch_id: int, fl: InFlight) -> None:
-        """Every member of ``fl`` has reported (or died): its block frees and
-        its leader's report, if one came, takes effect."""
-        self.inflight.pop(dispatch_id, None)
-        for device_id in fl.dispatch.device_ids:
-            self._free(device_id, dispatch_id)
-        if fl.report is not None:
+            self.inflight.pop(msg.dispatch_id)
+            for member in fl.dispatch.device_ids:
+                self._free(member, msg.dispatch_id)
             self._on_outcomes(fl.leader, fl, fl.report)
+
+    def member_lost(self, dispatch_id: int, device_id: int) -> None:
+        """Member ``device_id`` of in-flight ``dispatch_id`` died: it is no
+        longer awaited, and the block breaks."""
+        fl = self.inflight[dispatch_id]
+        fl.pending.discard(device_id)
+        self.busy.pop(device_id, None)
+        if not fl.broken:
+            self._break(dispatch_id, fl)
+        if not fl.pending:
+            self.inflight.pop(dispatch_id)
+
+    def _break(self, dispatch_id: int, fl: InFlight) -> None:
+        """A member of ``fl`` died or lost its SP group: there is no step to
+        continue together, so its members free as they report (one may still
+        be stuck in a collective with the lost one), those that have reported
+        at once, and the leader's report, if held, takes effect now."""
+        fl.broken = True
+        for member in fl.dispatch.device_ids:
+            if member not in fl.pending:
+                self._free(member, dispatch_id)
+        if fl.report is not None:
+            report, fl.report = fl.report, None
+            self._on_outcomes(fl.leader, fl, report)
 
     def _free(self, device_id: int, dispatch_id: int) -> None:
         if self.busy.get(device_id) == dispatch_id:

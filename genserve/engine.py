@@ -205,9 +205,9 @@ class Engine:
         # Results, arrivals and worker deaths all wake the wait; poll only when
         # requests wait with nothing running (a worker restarting, or a policy
         # holding work back), so a time-based decision is not missed, when
-        # a dead worker's restart is due, and now and then while dispatches
-        # run (the overdue watchdog).
-        timeouts = [self.loss.restarts.next_in_s()]
+        # a dead worker's restart or an SP rejoin round is due, and now and then
+        # while dispatches run (the overdue watchdog).
+        timeouts = [self.loss.restarts.next_in_s(), self.loss.recovery.next_in_s()]
         if self.tracked and not self.inflight:
             timeouts.append(IDLE_REPLAN_S)
         if self.inflight:

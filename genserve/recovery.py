@@ -68,6 +68,7 @@ class RestartBackoff:
 class SPRecovery:
     MAX_BACKOFF_S = 60.0
     ROUND_TIMEOUT_S = 180.0  # a join gives up after DistSpec.timeout_s (120 s); this is the backstop
+    BREAK_GRACE_S = 1.0  # after a reported break, for the death that may have caused it
 
     def __init__(self, executor, clock=time.monotonic):
         self.executor, self.clock = executor, clock
@@ -87,16 +88,33 @@ class SPRecovery:
         """A worker died: SP is gone until a round succeeds; a round in
         progress has failed (its other members answer when their join times out)."""
         self.wanted = self.executor.configured_sp_degree > 1
-        if self.in_progress:  # even if it had joined: the new world has lost a member
-            self.waiting.discard(device_id)
-            self.problems.append(f"worker {device_id} died during the round")
+        problem = f"worker {device_id} died during the round"
+        if self.in_progress and problem not in self.problems:  # even if it had joined: the new world
+            self.waiting.discard(device_id)                      # has lost a member
+            self.problems.append(problem)
             if not self.waiting:
                 self._end()
 
     def broken(self) -> None:
-        """An SP group broke with every worker alive (a member left it): SP
-        is gone until a round succeeds."""
+        """A worker reported its SP group broken: SP is gone until a round
+        succeeds. A member that died is reported by the executor, sometimes
+        just after a peer's report of the break it caused; a round started in
+        between would wait for the dead one until the join times out (120 s),
+        so the next round waits ``BREAK_GRACE_S`` for it."""
         self.wanted = self.executor.configured_sp_degree > 1
+        self.not_before = max(self.not_before, self.clock() + self.BREAK_GRACE_S)
+
+    def next_in_s(self) -> float | None:
+        """Seconds until ``tick`` has something to do on its own (a round's
+        answers overdue, or the back-off of a wanted round over); None: only
+        when a worker is back or answers."""
+        if self.in_progress:
+            due = self.started_s + self.ROUND_TIMEOUT_S
+        elif self.wanted:
+            due = self.not_before
+        else:
+            return None
+        return max(0.0, due - self.clock())
 
     def tick(self, down: set[int]) -> None:
         """Called on every engine loop: give up a round whose answers are

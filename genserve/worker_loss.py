@@ -130,16 +130,12 @@ class WorkerLoss:
                   else f"died (exit code {msg.exitcode})")
         self.down.add(msg.device_id)
         now = time.monotonic()
-        inflight, busy = self.dispatcher.inflight, self.dispatcher.busy
-        for dispatch_id, fl in list(inflight.items()):
+        for dispatch_id, fl in list(self.dispatcher.inflight.items()):
             if fl.moving and self._involves(fl, msg.device_id):
                 # not sent yet (a state move is awaited): it never will be
                 self._withdraw(dispatch_id, now, msg)
-            elif msg.device_id in fl.dispatch.device_ids:
-                fl.pending.discard(msg.device_id)
-                busy.pop(msg.device_id, None)
-                if not fl.pending:  # the others have reported: what the leader said takes effect
-                    self.dispatcher.block_done(dispatch_id, fl)
+            elif msg.device_id in fl.dispatch.device_ids:  # (what its leader said takes effect first)
+                self.dispatcher.member_lost(dispatch_id, msg.device_id)
         for t in [t for t in self.requests if msg.device_id in t.holders]:
             self._lost_copy(t, msg)
         self.metrics.worker_restarted(msg.device_id)
@@ -156,19 +152,20 @@ class WorkerLoss:
 
     def group_broke(self, device_id: int, dispatch_id: int) -> None:
         """Worker ``device_id`` reports that its SP group broke in dispatch
-        ``dispatch_id``: a member died (then the death came first and SP is off
-        already) or could not go on with the others and left the world (its
-        step failed). It dropped the dispatch's requests. Without a death
-        nothing else would tell the engine that the world is broken: SP goes
-        off until every worker has joined a new one, as after a crash."""
+        ``dispatch_id``: a member died, or could not go on with the others
+        and left the world (its step failed). It dropped the dispatch's
+        requests. Without a death nothing else would tell the engine that the
+        world is broken: SP goes off until every worker has joined a new one,
+        as after a crash. (A death may also reach the engine just after the
+        report it caused: the rejoin waits a moment for that.)"""
         fl = self.dispatcher.inflight.get(dispatch_id)
         for req_id in fl.dispatch.req_ids if fl is not None else ():
             t = self.requests.current(req_id, dispatch_id)
             if t is not None:
                 t.holders.discard(device_id)
         if self.sp_degree > 1:
-            log.warning("worker %d lost its SP group with every worker alive; sequence parallelism is off "
-                        "until every worker has joined a new process group", device_id)
+            log.warning("worker %d lost its SP group in dispatch %d; sequence parallelism is off until every "
+                        "worker has joined a new process group", device_id, dispatch_id)
             self._set_sp_degree(1)
             self.recovery.broken()
 

@@ -51,9 +51,9 @@ class ScriptedExecutor(Executor):
 
 
 class VideoFirst:
-    """The video on both devices when both are idle, else any image on an
-    idle device: a plan made while the video's block is half free gives the
-    free half away."""
+    """The video on every device when all are idle, else any image on an
+    idle device: a plan made while the video's block is partly free gives the
+    free part away."""
 
     name = "video-first"
 
@@ -66,8 +66,8 @@ class VideoFirst:
         video = next((r for r in ready if r.task == "video"), None)
         images = [r for r in ready if r.task == "image"]
         out = []
-        if video is not None and len(idle) == 2:
-            out.append(Dispatch((video.req_id,), (0, 1)))
+        if video is not None and len(idle) == len(devices):
+            out.append(Dispatch((video.req_id,), tuple(idle)))
         else:
             for d, r in zip(idle, images):
                 out.append(Dispatch((r.req_id,), (d,)))
@@ -75,8 +75,8 @@ class VideoFirst:
         return finish_plan(requests, out)
 
 
-def make_engine():
-    executor = ScriptedExecutor()
+def make_engine(num_devices: int = 2):
+    executor = ScriptedExecutor(num_devices)
     policy = VideoFirst()
     cards = {VIDEO_MODEL: P.ModelCard(VIDEO_MODEL, "video", None),
              IMAGE_MODEL: P.ModelCard(IMAGE_MODEL, "image", None)}
@@ -106,11 +106,11 @@ def finished(req_id: str) -> P.Finished:
 
 
 def start_video(engine, executor, policy):
-    """A 3-step video running its first step on devices 0 and 1, and an image waiting."""
+    """A 3-step video running its first step on every device, and an image waiting."""
     video = submit(engine, "v", "video", 3)
     image = submit(engine, "i", "image", 3)
     engine.step()
-    assert policy.plans[-1][1] == (Dispatch(("v",), (0, 1)),)
+    assert policy.plans[-1][1] == (Dispatch(("v",), tuple(range(executor.num_devices))),)
     assert engine.tracked["v"].running
     return video, image, engine.tracked["v"].dispatch_id
 
@@ -184,3 +184,22 @@ def test_a_member_that_dies_after_the_leader_reported_frees_the_block():
     t = engine.tracked["v"]
     assert not t.running and t.holders == {0} and t.steps_done == 1
     assert 0 not in engine.busy and first not in engine.inflight
+
+
+def test_a_broken_block_frees_each_member_as_it_reports():
+    # SP 4, the leader killed mid-step: two peers' collectives fail at once and
+    # they report; the third may stay stuck in the collective a while. The two
+    # that reported are free for other work meanwhile; the video starts over.
+    engine, executor, policy = make_engine(4)
+    video, image, first = start_video(engine, executor, policy)
+    lost = P.DispatchDone(first, (), (), (P.Failed("v", "UNAVAILABLE", "lost its SP group"),), 0.0,
+                          group_lost=True)
+    executor.replies = [(0, WorkerDied(0, -9)), (1, lost), (3, lost)]
+    engine.step()
+    assert engine.busy == {2: first} and engine.max_sp_degree == 1
+    assert video[-1].type == EventType.PREEMPTED and video[-1].reason.endswith("restarting from step 0")
+    engine.step()
+    assert policy.plans[-1] == ((1, 3), (Dispatch(("i",), (1,)),))
+    executor.replies = [(2, lost)]
+    engine.step()
+    assert first not in engine.inflight and engine.busy == {1: engine.tracked["i"].dispatch_id}

@@ -142,3 +142,64 @@ def test_restart_delays_are_per_device():
     now[0] = 2.0
     assert r.died(0) == 1.0 and r.died(1) == 0.0
     assert r.due() == [1] and r.next_in_s() == 1.0
+
+
+def test_after_a_reported_break_the_round_waits_a_moment_for_the_death_that_caused_it():
+    # A peer's report of the break can reach the engine just before the death
+    # behind it; a round started in between waited for the dead worker until
+    # the join timed out (120 s), SP off all the while.
+    ex = FakeExecutor()
+    now = [10.0]
+    rec = SPRecovery(ex, clock=lambda: now[0])
+    rec.broken()
+    rec.tick(set())
+    assert not ex.sent and rec.wanted
+    now[0] += 0.01
+    rec.lost(1)  # the death arrives
+    rec.tick({1})
+    now[0] += SPRecovery.BREAK_GRACE_S
+    rec.tick({1})
+    assert not ex.sent  # worker 1 is restarting
+    rec.tick(set())
+    assert sorted(d for d, _ in ex.sent) == [0, 1, 2, 3]
+
+
+def test_a_break_with_no_death_starts_a_round_after_the_grace():
+    ex = FakeExecutor(num_devices=2, sp=2)
+    now = [10.0]
+    rec = SPRecovery(ex, clock=lambda: now[0])
+    rec.broken()
+    now[0] += SPRecovery.BREAK_GRACE_S - 0.01
+    rec.tick(set())
+    assert not ex.sent
+    now[0] += 0.01
+    rec.tick(set())
+    world = ex.sent[0][1].dist.init_method
+    assert answers(rec, world, [0, 1]) == [None, True] and not rec.wanted
+
+
+def test_a_death_reported_twice_during_a_round_is_one_problem(caplog):
+    ex = FakeExecutor(num_devices=2, sp=2)
+    rec = SPRecovery(ex)
+    rec.lost(0)
+    rec.tick(set())
+    world = ex.sent[0][1].dist.init_method
+    rec.lost(1)  # its pipe broke as the round's Rejoin went out, and then the executor saw it die
+    rec.lost(1)
+    assert answers(rec, world, [0], ok=False) == [False]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == ["sequence parallelism stays off (worker 1 died during the round; worker 0: timed out); "
+                        "next try in 1 s"]
+
+
+def test_the_engine_is_woken_when_a_round_may_start_or_is_overdue():
+    ex = FakeExecutor(num_devices=2, sp=2)
+    now = [10.0]
+    rec = SPRecovery(ex, clock=lambda: now[0])
+    assert rec.next_in_s() is None  # nothing to bring back
+    rec.broken()
+    assert rec.next_in_s() == SPRecovery.BREAK_GRACE_S
+    now[0] += SPRecovery.BREAK_GRACE_S
+    assert rec.next_in_s() == 0.0
+    rec.tick(set())
+    assert rec.in_progress and rec.next_in_s() == SPRecovery.ROUND_TIMEOUT_S

@@ -126,7 +126,8 @@ def assert_group_lost(report: P.DispatchDone, worker: Worker) -> None:
     assert [(f.req_id, f.status) for f in report.failed] == [("v", "UNAVAILABLE")]
     assert report.failed[0].message.startswith(f"worker {worker.spec.device_id} lost its SP group [0, 1]: ")
     assert "Connection closed by peer" in report.failed[0].message
-    assert worker.live == {}
+    assert worker.live == {} and report.group_lost
+    assert worker.groups.closed  # left at once: a third member may wait on it in the collective
 
 
 def test_the_step_flag_broadcast_fails():
@@ -307,4 +308,31 @@ def test_a_step_failing_on_one_sp_member_ends_the_dispatch_at_once(victim, capfd
     log = capfd.readouterr().err
     assert f"worker {victim}: leaving SP group [0, 1] in dispatch " in log
     assert "Traceback" not in log.split("leaving SP group")[1], log[-3000:]  # (the failed step's is logged)
-    assert sum("lost its SP group with every worker alive" in r.getMessage() for r in caplog.records) == 1
+    assert sum("lost its SP group in dispatch" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.slow
+def test_when_the_leader_of_an_sp4_group_dies_every_peer_is_free_at_once():
+    """helper-31's probe: with SP 4, a peer could stay in the step's all_to_all
+    waiting on another survivor (its connection to the dead one was not the
+    one it waited on) until the rejoin tore down the old world 7.6 s later, and
+    the block, freed only as a whole, kept the peers that had reported busy
+    too. Now a survivor leaves the broken world at once (its connections
+    closing fail the stuck one), and a broken block frees each member as it
+    reports."""
+    block = (0, 1, 2, 3)
+    eng = start_engine(("wan-tiny",), MultiprocessExecutor(make_worker_specs("cpu", 4, ("wan-tiny",),
+                                                                             num_threads=1)))
+    try:
+        v = video(steps=STEPS, seed=41)
+        events = submit(eng, v, [(block, STEPS)])
+        events_until(events, EventType.STEP)
+        os.kill(eng.executor.pid(0), signal.SIGKILL)
+        events_until(events, EventType.PREEMPTED)
+        assert wait_until(lambda: not any(d in eng.busy for d in (1, 2, 3)), 5.0), eng.busy
+        eng.policy.scripts[v.req_id] = [((1,), STEPS)]
+        assert drain(events, timeout_s=60)[-1].type == EventType.COMPLETED
+        assert wait_until(lambda: eng.max_sp_degree == 4, 120), "sequence parallelism did not come back"
+        assert run_video(eng, [(block, 2)], steps=2)[-1].result.sp_degrees == (4,)
+    finally:
+        stop_engine(eng)

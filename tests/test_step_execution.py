@@ -70,7 +70,7 @@ def start_engine(models: tuple[str, ...] = ("sd3-tiny", "wan-tiny"), executor=No
     policy = ScriptedPolicy()
     eng = Engine(EngineConfig(), executor, lambda spec: policy, build_cost_model("", ready), Metrics(),
                  {c.name: c for c in ready[0].models})
-    assert eng.max_sp_degree == 2
+    assert eng.max_sp_degree == min(executor.num_devices, 8)
     eng.start()
     return eng
 
@@ -226,7 +226,7 @@ def test_worker_dies_while_state_moves_out_of_it_then_sp_comes_back():
         deadline = time.monotonic() + 120
         while eng.max_sp_degree < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert eng.max_sp_degree == 2
+        assert eng.max_sp_degree == min(executor.num_devices, 8)
         alone = run_video(eng, [((1,), 4)], steps=4, seed=22)
         sp2 = run_video(eng, [((0, 1), 4)], steps=4, seed=22)
         assert sp2[-1].result.sp_degrees == (2,)

@@ -182,12 +182,16 @@ class Worker:
         taken it (``Executor.wait`` puts it before the survivors' replies, and
         the dead one's connections close only as it dies): it restarted these
         requests, so this report is stale and their 'failed' reaches no client.
-        After a member left, the leader's report ends them. The broken world
-        stays until a Rejoin replaces it; meanwhile the engine sends only
-        single-device work."""
+        After a member left, the leader's report ends them. This worker leaves
+        the world too; it joins a new one on the Rejoin that follows, and
+        meanwhile the engine sends only single-device work."""
         block = list(msg.device_ids)
         log.error("worker %d: SP group %s broke in dispatch %d; dropping %s and going on: %s",
                   self.spec.device_id, block, msg.dispatch_id, ", ".join(msg.req_ids), exc)
+        # Leave the broken world now: a third member can be waiting in the same
+        # collective for data from this one that will never come; this rank's
+        # connections closing fails it at once.
+        self.groups.close()
         self.drop(msg.req_ids)
         reason = f"worker {self.spec.device_id} lost its SP group {block}: {exc}"
         failed = tuple(P.Failed(r, "UNAVAILABLE", reason) for r in msg.req_ids)
