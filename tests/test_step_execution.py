@@ -226,7 +226,7 @@ def test_worker_dies_while_state_moves_out_of_it_then_sp_comes_back():
         deadline = time.monotonic() + 120
         while eng.max_sp_degree < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert eng.max_sp_degree == min(executor.num_devices, 8)
+        assert eng.max_sp_degree == 2
         alone = run_video(eng, [((1,), 4)], steps=4, seed=22)
         sp2 = run_video(eng, [((0, 1), 4)], steps=4, seed=22)
         assert sp2[-1].result.sp_degrees == (2,)
