@@ -178,7 +178,7 @@ class Engine:
         self.dispatcher.woke_s = now = time.monotonic()
         for device_id, msg in replies:
             self._on_reply(device_id, msg)
-        self.loss.tick()  # restarts due; after a crash, once every worker is back, SP
+        self.loss.tick()  # restarts that are due; the SP rejoin once every worker is up
         self.loss.watch_overdue(now)
         if len(self.down) != self._num_down:
             self._num_down = len(self.down)

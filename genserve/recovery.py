@@ -6,10 +6,10 @@ waits twice as long as the last, up to a minute (``RestartBackoff``).
 
 A restarted worker process cannot rejoin the torch.distributed world its
 peers still belong to, so a crash turns SP off, as does a worker that leaves
-its SP group when its own step fails (its peers' collectives fail with it). Once every worker is up again
-the engine starts a *round*: each worker is told to leave the old world and
-join a fresh one (``P.Rejoin``), which it does beside the single-device steps
-it keeps running. When every worker has answered that it joined, SP comes
+its SP group when its own step fails (its peers' collectives fail with it).
+Once every worker is up again the engine starts a *round*: each worker is
+told to leave the old world and join a fresh one (``P.Rejoin``), which it does
+between the single-device steps it keeps running. When every worker has answered that it joined, SP comes
 back. A round that fails (a worker died during it, or a join timed out: a
 worker still busy with a long dispatch of the old world answers late) ends when
 its last answer arrives, or after ``ROUND_TIMEOUT_S`` if one never does (a
