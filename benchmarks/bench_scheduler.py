@@ -79,13 +79,15 @@ def _print_attainment(rows, policies) -> None:
     print(f"{'rate':>5s} {'scale':>5s} | {'genserve (img/vid)':>20s} | "
           + " ".join(f"{p[:9]:>9s}" for p in policies if p != "genserve")
           + " | best baseline  ratio")
-    for row in rows:
-        g = row["genserve:attainment"]
+    nan = float("nan")
+    for row in rows:  # (genserve's cells and ratio are nan when it was not run)
+        g = row.get("genserve:attainment", nan)
         best = max(base, key=lambda p: row[f"{p}:attainment"]) if base else None
-        best_v = row[f"{best}:attainment"] if best else float("nan")
+        best_v = row[f"{best}:attainment"] if best else nan
         cells = " ".join(f"{row[f'{p}:attainment']:9.3f}" for p in policies if p != "genserve")
-        print(f"{row['rate']:5.2f} {row['slo_scale']:5.1f} | {g:6.3f} ({row['genserve:attainment_image']:.2f}"
-              f"/{row['genserve:attainment_video']:.2f}) | {cells} | {best or '-':>9s} "
+        print(f"{row['rate']:5.2f} {row['slo_scale']:5.1f} | {g:6.3f} "
+              f"({row.get('genserve:attainment_image', nan):.2f}"
+              f"/{row.get('genserve:attainment_video', nan):.2f}) | {cells} | {best or '-':>9s} "
               f"{g / best_v if best_v else float('inf'):6.2f}x")
 
 

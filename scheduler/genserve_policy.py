@@ -27,7 +27,7 @@ paused for other work, though it may wait for a block of the degree it needs
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from . import genserve_values as gv
@@ -35,7 +35,7 @@ from .blocks import BlockPool
 from .dp import solve_mckp
 from .guards import FirstSight, forced_set, rejection
 from .imagepool import ImagePool
-from .placement import place, to_dispatches
+from .placement import Claim, place, to_dispatches
 from .snapshot import PredictionMemo, Snapshot, is_image, is_video
 from .targets import Commitments, ImageLoad, select_targets
 from .types import ClusterSpec, CostModel, DeviceView, RequestView, StepPlan
@@ -43,7 +43,7 @@ from .types import ClusterSpec, CostModel, DeviceView, RequestView, StepPlan
 
 @dataclass(frozen=True, slots=True)
 class GenServeOptions:
-    preemption: bool = True  # pause started videos at step boundaries
+    preemption: bool = True  # pause or shrink started requests (off: each keeps its block to the end)
     elastic_sp: bool = True  # per-step SP degree (images and videos)
     batching: bool = True  # dynamic image batching
     admission_control: bool = False  # refuse infeasible requests up front
@@ -100,8 +100,13 @@ class GenServePolicy:
 
     def plan(self, now_s: float, requests: list[RequestView] | tuple,
              devices: list[DeviceView] | tuple, cost: CostModel) -> StepPlan:
-        snap = Snapshot(now_s, requests, devices, cost, self.cluster, self._predictions)
         o = self.options
+        kept: list[Claim] = []
+        if not o.preemption:
+            requests, devices, kept = keep_started(now_s, requests, devices, cost, self.cluster)
+        snap = Snapshot(now_s, requests, devices, cost, self.cluster, self._predictions)
+        for c in kept:
+            c.pin = snap.pinned_mask(c.members[0])  # (state that cannot move cannot grow)
         new_ids = self._first_sight.new_ids(requests)
         self._image_load.observe(snap, [snap.by_id[rid] for rid in new_ids])
         image_share = min(self._image_load.devices(now_s) / snap.num_devices, 0.8)
@@ -113,13 +118,13 @@ class GenServePolicy:
                             self._commitments)
         rejected = self._admission(snap, new_ids, ts)
         if not snap.idle_mask:
-            return snap.finish_plan([], rejected)
+            return snap.finish_plan(to_dispatches(snap, kept, o.chunk_ms / 1e3), rejected)
         gone = {r.req_id for r in rejected}
         ready = [r for r in snap.ready if r.req_id not in gone]
         dec = self._decision(snap, ts, ready)
         self._joint(dec, ready)
         pool = BlockPool(self.cluster.num_devices, snap.idle_mask & ~dec.held)
-        placed = place(pool, dec.claims)
+        placed = kept + place(pool, dec.claims)
         pool.free &= ~gv.image_holds(dec, pool, placed, o.hold_s)
         placed += gv.leftover(dec, pool, ready, placed, o)
         return snap.finish_plan(to_dispatches(snap, placed, o.chunk_ms / 1e3), rejected)
@@ -128,6 +133,8 @@ class GenServePolicy:
         o = self.options
         forced = forced_set(snap, ready, o.max_preemptions if o.preemption else 0,
                             o.starvation_factor, ts.kept, o.starvation_share)
+        if not o.preemption:  # started, yet not kept on its block (keep_started): next best
+            forced.update(r.req_id for r in ready if r.steps_done > 0)
         image_cap = min(o.max_image_degree if o.elastic_sp else 1, self.cluster.max_image_sp_degree)
         image_degrees = tuple(k for k in snap.degrees if k <= image_cap)
 
@@ -176,6 +183,49 @@ class GenServePolicy:
         for opts, pick in zip(video_options, picks[1:]):
             if opts[pick][2] is not None:
                 dec.claims.append(opts[pick][2])
+
+
+def keep_started(now_s: float, requests, devices, cost: CostModel,
+                 cluster: ClusterSpec) -> tuple[list, list, list]:
+    """Without preemption, a started request keeps its block to the end: it
+    is never paused, shrunk or moved (an image batch may still grow onto
+    free devices: ``leftover``). Each started request waiting on its own idle block (an image
+    batch: those sharing one) gets a claim on that block, and the rest of the
+    plan sees the request running and the block busy until the request ends.
+    Returns (requests, devices, claims). A started request whose block is not
+    all idle (a finishing batch member's decode still holds its leader) or
+    not its own is left to the rest of the plan."""
+    idle = {d.device_id for d in devices if d.idle}
+    groups: dict[tuple, list] = {}
+    for r in requests:
+        if r.steps_done > 0 and not r.running and r.device_ids and idle.issuperset(r.device_ids):
+            groups.setdefault(tuple(sorted(r.device_ids)), []).append(r)
+    claims, busy_until, taken = [], {}, set()
+    for ids, members in groups.items():
+        first = members[0]
+        if taken.intersection(ids) or (len(members) > 1 and (
+                len(members) > cluster.max_image_batch or any(
+                    is_video(m) or (m.model, m.shape) != (first.model, first.shape)
+                    for m in members))):
+            continue
+        taken.update(ids)
+        k, b = len(ids), len(members)
+        end = now_s + max(m.steps_left * cost.step_ms(m.model, m.width, m.height, m.num_frames, k, b)
+                          + cost.decode_ms(m.model, m.width, m.height, m.num_frames, k)
+                          for m in members) / 1e3
+        busy_until.update((d, end) for d in ids)
+        mask = sum(1 << d for d in ids)
+        claims.append(Claim(sorted(members, key=lambda m: m.deadline_s), k, prefer=mask, mask=mask))
+    if not claims:
+        return list(requests), list(devices), []
+    kept = {m.req_id for c in claims for m in c.members}
+    requests = [replace(r, running=True) if r.req_id in kept else r for r in requests]
+    devices = [DeviceView(d.device_id, False, busy_until[d.device_id])
+               if d.device_id in busy_until else d for d in devices]
+    by_id = {r.req_id: r for r in requests}
+    for c in claims:
+        c.members = [by_id[m.req_id] for m in c.members]
+    return requests, devices, claims
 
 
 def make_genserve(cluster: ClusterSpec, name: str = "genserve", **options) -> GenServePolicy:

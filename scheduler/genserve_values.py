@@ -311,7 +311,10 @@ def leftover(dec, pool: BlockPool, ready: list, placed: list, o) -> list:
     """Use devices the joint search left idle (work conservation): speed up
     placed runs, least laxity first, by doubling their blocks; then serve
     non-target work, oldest first. Images grow, and non-target videos (long
-    steps that break blocks apart) run, only when no target video waits."""
+    steps that break blocks apart) run, only when no target video waits.
+    Without preemption a video keeps what it is given to the end, so spare
+    devices go to images only: a video does not grow, and a given-up video
+    fills devices only when nothing else runs or is placed at all."""
     # a target video held back keeps non-target videos off the devices, unless
     # nothing runs or is placed at all: then holding back serves no one
     idle = not placed and pool.free == (1 << dec.snap.num_devices) - 1
@@ -322,9 +325,10 @@ def leftover(dec, pool: BlockPool, ready: list, placed: list, o) -> list:
             break
         if stage == "fill":
             out += _fill(dec, pool, ready, placed + out, o,
-                         videos_too=not waiting and o.fill_videos)
+                         videos_too=not waiting and o.fill_videos and (o.preemption or idle))
         elif o.elastic_sp:
-            _grow_all(dec, pool, placed + out, o.max_image_degree if not waiting else 1)
+            _grow_all(dec, pool, placed + out, o.max_image_degree if not waiting else 1,
+                      videos_too=o.preemption)
     return out
 
 
@@ -366,7 +370,8 @@ def _fill(dec, pool: BlockPool, ready: list, placed: list, o, videos_too: bool) 
     return place(pool, claims)
 
 
-def _grow_all(dec, pool: BlockPool, claims: list, max_image_degree: int) -> None:
+def _grow_all(dec, pool: BlockPool, claims: list, max_image_degree: int,
+              videos_too: bool = True) -> None:
     snap = dec.snap
 
     def slack(c):
@@ -376,7 +381,7 @@ def _grow_all(dec, pool: BlockPool, claims: list, max_image_degree: int) -> None
     for c in sorted(claims, key=slack):
         limit = (min(max_image_degree, snap.cluster.max_image_sp_degree) if is_image(c.members[0])
                  else snap.degrees[-1])
-        if is_video(c.members[0]) and len(dec.video_degrees(c.members[0])) == 1:
+        if is_video(c.members[0]) and (not videos_too or len(dec.video_degrees(c.members[0])) == 1):
             continue
         while (not c.pin and 2 * c.degree <= limit and worth_growing(snap, c)
                and grow(pool, c, snap.num_devices)):

@@ -191,3 +191,52 @@ def test_simulation_loses_nothing_and_runs_every_step_once(seed, name):
     outcome = {o.req_id: o for o in result.outcomes}
     for rid, n in audit.preempted.items():  # every preempted request resumed and finished
         assert outcome[rid].status == "done" and outcome[rid].num_preemptions == n
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_no_preempt_keeps_every_started_request_on_its_block(seed):
+    """``genserve:no-preempt`` never pauses, shrinks or moves a started
+    request: one waiting at a step boundary on its own idle block (no other
+    waiting request's state on it) runs its next step there, a video on
+    exactly that block, an image on it or a larger one holding it."""
+    cluster, now, requests, devices = random_state(seed)
+    plan = make_policy("genserve:no-preempt", cluster).plan(now, requests, devices, COST.fresh())
+    assert check_plan(plan, requests, devices, cluster) == []
+    started = [r for r in requests if r.steps_done > 0 and not r.running and r.device_ids]
+    owners = Counter(d for r in started for d in r.device_ids)
+    where = {rid: disp.device_ids for disp in plan.dispatches for rid in disp.req_ids}
+    for r in started:
+        if all(devices[d].idle and owners[d] == 1 for d in r.device_ids):
+            assert r.req_id in where, r
+            assert r.req_id not in plan.preempted
+            if r.task == "video":
+                assert tuple(where[r.req_id]) == tuple(r.device_ids)
+            else:
+                assert set(r.device_ids) <= set(where[r.req_id])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_no_batching_and_no_elastic_sp_switch_their_mechanism_off(seed):
+    """``genserve:no-batching`` dispatches one request at a time;
+    ``genserve:no-elastic-sp`` runs a video at ``fixed_sp_degree`` (capped
+    by the cluster) or, once started, at the degree it started at, and an
+    image on one device (or on the block its state cannot leave)."""
+    cluster, now, requests, devices = random_state(seed)
+    by_id = {r.req_id: r for r in requests}
+    plan = make_policy("genserve:no-batching", cluster).plan(now, requests, devices, COST.fresh())
+    assert check_plan(plan, requests, devices, cluster) == []
+    assert all(len(d.req_ids) == 1 for d in plan.dispatches)
+    fixed = max(k for k in degrees_upto(min(cluster.num_devices, cluster.max_sp_degree)) if k <= 4)
+    plan = make_policy("genserve:no-elastic-sp", cluster).plan(now, requests, devices, COST.fresh())
+    assert check_plan(plan, requests, devices, cluster) == []
+    for d in plan.dispatches:
+        r = by_id[d.req_ids[0]]
+        started = [by_id[rid] for rid in d.req_ids if by_id[rid].steps_done > 0]
+        if r.task == "video":
+            assert len(d.device_ids) == (len(r.device_ids) if r.steps_done else fixed), (r, d)
+        elif not cluster.migratable and started:
+            assert tuple(d.device_ids) == tuple(started[0].device_ids)
+        else:
+            assert len(d.device_ids) == 1, (r, d)

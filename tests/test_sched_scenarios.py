@@ -47,6 +47,22 @@ def test_motivating_case_fcfs_misses_images_genserve_meets_all():
     assert all(o.met_slo for o in gen.outcomes), [(o.req_id, o.finish_s, o.deadline_s)
                                                   for o in gen.outcomes if not o.met_slo]
     assert sum(o.num_preemptions for o in gen.outcomes if o.task == "video") >= 1
+    # preemption is what makes room: without it the videos keep every device
+    nopre = run("genserve:no-preempt", workload, cluster)
+    assert not any(o.num_preemptions for o in nopre.outcomes)
+    assert not any(o.met_slo for o in nopre.outcomes if o.task == "image")
+
+
+def test_no_preempt_pauses_nothing_under_load():
+    """Under a load where ``genserve`` pauses videos and images for others,
+    ``genserve:no-preempt`` pauses nothing and still finishes everything."""
+    cluster = ClusterSpec(8)
+    workload = resolve(generate(WorkloadSpec(rate_rps=0.4, num_requests=80, seed=0)), COST, 1.5, 8)
+    gen = run("genserve", workload, cluster)
+    assert sum(o.num_preemptions for o in gen.outcomes) >= 5
+    nopre = run("genserve:no-preempt", workload, cluster)
+    assert [o.status for o in nopre.outcomes] == ["done"] * len(workload)
+    assert sum(o.num_preemptions for o in nopre.outcomes) == 0
 
 
 @pytest.mark.parametrize("task,shape", [("image", (1024, 1024, 1)), ("image", (512, 512, 1)),
