@@ -226,7 +226,7 @@ class Engine:
                 self.requests.admit(item[1], item[2])
             elif item[0] == "cancel":
                 _, req_id, answer, done = item
-                answer[0] = self._cancel(req_id)
+                answer[0] = self._cancel(req_id, waiting_too=True)
                 done.set()
             elif item[0] == "abandon":
                 if self.requests.abandon(*item[1:]):
@@ -246,10 +246,14 @@ class Engine:
         slo_ms = self.config.default_slo_scale * alone_ms
         return int(min(max(slo_ms, 1.0), SLO_MS_MAX)) if slo_ms == slo_ms else SLO_MS_MAX  # NaN: no bound
 
-    def _cancel(self, req_id: str) -> bool:
+    def _cancel(self, req_id: str, waiting_too: bool = False) -> bool:
+        """Cancel ``req_id``; ``waiting_too`` (a Cancel, not a caller leaving):
+        also the resubmissions of the id waiting for it to stop."""
         t = self.requests.get(req_id)
         if t is None or t.done:
             return False
+        if waiting_too and t.cancel_requested:
+            self.requests.cancel_successors(t)
         if t.running:  # aborted at the next step boundary by the worker
             self.dispatcher.stop(t)
         else:

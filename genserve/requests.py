@@ -68,13 +68,13 @@ class Requests:
     def _admit(self, req: Request, sink: Sink) -> None:
         existing = self.tracked.get(req.req_id)
         if existing is not None:  # same id still unfinished
-            if existing.req.fingerprint != req.fingerprint:
+            if existing.cancel_requested:  # stopping: the resubmission (any request) starts afresh after it
+                existing.successors.append((req, sink))
+            elif existing.req.fingerprint != req.fingerprint:
                 self.metrics.request_finished(req.task, req.model, "ALREADY_EXISTS", None, None, None)
                 sink(Event(req.req_id, EventType.FAILED, 0.0, status="ALREADY_EXISTS",
                            reason="request_id: in use by a different unfinished request; "
                                   "resubmit the same request to attach to it, or use another id"))
-            elif existing.cancel_requested:  # stopping: the resubmission starts afresh after it
-                existing.successors.append((req, sink))
             else:  # attach: every caller gets the events from here on
                 existing.sinks.append(sink)
             return
@@ -128,7 +128,11 @@ class Requests:
         t = self.tracked.get(req_id)
         if t is None or t.done:
             return False
-        t.successors = [(r, s) for r, s in t.successors if s is not sink]
+        waiting = [r for r, s in t.successors if s == sink]
+        if waiting:  # a resubmission that had not started: its call ends here, counted
+            t.successors = [(r, s) for r, s in t.successors if s != sink]
+            for r in waiting:
+                self.metrics.request_finished(r.task, r.model, status, None, None, None)
         if sink not in t.sinks:
             return False
         t.sinks.remove(sink)
@@ -138,6 +142,19 @@ class Requests:
         if not t.cancel_requested:  # (an explicit Cancel keeps CANCELLED)
             t.cancel_status = status
         return True
+
+    def cancel_successors(self, t: Tracked) -> None:
+        """Cancel the resubmissions waiting for ``t`` (being cancelled) to end:
+        a Cancel of the id while it stops reaches them too."""
+        successors, t.successors = t.successors, []
+        now = time.monotonic()
+        for req, sink in successors:
+            self.metrics.request_finished(req.task, req.model, "CANCELLED", None, None, None)
+            try:
+                sink(Event(req.req_id, EventType.CANCELLED, now - req.arrival_s, status="CANCELLED",
+                           reason="cancelled"))
+            except Exception:  # a broken sink must not break the engine
+                log.exception("event sink failed for %s", req.req_id)
 
     def end_all(self, status: str, reason: str) -> None:
         """End every unfinished request now, FAILED with ``status`` and ``reason``."""

@@ -64,7 +64,11 @@ class WorkerLoss:
     def tick(self) -> None:
         """Restart the dead workers that are due; bring SP back once every worker is up."""
         for device_id in self.restarts.due():
-            self.executor.respawn(device_id, standalone=True)  # its Ready arrives through wait()
+            try:
+                self.executor.respawn(device_id, standalone=True)  # its Ready arrives through wait()
+            except Exception:  # (out of memory or processes): no restart due would leave it down for good
+                delay = self.restarts.died(device_id)  # counts as a quick death: the next tries back off
+                log.exception("worker %d could not be restarted; trying again in %.0f s", device_id, delay)
         self.recovery.tick(self.down)
 
     def watch_overdue(self, now: float) -> None:
@@ -199,6 +203,10 @@ class WorkerLoss:
         t.holders.discard(msg.device_id)
         if t.holders and not in_group:
             return  # a replica on a live worker carries on
+        if t.cancel_requested:  # Cancel answered True (or its last caller left): it ends as asked,
+            t.running = False    # not restarted (excluded from plans, it would wait forever)
+            self.requests.finish(t, EventType.CANCELLED, "CANCELLED", "cancelled")  # (drops the survivors' copies)
+            return
         survivors = t.holders
         if survivors:  # its running group lost a member: the others stop at their next collective
             for device_id in survivors:

@@ -85,11 +85,12 @@ def make_engine(num_devices: int = 2):
     return engine, executor, policy
 
 
-def submit(engine, req_id: str, task: str, steps: int) -> list:
+def submit(engine, req_id: str, task: str, steps: int, fingerprint: str = "") -> list:
     model, frames = (VIDEO_MODEL, 9) if task == "video" else (IMAGE_MODEL, 1)
     events: list = []
     params = GenParams("a cat", "", 64, 64, frames, steps, 1.0, 0)
-    engine.submit(Request(req_id, model, task, params, "raw", 8, 60_000, time.monotonic()), events.append)
+    engine.submit(Request(req_id, model, task, params, "raw", 8, 60_000, time.monotonic(),
+                          fingerprint), events.append)
     return events
 
 
