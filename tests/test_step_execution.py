@@ -231,8 +231,12 @@ def test_worker_dies_while_state_moves_out_of_it_then_sp_comes_back():
         sp2 = run_video(eng, [((0, 1), 4)], steps=4, seed=22)
         assert sp2[-1].result.sp_degrees == (2,)
         assert max_diff(frames(alone[-1]), frames(sp2[-1])) <= 2
+        # the first world's rendezvous folder and the rejoin's
+        folders = [os.path.dirname(w.init_method[len("file://"):]) for w in eng.executor._worlds]
+        assert len(folders) >= 2 and all(os.path.isdir(f) for f in folders)
     finally:
         stop_engine(eng)
+    assert not any(os.path.exists(f) for f in folders)  # removed at shutdown, not left in /tmp
 
 
 def test_hung_workers_are_killed_and_their_requests_go_on(engine, monkeypatch):

@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection, wait
 
 from genserve.config import Limits
 from genserve.workers import protocol as P
-from genserve.workers.parallel import DistSpec, dist_spec
+from genserve.workers.parallel import DistSpec, dist_spec, remove_world
 from genserve.workers.startup import StartFailed, boot, worker_main
 from genserve.workers.worker import Worker, WorkerSpec
 
@@ -66,6 +66,8 @@ class Executor:
         self._waker = _Waker()
         self._send_lock = threading.Lock()
         self.configured_sp_degree = self.max_sp_degree  # what a crash takes away and a rejoin restores
+        # rendezvous folders of every world made for these workers, removed at shutdown
+        self._worlds: list[DistSpec] = [s.dist for s in specs[:1] if s.dist]
 
     @property
     def num_devices(self) -> int:
@@ -147,7 +149,10 @@ class Executor:
         crash broke the old one; None when the workers run no SP."""
         if self.configured_sp_degree < 2:
             return None
-        return dist_spec(self.num_devices, next(iter(self.specs.values())).device, self.configured_sp_degree)
+        world = dist_spec(self.num_devices, next(iter(self.specs.values())).device,
+                          self.configured_sp_degree)
+        self._worlds.append(world)
+        return world
 
     def respawn(self, device_id: int, standalone: bool = False) -> None:
         """Start a dead worker again without waiting: its ``Ready`` message
@@ -181,6 +186,12 @@ class Executor:
     def shutdown(self, timeout_s: float = 10.0) -> None:
         for device_id in list(self.conns):
             self.send(device_id, P.Shutdown())
+
+    def _remove_worlds(self) -> None:
+        """Once the workers are gone: delete the worlds' rendezvous folders."""
+        for world in self._worlds:
+            remove_world(world)
+        self._worlds = []
 
 
 class MultiprocessExecutor(Executor):
@@ -230,6 +241,7 @@ class MultiprocessExecutor(Executor):
                 proc.join(1.0)
         for device_id in list(self.conns):
             self._forget(device_id)
+        self._remove_worlds()
 
 
 class InProcessExecutor(Executor):
@@ -242,6 +254,8 @@ class InProcessExecutor(Executor):
         # Torch threads and the torch.distributed world are per process:
         # threads can't have their own, so no thread pinning and no SP here.
         super().__init__([replace(s, num_threads=0, dist=None) for s in specs])
+        for world in {s.dist.init_method: s.dist for s in specs if s.dist}.values():
+            remove_world(world)  # (made for the specs; nobody joins it)
         self.threads: dict[int, threading.Thread] = {}
         self.workers: dict[int, Worker] = {}  # reachable in-process: tests may inspect them
 

@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import pickle
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -36,6 +37,9 @@ class DistSpec:
     timeout_s: float = 120.0
 
 
+RENDEZVOUS_PREFIX = "genserve-dist-"
+
+
 def dist_spec(num_devices: int, device: str, max_sp_degree: int) -> DistSpec | None:
     """The world for ``num_devices`` workers, or None when SP is off (one
     device, or max_sp_degree 1). Rendezvous goes through a file in a private
@@ -46,8 +50,18 @@ def dist_spec(num_devices: int, device: str, max_sp_degree: int) -> DistSpec | N
     if max_block < 2:
         return None
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    rendezvous = os.path.join(tempfile.mkdtemp(prefix="genserve-dist-"), "rendezvous")
+    rendezvous = os.path.join(tempfile.mkdtemp(prefix=RENDEZVOUS_PREFIX), "rendezvous")
     return DistSpec(f"file://{rendezvous}", num_devices, backend, max_block)
+
+
+def remove_world(spec: DistSpec | None) -> None:
+    """Delete the private directory of ``spec``'s rendezvous file (the
+    caller knows no worker will join that world any more)."""
+    if spec is None or not spec.init_method.startswith("file://"):
+        return
+    folder = os.path.dirname(spec.init_method[len("file://"):])
+    if os.path.basename(folder).startswith(RENDEZVOUS_PREFIX):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def aligned_blocks(num_devices: int, max_block: int) -> list[tuple[int, ...]]:
