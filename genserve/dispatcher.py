@@ -243,11 +243,14 @@ class Dispatcher:
             t = self.requests.current(f.req_id, msg.dispatch_id)
             if t is not None:
                 t.running, t.holders = False, t.holders - {device_id}
-                kind = EventType.CANCELLED if f.status == "CANCELLED" else EventType.FAILED
-                if kind == EventType.FAILED:
+                # cancelled already: it ends as asked, whatever stopped its step
+                kind = (EventType.CANCELLED if f.status == "CANCELLED" or t.cancel_requested
+                        else EventType.FAILED)
+                if f.status != "CANCELLED":
                     log.warning("request %s failed on worker %d: %s: %s", f.req_id, device_id, f.status,
                                 f.message)
-                self.requests.finish(t, kind, f.status, f.message)
+                self.requests.finish(t, kind, f.status,
+                                     "cancelled" if kind == EventType.CANCELLED else f.message)
 
     def withdraw(self, dispatch_id: int) -> InFlight:
         """Take back a dispatch that has not gone out: its devices free."""

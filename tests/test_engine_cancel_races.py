@@ -86,6 +86,20 @@ def test_a_second_cancel_reaches_the_resubmission_waiting_on_the_id():
     assert b and b[-1].type == EventType.CANCELLED, [(e.type, e.reason) for e in b]
 
 
+def test_a_cancelled_request_whose_step_then_fails_ends_cancelled():
+    engine, executor, policy = make_engine(2)
+    a = submit(engine, "x", "image", 3)
+    engine.step()
+    first = engine.tracked["x"].dispatch_id
+    assert cancel(engine, "x")  # answered True...
+    failed = P.Failed("x", "INTERNAL", "out of memory")  # ...but its step fails before it stops
+    executor.replies = [(0, P.DispatchDone(first, (), (), (failed,), 0.0))]
+    engine._dirty = True
+    engine.step()
+    assert a[-1].type == EventType.CANCELLED and a[-1].status == "CANCELLED", a[-1]
+    assert requests_total(engine, "CANCELLED") == 1 and requests_total(engine, "INTERNAL") == 0
+
+
 def test_a_resubmission_that_leaves_before_it_starts_is_counted():
     engine, executor, policy = make_engine(2)
     a = submit(engine, "x", "image", 3, "same")
