@@ -172,12 +172,15 @@ class Commitments:
         if not self.sticky:
             committed = [v for v in committed if v.req_id not in failed]
         trials = 0
+        # (not the plan's first free device: a newcomer may fit ahead of
+        # looser committed videos, which the trial below finds)
+        first_free = min(snap.free_time_s) + load_s
         for v in sorted((v for v in feasible if v.req_id not in self.ids),
                         key=lambda v: (_latest_start_s(snap, v), v.req_id)):
             if trials >= self.max_trials:
                 break
-            if free.first() + snap.best_remaining_s(v) > v.deadline_s:
-                continue  # cannot start in time even on the first free device
+            if first_free + snap.best_remaining_s(v) > v.deadline_s:
+                continue  # late even alone on the first device free of images
             after = free.copy()
             plan = _fit(snap, v, after, self.admit_margin, self.stretch)
             if plan is not None:  # fits after every committed video: nothing moves

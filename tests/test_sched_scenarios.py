@@ -218,6 +218,31 @@ def test_committed_video_keeps_its_devices_when_the_plan_cannot_fit_it():
     assert com.ids == {"new"}
 
 
+def test_a_tight_newcomer_is_tried_ahead_of_looser_committed_videos():
+    """Eight loose committed videos (not started) book every device, one
+    each, far ahead; a short video whose deadline needs it to start now
+    fits only ahead of them, and they stay on time behind it. It must reach
+    the trial that replans them all, not be skipped because the booked plan
+    leaves no device free in time."""
+    from genserve.scheduler.snapshot import Snapshot
+    from genserve.scheduler.targets import Commitments
+
+    now, cluster, cost = 10.0, ClusterSpec(8), COST.fresh()
+    devices = [DeviceView(d, True, now) for d in range(8)]
+    short = RequestView("short", "video", WAN, 832, 480, 33, 50, 0, now,
+                        now + 1.3 * iso_ms("video", 832, 480, 33, 50, 8) / 1e3)
+    snap = Snapshot(now, [short], devices, cost, cluster)
+    loose_deadline = now + snap.remaining_s(short, 8) + 1.5 * iso_ms("video", 832, 480, 81, 50, 1) / 1e3
+    loose = [RequestView(f"loose{i}", "video", WAN, 832, 480, 81, 50, 0, now - 1.0, loose_deadline)
+             for i in range(8)]
+    snap = Snapshot(now, loose + [short], devices, cost, cluster)
+    com = Commitments(admit_margin=0.0)
+    com.ids = {v.req_id for v in loose}
+    plans, _, dropped, _ = com.update(snap, loose + [short], 0.0)
+    assert com.ids == {v.req_id for v in loose} | {"short"} and not dropped
+    assert plans["short"].start_s == now and all(plans[v.req_id].start_s > now for v in loose)
+
+
 def test_dispatch_overhead_is_paid_per_dispatch():
     """A profile's per-dispatch overhead lengthens every dispatch: a lone
     image run step by step (genserve) pays it once per step, run whole
