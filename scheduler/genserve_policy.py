@@ -72,7 +72,7 @@ class _Decision:
     targets: frozenset
     forced: set
     tightness: float
-    wait_s: float  # until a busy device frees (what waiting costs at least)
+    wait_s: float  # until a busy device frees, or a target video's step ends (what waiting costs at least)
     patience: float
     image_degrees: tuple
     video_degrees: Callable
@@ -141,7 +141,14 @@ class GenServePolicy:
         def video_degrees(v):
             return gv.fixed_video_degrees(snap, v, o.elastic_sp, o.fixed_sp_degree)
 
-        return _Decision(snap, ts.kept, forced, ts.tightness, gv.wait_until_free_s(snap),
+        wait_s = gv.wait_until_free_s(snap)
+        kept_ready = [r for r in ready if r.req_id in ts.kept]
+        if wait_s == 0.0 and len(kept_ready) > snap.idle_mask.bit_count():
+            # nothing in flight, and not a device each: one left waiting
+            # waits for a step of what runs instead
+            steps = [snap.step_s(r, 1) for r in kept_ready if is_video(r)]
+            wait_s = min(steps) if steps else 0.0
+        return _Decision(snap, ts.kept, forced, ts.tightness, wait_s,
                          o.patience, image_degrees, video_degrees, o.fill_min_degree)
 
     def _admission(self, snap: Snapshot, new_ids: set, ts) -> list:

@@ -243,6 +243,25 @@ def test_a_tight_newcomer_is_tried_ahead_of_looser_committed_videos():
     assert plans["short"].start_s == now and all(plans[v.req_id].start_s > now for v in loose)
 
 
+def test_on_one_device_an_image_that_cannot_wait_a_video_step_goes_first():
+    """One device, idle: a committed video with time to spare has its last
+    step to run (then its decode), and an image arrives with less laxity
+    than twice a video step (plus its patience share). Nothing is in flight,
+    so no device is about to free, yet left waiting the image would wait
+    for that step and the decode, and miss. It runs first."""
+    now, cluster, cost = 100.0, ClusterSpec(1), COST.fresh()
+    video_step_s = COST.step_ms(WAN, 832, 480, 33, 1, 1) / 1e3
+    decode_s = COST.decode_ms(WAN, 832, 480, 33, 1) / 1e3
+    image_s = iso_ms("image", 512, 512, 1, 28, 1) / 1e3
+    laxity_s = 3 * video_step_s
+    assert laxity_s < video_step_s + decode_s  # behind the video it would miss
+    video = RequestView("v", "video", WAN, 832, 480, 33, 50, 49, now - 20.0, now + 600.0,
+                        device_ids=(0,))
+    image = RequestView("i", "image", FLUX, 512, 512, 1, 28, 0, now, now + image_s + laxity_s)
+    plan = make_policy("genserve", cluster).plan(now, [video, image], [DeviceView(0, True, now)], cost)
+    assert [d.req_ids for d in plan.dispatches] == [("i",)]
+
+
 def test_dispatch_overhead_is_paid_per_dispatch():
     """A profile's per-dispatch overhead lengthens every dispatch: a lone
     image run step by step (genserve) pays it once per step, run whole
