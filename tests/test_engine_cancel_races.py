@@ -69,14 +69,21 @@ def test_after_cancel_a_different_request_on_the_id_starts_afresh():
     assert not (b and b[-1].status == "ALREADY_EXISTS"), b
 
 
-def test_a_second_cancel_reaches_the_resubmission_waiting_on_the_id():
-    engine, executor, policy = make_engine(2)
+def cancel_and_resubmit(engine) -> tuple[list, list, int]:
+    """Start x, cancel it, and submit it again while it stops: (the first
+    call's events, the second's, the first's dispatch id)."""
     a = submit(engine, "x", "image", 3, "same")
     engine.step()
     first = engine.tracked["x"].dispatch_id
     assert cancel(engine, "x")
     b = submit(engine, "x", "image", 3, "same")  # a new request, admitted when the first stops
     engine.step()
+    return a, b, first
+
+
+def test_a_second_cancel_reaches_the_resubmission_waiting_on_the_id():
+    engine, executor, policy = make_engine(2)
+    a, b, first = cancel_and_resubmit(engine)
     assert cancel(engine, "x")  # answered True: the caller believes id x is cancelled
     executor.replies = [(0, P.DispatchDone(first, (), (), (P.Failed("x", "CANCELLED", "cancelled"),), 0.0))]
     for _ in range(3):
@@ -102,12 +109,7 @@ def test_a_cancelled_request_whose_step_then_fails_ends_cancelled():
 
 def test_a_resubmission_that_leaves_before_it_starts_is_counted():
     engine, executor, policy = make_engine(2)
-    a = submit(engine, "x", "image", 3, "same")
-    engine.step()
-    first = engine.tracked["x"].dispatch_id
-    assert cancel(engine, "x")
-    b = submit(engine, "x", "image", 3, "same")
-    engine.step()
+    a, b, first = cancel_and_resubmit(engine)
     before = requests_total(engine, "DEADLINE_EXCEEDED")
     engine.abandon("x", b.append, "DEADLINE_EXCEEDED")  # its caller's deadline: the call ends
     engine.step()
