@@ -81,7 +81,8 @@ class GenServeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Cancel(self, request, context):
-        """Cancels a queued, running or preempted request by request_id.
+        """Cancels a queued, running or preempted request by request_id, and any
+        resubmission of that id waiting for a cancelled one to stop.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
