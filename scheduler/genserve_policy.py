@@ -142,12 +142,12 @@ class GenServePolicy:
             return gv.fixed_video_degrees(snap, v, o.elastic_sp, o.fixed_sp_degree)
 
         wait_s = gv.wait_until_free_s(snap)
-        kept_ready = [r for r in ready if r.req_id in ts.kept]
-        if wait_s == 0.0 and len(kept_ready) > snap.idle_mask.bit_count():
-            # nothing in flight, and not a device each: one left waiting
-            # waits for a step of what runs instead
-            steps = [snap.step_s(r, 1) for r in kept_ready if is_video(r)]
-            wait_s = min(steps) if steps else 0.0
+        if wait_s == 0.0:  # nothing in flight (rare: most decisions skip this pass)
+            kept_ready = [r for r in ready if r.req_id in ts.kept]
+            if len(kept_ready) > snap.idle_mask.bit_count():
+                # not a device each: one left waiting waits for a step of what runs instead
+                steps = [snap.step_s(r, 1) for r in kept_ready if is_video(r)]
+                wait_s = min(steps) if steps else 0.0
         return _Decision(snap, ts.kept, forced, ts.tightness, wait_s,
                          o.patience, image_degrees, video_degrees, o.fill_min_degree)
 
