@@ -57,6 +57,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._dirty = True  # something changed since the last plan
         self._num_waiting = 0  # read by other threads (queue bound); engine writes it
+        self._taking = False  # the engine thread holds inbox items it has not applied yet
         self.num_invalid_dispatches = 0  # policy plans this executor could not run (a bug)
         self._planned_sp_degree = 0  # the SP degree the policy was built for
         self._num_down = 0  # as last told to on_workers_down
@@ -116,8 +117,13 @@ class Engine:
 
     @property
     def num_unfinished(self) -> int:
-        """Requests accepted and not yet ended (read from any thread)."""
-        return len(self.requests) + self._inbox.qsize()
+        """Requests accepted and not yet ended (read from any thread). The
+        reads go in this order so a submit the engine thread is taking from
+        the inbox is always counted: it leaves the inbox only after
+        ``_taking`` is set, and ``_taking`` clears only after it is tracked."""
+        in_inbox = self._inbox.qsize()
+        taking = self._taking
+        return len(self.requests) + in_inbox + taking
 
     def abandon(self, req_id: str, sink: Sink, status: str = "CANCELLED") -> None:
         """The caller that submitted with ``sink`` is gone (its deadline
@@ -216,6 +222,14 @@ class Engine:
         return min(timeouts) if timeouts else None
 
     def _take_inbox(self) -> None:
+        self._taking = True
+        try:
+            self._apply_inbox()
+        finally:
+            self._taking = False
+        self._num_waiting = self.requests.num_waiting()
+
+    def _apply_inbox(self) -> None:
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -233,7 +247,6 @@ class Engine:
                     self._cancel(item[1])
             elif item[0] == "end_all":
                 self.requests.end_all(*item[1:])
-        self._num_waiting = self.requests.num_waiting()
 
     def _default_slo_ms(self, req: Request) -> int:
         """slo_scale × the request's predicted latency alone at its best

@@ -129,6 +129,40 @@ def test_a_request_that_cannot_be_admitted_ends_internal_and_is_counted(engine, 
     assert run(engine, make_request("admitted"))[-1].type == EventType.COMPLETED
 
 
+def test_a_submit_being_taken_from_the_inbox_counts_as_unfinished(engine, monkeypatch):
+    """A drain waits while ``num_unfinished`` is above 0. Between the engine
+    thread taking a submit from its inbox and tracking it, the count read 0,
+    so a drain starting then could stop the server under a new request."""
+    import threading
+    held, release = threading.Event(), threading.Event()
+    original = engine.requests.default_slo_ms
+
+    def slow(req):  # runs inside admission: taken from the inbox, not tracked yet
+        if req.req_id == "in-hand":
+            held.set()
+            release.wait(10)
+        return original(req)
+
+    monkeypatch.setattr(engine.requests, "default_slo_ms", slow)
+    events: queue.Queue = queue.Queue()
+    engine.submit(make_request("in-hand"), events.put)
+    try:
+        assert held.wait(10)
+        assert engine._inbox.qsize() == 0 and "in-hand" not in engine.tracked
+        assert engine.num_unfinished >= 1
+    finally:
+        release.set()
+    while True:
+        event = events.get(timeout=60)
+        if event.terminal:
+            break
+    assert event.type == EventType.COMPLETED
+    deadline = time.monotonic() + 5
+    while engine.num_unfinished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.num_unfinished == 0
+
+
 def test_default_slo_fits_the_api(engine, monkeypatch):
     """A huge --default-slo-scale made an SLO over uint32: the result, counted
     OK, then failed to convert and the caller got UNKNOWN."""
