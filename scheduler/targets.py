@@ -10,11 +10,15 @@
   on time; a committed video stays a target until it cannot meet its
   deadline even alone (whether the virtual schedule fits it at this instant
   or not: targets must not flip in and out from one step to the next; one it
-  does not fit still books the devices it will run on). The virtual
+  does not fit still books the devices it will run on), unless giving it up
+  lets others fit: while some with slack do not, the video with the most
+  work left is given up if that leaves fewer late (Moore–Hodgson), so an
+  overload costs the few longest videos rather than making every video late. The virtual
   schedule spreads the kept images' work over every device first (images are
-  short and urgent), then places the committed videos least slack first, each
-  on the earliest aligned block at the smallest degree that finishes it on
-  time.
+  short and urgent), then places the committed videos least slack first
+  (or, when that leaves one late, in the previous plan's order if that fits
+  more), each on the earliest aligned block at the smallest degree that
+  finishes it on time.
 
 Given-up requests are still served, at lowest priority. ``Plan`` records
 the virtual start, degree and block of each kept video.
@@ -149,7 +153,8 @@ class Commitments:
     them stable means a new arrival never silently displaces a video already
     promised its deadline, and nothing thrashes between in and out."""
 
-    __slots__ = ("ids", "max_trials", "admit_margin", "stretch", "sticky", "start_now_s")
+    __slots__ = ("ids", "max_trials", "admit_margin", "stretch", "sticky", "start_now_s",
+                 "given_up", "order")
 
     def __init__(self, max_trials: int = 4, admit_margin: float = 0.3, sticky: bool = True,
                  start_now_s: float = 0.0):
@@ -159,6 +164,8 @@ class Commitments:
         self.admit_margin = admit_margin  # a newcomer must fit with this share spare
         self.stretch = 1.0  # video run times x this: room left for images to come
         self.start_now_s = start_now_s  # ... but not on devices free this soon (0: off)
+        self.given_up: set[str] = set()  # given up to let others fit: back only if all fit
+        self.order: dict[str, int] = {}  # the last plan's order (req_id -> rank by start)
 
     def update(self, snap: Snapshot, videos, load_s: float):
         feasible, hopeless = [], set()
@@ -168,7 +175,11 @@ class Commitments:
             else:
                 feasible.append(v)
         committed = [v for v in feasible if v.req_id in self.ids]
-        plans, failed, free = _schedule(snap, committed, load_s, stretch=self.stretch)
+        self.given_up.intersection_update(v.req_id for v in feasible)
+        plans, failed, free = self._plan(snap, committed, load_s)
+        if failed and self.sticky:
+            committed, (plans, failed, free) = self._give_up_longest(
+                snap, committed, load_s, (plans, failed, free))
         if not self.sticky:
             committed = [v for v in committed if v.req_id not in failed]
         trials = 0
@@ -181,26 +192,64 @@ class Commitments:
                 break
             if first_free + snap.best_remaining_s(v) > v.deadline_s:
                 continue  # late even alone on the first device free of images
-            after = free.copy()
-            plan = _fit(snap, v, after, self.admit_margin, self.stretch)
-            if plan is not None:  # fits after every committed video: nothing moves
-                committed.append(v)
-                plans[v.req_id], free = plan, after
-                continue
-            now = self._start_now(snap, v, free)
-            if now is not None:
-                committed.append(v)
-                plans[v.req_id], free = now
-                continue
+            if v.req_id not in self.given_up:  # (one given up: only if the whole plan fits it)
+                after = free.copy()
+                plan = _fit(snap, v, after, self.admit_margin, self.stretch)
+                if plan is not None:  # fits after every committed video: nothing moves
+                    committed.append(v)
+                    plans[v.req_id], free = plan, after
+                    continue
+                now = self._start_now(snap, v, free)
+                if now is not None:
+                    committed.append(v)
+                    plans[v.req_id], free = now
+                    continue
             trials += 1  # it might fit ahead of looser videos: replan them all
             trial = _schedule(snap, committed + [v], load_s, v.req_id, self.admit_margin,
                               self.stretch)
             if v.req_id not in trial[1] and trial[1] <= failed:  # no new casualty
                 committed.append(v)
                 plans, _, free = trial
+                self.given_up.discard(v.req_id)
         self.ids = {v.req_id for v in committed}
+        self.order = {rid: i for i, rid in enumerate(
+            sorted(plans, key=lambda rid: (plans[rid].start_s, rid)))}
         dropped = {v.req_id for v in feasible if v.req_id not in self.ids}
         return plans, hopeless, dropped, _tightness(snap, plans)
+
+    def _plan(self, snap: Snapshot, videos, load_s: float):
+        """The virtual schedule of ``videos``, least slack first; when that
+        leaves some late, in the last plan's order (new ones after it, least
+        slack first) if that leaves fewer late. A video taken on because it
+        fit after the others must not become late just because the next plan
+        orders it ahead of them."""
+        out = _schedule(snap, videos, load_s, stretch=self.stretch)
+        if out[1] and self.order:
+            alt = _schedule(snap, videos, load_s, stretch=self.stretch, order=self.order)
+            if len(alt[1]) < len(out[1]):
+                return alt
+        return out
+
+    def _give_up_longest(self, snap: Snapshot, committed: list, load_s: float, planned):
+        """Moore–Hodgson over the committed videos: while some do not fit,
+        one of them with slack (it would be on time alone on 2 devices) among
+        them, give up the one with the most device time left if that leaves
+        fewer late. (A tight video late in the plan is often late only there:
+        its run grows onto devices as they free and catches up; a loose one
+        late means the devices are overloaded.) (committed, (plans, failed,
+        free)) after it."""
+        failed = planned[1]
+        while failed and len(committed) > 1:
+            if not any(_has_slack(snap, v) for v in committed if v.req_id in failed):
+                break
+            victim = max(committed, key=lambda v: (_least_work_s(snap, v), v.req_id))
+            rest = [v for v in committed if v is not victim]
+            trial = self._plan(snap, rest, load_s)
+            if len(trial[1]) >= len(failed):
+                break
+            committed, planned, failed = rest, trial, trial[1]
+            self.given_up.add(victim.req_id)
+        return committed, planned
 
     def _start_now(self, snap: Snapshot, v, free: "_Free"):
         """(plan, free times after it) when v can start within ``start_now_s``
@@ -302,15 +351,17 @@ class _Free:
 
 
 def _schedule(snap: Snapshot, videos, load_s: float, newcomer: str = "",
-              margin: float = MARGIN, stretch: float = 1.0):
-    """List schedule of videos, least slack first: (plans, videos that do not
-    fit, device free times after it)."""
+              margin: float = MARGIN, stretch: float = 1.0, order: dict | None = None):
+    """List schedule of videos, least slack first (those ranked in ``order``
+    first, in that order): (plans, videos that do not fit, device free times
+    after it)."""
     free = _Free((t + load_s for t in snap.free_time_s), snap.degrees)
-    jobs = sorted(((_latest_start_s(snap, v), v.req_id, v) for v in videos),
-                  key=lambda j: (j[0], j[1]))
+    rank = order or {}
+    jobs = sorted(((rank.get(v.req_id, INF), _latest_start_s(snap, v), v.req_id, v)
+                   for v in videos), key=lambda j: j[:3])
     plans: dict = {}
     failed = set()
-    for _, rid, v in jobs:
+    for _, _, rid, v in jobs:
         plan = _fit(snap, v, free, margin if rid == newcomer else MARGIN, stretch)
         if plan is None:
             failed.add(rid)
@@ -336,6 +387,17 @@ def _book_anyway(snap: Snapshot, v, free: _Free) -> None:
             best = (t + dur, start, k)
     if best is not None:
         free.book(best[1], best[2], best[0])
+
+
+def _has_slack(snap: Snapshot, v) -> bool:
+    """v would be on time alone from now at its second-smallest degree (2)."""
+    durations = snap.durations(v)
+    return snap.now_s + durations[min(1, len(durations) - 1)][1] <= v.deadline_s
+
+
+def _least_work_s(snap: Snapshot, v) -> float:
+    """Device-seconds v has left at its most efficient degree."""
+    return min(k * dur for k, dur in snap.durations(v))
 
 
 def _latest_start_s(snap: Snapshot, v) -> float:

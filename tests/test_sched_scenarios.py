@@ -243,6 +243,66 @@ def test_a_tight_newcomer_is_tried_ahead_of_looser_committed_videos():
     assert plans["short"].start_s == now and all(plans[v.req_id].start_s > now for v in loose)
 
 
+def _one_device(now, deadlines):
+    """Committed videos (not started) on one device, ``deadlines``: req_id ->
+    deadline as a function of (L, s), the run times alone of an 81-frame
+    ("long...") and a 33-frame ("short...") video."""
+    from genserve.scheduler.snapshot import Snapshot
+
+    cluster, devices = ClusterSpec(1, max_sp_degree=1), [DeviceView(0, True, now)]
+
+    def video(rid, deadline_s):
+        return RequestView(rid, "video", WAN, 832, 480, 81 if rid.startswith("long") else 33,
+                           50, 0, now, deadline_s)
+
+    probe = Snapshot(now, [], devices, COST.fresh(), cluster)
+    L, s = (probe.remaining_s(video(rid, now), 1) for rid in ("long", "short"))
+    videos = [video(rid, now + f(L, s)) for rid, f in deadlines.items()]
+    return videos, Snapshot(now, videos, devices, COST.fresh(), cluster)
+
+
+def test_an_overload_gives_up_the_longest_committed_video_not_the_shorter_ones():
+    """Moore-Hodgson: one device, one long and two short committed videos;
+    the long one first leaves both short ones late, the short ones first
+    leave the long one late. Giving up the long one keeps two on time, and
+    the next plan does not take it back."""
+    from genserve.scheduler.targets import Commitments
+
+    videos, snap = _one_device(10.0, {"long": lambda L, s: L + 1.0,
+                                      "short0": lambda L, s: s + 0.5,
+                                      "short1": lambda L, s: 2 * s + 0.5})
+    com = Commitments(admit_margin=0.0)
+    com.ids = {v.req_id for v in videos}
+    plans, hopeless, dropped, _ = com.update(snap, videos, 0.0)
+    assert com.ids == {"short0", "short1"} and dropped == {"long"} and not hopeless
+    deadline = {v.req_id: v.deadline_s for v in videos}
+    assert set(plans) == {"short0", "short1"}
+    assert all(p.finish_s <= deadline[rid] for rid, p in plans.items())
+    com.update(snap, videos, 0.0)
+    assert com.ids == {"short0", "short1"}
+
+
+def test_a_video_taken_on_behind_another_keeps_its_place_in_the_next_plan():
+    """The short video's deadline is earlier, the long one's latest start is:
+    least slack first places the long one first and makes the short one
+    late, the other order fits both. A plan in that order (the one that took
+    them on) is kept rather than give one up."""
+    from genserve.scheduler.targets import Commitments
+
+    deadlines = {"long": lambda L, s: L + 1.2 * s, "short": lambda L, s: 2.3 * s}
+    videos, snap = _one_device(10.0, deadlines)
+    com = Commitments(admit_margin=0.0)
+    com.ids = {"long", "short"}
+    com.update(snap, videos, 0.0)
+    assert com.ids == {"short"}  # least slack first alone: the long one is given up
+    com = Commitments(admit_margin=0.0)
+    com.ids, com.order = {"long", "short"}, {"short": 0, "long": 1}
+    plans, _, dropped, _ = com.update(snap, videos, 0.0)
+    assert com.ids == {"long", "short"} and not dropped
+    assert plans["short"].start_s == 10.0 and plans["long"].start_s == plans["short"].finish_s
+    assert com.order == {"short": 0, "long": 1}
+
+
 def test_on_one_device_an_image_that_cannot_wait_a_video_step_goes_first():
     """One device, idle: a committed video with time to spare has its last
     step to run (then its decode), and an image arrives with less laxity
