@@ -13,12 +13,12 @@
   does not fit still books the devices it will run on), unless giving it up
   lets others fit: while some with slack do not, the video with the most
   work left is given up if that leaves fewer late (Moore–Hodgson), so an
-  overload costs the few longest videos rather than making every video late. The virtual
-  schedule spreads the kept images' work over every device first (images are
-  short and urgent), then places the committed videos least slack first
-  (or, when that leaves one late, in the previous plan's order if that fits
-  more), each on the earliest aligned block at the smallest degree that
-  finishes it on time.
+  overload costs the few longest videos rather than making every video
+  late. The virtual schedule spreads the kept images' work over every
+  device first (images are short and urgent), then places the committed
+  videos least slack first (or, when that leaves one late, in the previous
+  plan's order if that fits more), each on the earliest aligned block at the
+  smallest degree that finishes it on time.
 
 Given-up requests are still served, at lowest priority. ``Plan`` records
 the virtual start, degree and block of each kept video.
@@ -231,13 +231,13 @@ class Commitments:
         return out
 
     def _give_up_longest(self, snap: Snapshot, committed: list, load_s: float, planned):
-        """Moore–Hodgson over the committed videos: while some do not fit,
-        one of them with slack (it would be on time alone on 2 devices) among
-        them, give up the one with the most device time left if that leaves
-        fewer late. (A tight video late in the plan is often late only there:
-        its run grows onto devices as they free and catches up; a loose one
-        late means the devices are overloaded.) (committed, (plans, failed,
-        free)) after it."""
+        """Moore–Hodgson over the committed videos: while some do not fit and
+        at least one of those has slack (it would be on time alone on 2
+        devices), give up the video with the most device time left, if that
+        leaves fewer late. (A tight video late in the plan is often late only
+        there: its run grows onto devices as they free and catches up; a
+        loose one late means the devices are overloaded.) Returns
+        (committed, (plans, failed, free)) after it."""
         failed = planned[1]
         while failed and len(committed) > 1:
             if not any(_has_slack(snap, v) for v in committed if v.req_id in failed):
