@@ -15,6 +15,7 @@ from genserve.config import CAPPED_FIELDS, Limits, ServerConfig
 from genserve.convert import Validator
 from genserve.engine import Engine
 from genserve.metrics import Metrics
+from genserve.profile import warm_up_sp
 from genserve.scheduler import (DecodeSample, LatencyModel, Profile, ProfileError, StepSample,
                                 load_profile, make_policy)
 from genserve.security import exposure_warnings, load_security
@@ -64,9 +65,10 @@ def threads_per_worker(config: ServerConfig) -> int:
     return max(1, (os.cpu_count() or 1) // config.num_workers)
 
 
-def build_cost_model(profile: str, ready: dict) -> LatencyModel:
+def build_cost_model(profile: str, ready: dict, sp_steps: list[StepSample] = ()) -> LatencyModel:
     """The named profile; served models it lacks are profiled from the
-    workers' warm-up timings. Either way the model keeps calibrating online
+    workers' warm-up timings (and ``sp_steps``, their SP steps measured at
+    start-up: ``warm_up_sp``). Either way the model keeps calibrating online
     from measured steps. ProfileError when the profile has a served model's
     name for the other task: a profile of other models, not one to mix."""
     warmups = {w.model: w for r in ready.values() for w in r.warmups}  # one per model suffices
@@ -84,7 +86,7 @@ def build_cost_model(profile: str, ready: dict) -> LatencyModel:
     warm = Profile.from_measurements(
         "warm-up",
         steps=[StepSample(w.model, cards[w.model].task, w.width, w.height, w.num_frames, 1, 1, w.step_ms)
-               for w in missing],
+               for w in missing] + [s for s in sp_steps if s.model in {w.model for w in missing}],
         decodes=[DecodeSample(w.model, w.width, w.height, w.num_frames, 1, w.decode_ms) for w in missing],
         encode_ms={w.model: w.encode_ms for w in missing},
         default_steps={w.model: cards[w.model].limits.default_steps for w in missing},
@@ -153,19 +155,20 @@ class Server:
         previous = signal.signal(signal.SIGTERM, _stop_starting) if main else None
         try:
             ready = executor.start()
+            log.info("workers ready in %.1f s", time.perf_counter() - t0)
+            # the presets were checked before the workers started; checkpoints and tasks only now
+            cards = served_cards(ready[0].models, c.limits)
+            sp_steps = self._warm_up_sp(executor, cards)
+            cost = build_cost_model(c.engine.profile, ready, sp_steps)
+        except ValueError as err:
+            executor.shutdown()
+            raise WorkerStartError(str(err)) from None
         except BaseException:  # Ctrl-C and SIGTERM included
             executor.shutdown(timeout_s=2.0)
             raise
         finally:
             if main:
                 signal.signal(signal.SIGTERM, previous)
-        log.info("workers ready in %.1f s", time.perf_counter() - t0)
-        try:  # the presets were checked before the workers started; checkpoints and tasks only now
-            cards = served_cards(ready[0].models, c.limits)
-            cost = build_cost_model(c.engine.profile, ready)
-        except ValueError as err:
-            executor.shutdown()
-            raise WorkerStartError(str(err)) from None
         self.metrics.prepare(len(specs))
         engine = Engine(c.engine, executor,
                         lambda spec: make_policy(c.engine.policy, spec,
@@ -174,6 +177,28 @@ class Server:
                         cost, self.metrics, cards, c.limits.max_queue)
         self.engine = engine
         engine.start()
+
+    @staticmethod
+    def _warm_up_sp(executor, cards: dict[str, ModelCard]) -> list[StepSample]:
+        """SP steps of the video models on every block (``warm_up_sp``);
+        WorkerStartError when one fails: a model or world that cannot run
+        what the plans would send it is found now, not on a request."""
+        if executor.max_sp_degree < 2:
+            return []
+        for card in cards.values():
+            if card.task == "video" and card.max_sp_degree < executor.max_sp_degree:
+                log.info("model %s: its attention heads split evenly over at most %d devices, so its "
+                         "videos (every video, as plans share one limit) run on at most %d", card.name,
+                         card.max_sp_degree, card.max_sp_degree)
+        t0 = time.perf_counter()
+        try:
+            samples = warm_up_sp(executor, cards)
+        except RuntimeError as err:
+            raise WorkerStartError(f"sequence-parallel warm-up failed: {err} (--max-sp-degree 1 serves "
+                                   "without SP)") from None
+        if samples:
+            log.info("SP warmed up in %.1f s", time.perf_counter() - t0)
+        return samples
 
     async def serve(self, ready_callback=None) -> None:
         """Serve gRPC until SIGINT/SIGTERM, then drain and stop."""

@@ -42,7 +42,7 @@ def add_serve(sub) -> None:
     p.add_argument("--policy", default="genserve",
                    help=f"scheduling policy (default genserve), one of: {', '.join(POLICY_NAMES)}")
     p.add_argument("--profile", default="", help="latency profile name or JSON path "
-                                                  "(default: measured by a warm-up at start)")
+                                                  "(default: measured by a warm-up at start, on one device and on every SP degree)")
     p.add_argument("--default-slo-scale", type=float, default=3.0,
                    help="SLO of requests with slo_ms=0, as a multiple of their predicted isolated latency "
                         "(default 3)")
@@ -64,7 +64,8 @@ def add_serve(sub) -> None:
                    help="largest inbound gRPC message (default 1 MiB)")
     add_attention_arg(p)
     p.add_argument("--max-sp-degree", type=int, default=8, choices=(1, 2, 4, 8),
-                   help="largest sequence-parallel group for a video step (default 8, capped by devices)")
+                   help="largest sequence-parallel group for a video step (default 8, capped by devices and by the "
+                        "video models' attention heads, which must split evenly over it)")
     p.add_argument("--paused-budget-mb", type=float, default=0.0,
                    help="device memory per worker for paused requests' state before it moves to host "
                         "memory (default 0: no limit)")

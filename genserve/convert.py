@@ -13,8 +13,8 @@ from dataclasses import replace
 
 from genserve.config import Limits
 from genserve.models.base import GenParams
-from genserve.types import (IMAGE, IMAGE_FORMATS, VIDEO, VIDEO_FORMATS, Event, EventType,
-                            Request, RequestError, Result)
+from genserve.types import (DEFAULT_FORMAT, DEFAULT_FPS, IMAGE, IMAGE_FORMATS, VIDEO, VIDEO_FORMATS, Event,
+                            EventType, Request, RequestError, Result)
 from genserve.v1 import genserve_pb2 as pb
 from genserve.workers.protocol import ModelCard
 
@@ -24,8 +24,7 @@ FORMAT_FROM_PB = {pb.OUTPUT_FORMAT_PNG: "png", pb.OUTPUT_FORMAT_JPEG: "jpeg",
                   pb.OUTPUT_FORMAT_WEBP: "webp", pb.OUTPUT_FORMAT_MP4: "mp4",
                   pb.OUTPUT_FORMAT_GIF: "gif", pb.OUTPUT_FORMAT_RAW: "raw"}
 FORMAT_TO_PB = {v: k for k, v in FORMAT_FROM_PB.items()}
-DEFAULT_FORMAT = {IMAGE: "png", VIDEO: "mp4"}
-DEFAULT_FPS, MAX_FPS = 8, 60
+MAX_FPS = 60
 MAX_GUIDANCE = 100.0
 MAX_REQUEST_ID_CHARS = 128
 

@@ -49,6 +49,9 @@ class Engine:
         self.config, self.executor, self.cost = config, executor, cost
         self._make_policy = make_policy
         self.metrics, self.cards, self.max_queue = metrics, cards, max_queue
+        # the video models' own SP limit (their heads split over the group)
+        self._models_sp_degree = min((c.max_sp_degree for c in cards.values() if c.task == "video"),
+                                     default=1)
         self.requests = Requests(executor, metrics, self._default_slo_ms)
         self.dispatcher = Dispatcher(executor, self.requests, cost, metrics)
         self.loss = WorkerLoss(config, executor, self.requests, self.dispatcher, metrics)
@@ -89,8 +92,10 @@ class Engine:
 
     @property
     def max_sp_degree(self) -> int:
-        """The largest SP group plans may use now."""
-        return self.loss.sp_degree
+        """The largest SP group plans may use now: what the workers can form
+        (1 after a crash, until they rejoin), within what every served video
+        model can run."""
+        return min(self.loss.sp_degree, self._models_sp_degree)
 
     # ---- thread-safe API -------------------------------------------------
     def submit(self, req: Request, sink: Sink) -> None:

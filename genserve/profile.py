@@ -16,7 +16,7 @@ from pathlib import Path
 from genserve.models.base import GenParams
 from genserve.scheduler import DecodeSample, Profile, StepSample, save_profile
 from genserve.workers import protocol as P
-from genserve.workers.executor import Executor
+from genserve.workers.executor import Executor, WorkerDied
 
 log = logging.getLogger("genserve.profile")
 
@@ -29,12 +29,13 @@ class Profiler:
         self._ids = iter(range(1, 1 << 62))
 
     def measure(self, model: str, width: int, height: int, frames: int, block: tuple[int, ...],
-                batch: int, steps: int) -> tuple[list[float], float, float]:
+                batch: int, steps: int, timeout_s: float = 3600.0) -> tuple[list[float], float, float]:
         """Run ``batch`` fresh requests ``steps`` steps to the end on ``block``
         and, at the same time, on every other disjoint block of its size, so
         the devices are as busy as when serving (CPU workers share cores,
         caches and memory bandwidth): (step times after the first, mean
-        encode ms, decode ms of the leaders)."""
+        encode ms, decode ms of the leaders). RuntimeError when a request
+        fails, a worker dies or the runs take over ``timeout_s``."""
         k, n = len(block), self.executor.num_devices
         blocks = [tuple(range(s, s + k)) for s in range(0, n - k + 1, k)] or [block]
         lim = self.cards[model].limits
@@ -51,13 +52,19 @@ class Profiler:
         step_ms: dict[int, list[float]] = {d: [] for d in runs}
         done: dict[tuple[int, int], P.DispatchDone] = {}
         expected = sum(len(b) for b in runs.values())
-        deadline = time.monotonic() + 3600
-        while len(done) < expected and time.monotonic() < deadline:
-            for device_id, msg in self.executor.wait(60):
+        deadline = time.monotonic() + timeout_s
+        while len(done) < expected:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"profiling {model} on {len(block)} device(s) took over {timeout_s:.0f} s")
+            for device_id, msg in self.executor.wait(min(left, 60)):
                 if isinstance(msg, P.StepDone) and msg.dispatch_id in runs:
                     step_ms[msg.dispatch_id].append(msg.step_ms)
                 elif isinstance(msg, P.DispatchDone) and msg.dispatch_id in runs:
                     done[(msg.dispatch_id, device_id)] = msg
+                elif isinstance(msg, WorkerDied):
+                    raise RuntimeError(f"profiling {model}: worker {device_id} died "
+                                       f"(exit code {msg.exitcode})")
         leads = [done[(d, b[0])] for d, b in runs.items()]
         for lead in leads:
             if lead.failed:
@@ -112,6 +119,32 @@ class Profiler:
             for d, rid in req_ids.items():
                 self.executor.send(d, P.Drop((rid,)))
         return out
+
+
+def warm_up_sp(executor: Executor, cards: dict[str, P.ModelCard], progress=log.info,
+               timeout_s: float = 600.0) -> list[StepSample]:
+    """Run every video model's sequence-parallel step once on every aligned
+    block of each degree it can use (2 .. the largest the workers and the
+    model allow), at the model's served default shape, before any request:
+    the first collective of a group pays one-time costs (gloo's connections,
+    NCCL's communicator set-up) that would otherwise land on the first
+    video, and the steps after it are measured, one StepSample per degree
+    (the fastest step: the warm-up's rule at one device). The workers' own
+    warm-up measured one device only. RuntimeError when a step fails."""
+    prof, samples = Profiler(executor, cards), []
+    for card in cards.values():
+        top = min(executor.max_sp_degree, card.max_sp_degree) if card.task == "video" else 1
+        lim, degree = card.limits, 2
+        while degree <= top:
+            t0 = time.perf_counter()
+            times, _, _ = prof.measure(card.name, lim.default_width, lim.default_height, lim.default_frames,
+                                       tuple(range(degree)), 1, 3, timeout_s)
+            samples.append(StepSample(card.name, card.task, lim.default_width, lim.default_height,
+                                      lim.default_frames, degree, 1, min(times)))
+            progress(f"{card.name}: SP {degree} warmed up on every block of {degree} in "
+                     f"{time.perf_counter() - t0:.1f} s; step {min(times):.1f} ms")
+            degree *= 2
+    return samples
 
 
 def default_grid(card: P.ModelCard, max_block: int, max_batch: int, image_sizes: tuple[int, ...] = (),

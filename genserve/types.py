@@ -16,6 +16,9 @@ VIDEO = "video"
 
 IMAGE_FORMATS = ("png", "jpeg", "webp", "raw")
 VIDEO_FORMATS = ("mp4", "gif", "webp", "raw")
+# what a request that names no format or fps gets (the workers' warm-up encodes these too)
+DEFAULT_FORMAT = {IMAGE: "png", VIDEO: "mp4"}
+DEFAULT_FPS = 8
 
 
 @dataclass(frozen=True, slots=True)

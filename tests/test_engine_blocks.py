@@ -204,3 +204,19 @@ def test_a_broken_block_frees_each_member_as_it_reports():
     executor.replies = [(2, lost)]
     engine.step()
     assert first not in engine.inflight and engine.busy == {1: engine.tracked["i"].dispatch_id}
+
+
+def test_plans_keep_within_the_sp_degree_every_video_model_can_run():
+    """Wan 2.1 1.3B's 12 heads split over 4 devices, not 8: a card saying
+    so caps the plans' blocks (and the default SLO's allocation) below what
+    the workers could form."""
+    executor, specs = ScriptedExecutor(8), []
+    cards = {VIDEO_MODEL: P.ModelCard(VIDEO_MODEL, "video", None, max_sp_degree=4),
+             IMAGE_MODEL: P.ModelCard(IMAGE_MODEL, "image", None, max_sp_degree=1)}
+    engine = Engine(EngineConfig(), executor, lambda spec: specs.append(spec) or VideoFirst(),
+                    LatencyModel(load_profile("reference-h100")), Metrics(), cards)
+    assert engine.max_sp_degree == 4 and specs[-1].max_sp_degree == 4
+    # an image model's limit of 1 caps nothing: images run on one device anyway
+    cards[VIDEO_MODEL] = P.ModelCard(VIDEO_MODEL, "video", None)
+    assert Engine(EngineConfig(), executor, lambda spec: VideoFirst(),
+                  LatencyModel(load_profile("reference-h100")), Metrics(), cards).max_sp_degree == 8

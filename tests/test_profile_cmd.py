@@ -48,3 +48,24 @@ def test_profile_refuses_a_size_the_model_cannot_take_before_measuring(tmp_path)
     assert last == ("error: --image-sizes: sd3-tiny cannot take 1024x1024 (width: 1024 exceeds the maximum "
                     "of 256) (and 1 more)")
     assert "sp=" not in done.stdout + done.stderr and not out.exists()  # nothing was measured
+
+
+def test_a_worker_dying_while_measured_ends_the_measurement_at_once():
+    """Before, a death was ignored and the measurement waited out its hour."""
+    from genserve.models.base import ModelLimits
+    from genserve.profile import Profiler
+    from genserve.workers import protocol as P
+    from genserve.workers.executor import WorkerDied
+
+    class DiesAtOnce:
+        num_devices = 2
+
+        def send(self, device_id, msg):
+            return True
+
+        def wait(self, timeout_s):
+            return [(1, WorkerDied(1, -9))]
+
+    card = P.ModelCard("v", "video", ModelLimits(64, 64, 64, 64, 4, 4, default_frames=9, max_frames=9))
+    with pytest.raises(RuntimeError, match=r"profiling v: worker 1 died \(exit code -9\)"):
+        Profiler(DiesAtOnce(), {"v": card}).measure("v", 64, 64, 9, (0, 1), 1, 3)

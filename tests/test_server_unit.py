@@ -109,3 +109,24 @@ def test_a_generation_refused_at_the_edge_is_counted_under_its_model():
               for s in m.samples if s.name.endswith("_total")}
     assert counts[("video", "wan-tiny", "RESOURCE_EXHAUSTED")] == 1
     assert counts[("other", "", "UNAUTHENTICATED")] == 1
+
+
+def test_a_failed_sp_warm_up_stops_the_start_with_one_error_saying_how_to_serve_without(monkeypatch):
+    import genserve.app as app
+    from genserve.workers.executor import WorkerStartError
+
+    class TwoDevices:
+        max_sp_degree = 2
+
+    def fails(executor, cards):
+        raise RuntimeError("profiling wan-tiny failed: denoising step failed: out of memory")
+
+    monkeypatch.setattr(app, "warm_up_sp", fails)
+    with pytest.raises(WorkerStartError, match=r"sequence-parallel warm-up failed: profiling wan-tiny failed: "
+                                               r".*out of memory \(--max-sp-degree 1 serves without SP\)"):
+        app.Server._warm_up_sp(TwoDevices(), {})
+
+    class OneDevice:
+        max_sp_degree = 1
+
+    assert app.Server._warm_up_sp(OneDevice(), {}) == []  # no SP: nothing to warm

@@ -353,3 +353,31 @@ def test_cancel_of_a_batch_member_while_another_moves_in(engine):
     assert drain(ea)[-1].type == EventType.CANCELLED
     assert drain(eb)[-1].type == EventType.COMPLETED
     assert a.req_id not in engine.tracked and b.req_id not in engine.tracked
+
+
+def test_the_start_up_measures_each_sp_degree_and_the_latency_model_uses_it():
+    """A start-up profile measured on one device only predicted an SP-2 step
+    to take as long as a step on one device, whatever it takes; and the first
+    SP step paid gloo's connection set-up on a user's video. ``warm_up_sp`` runs and
+    measures the SP step on every block before serving."""
+    from genserve.profile import warm_up_sp
+
+    executor = MultiprocessExecutor(make_worker_specs("cpu", 2, ("sd3-tiny", "wan-tiny"), num_threads=1))
+    try:
+        ready = executor.start()
+        cards = {c.name: c for c in ready[0].models}
+        (sp2,) = warm_up_sp(executor, cards, progress=lambda line: None)
+        lim = cards["wan-tiny"].limits
+        assert (sp2.model, sp2.sp_degree, sp2.batch_size) == ("wan-tiny", 2, 1)
+        assert (sp2.width, sp2.height, sp2.num_frames) == (lim.default_width, lim.default_height,
+                                                           lim.default_frames)
+        assert 0 < sp2.step_ms < 10_000
+        cost = build_cost_model("", ready, [sp2])
+        shape = (lim.default_width, lim.default_height, lim.default_frames)
+        assert cost.step_ms("wan-tiny", *shape, 2, 1) == pytest.approx(sp2.step_ms)
+        one = {w.model: w for r in ready.values() for w in r.warmups}["wan-tiny"]  # (the last worker's)
+        assert cost.step_ms("wan-tiny", *shape, 1, 1) == pytest.approx(one.step_ms)  # unchanged
+        # without the measurement, SP 2 was guessed at a one-device step
+        assert build_cost_model("", ready).step_ms("wan-tiny", *shape, 2, 1) == pytest.approx(one.step_ms)
+    finally:
+        executor.shutdown()

@@ -7,13 +7,15 @@ import json
 import multiprocessing as mp
 import os
 
+import numpy as np
 import pytest
 
 from genserve.config import Limits
-from genserve.models.base import VIDEO, ModelLimits
+from genserve.models.base import IMAGE, VIDEO, ModelLimits
 from genserve.workers.executor import Executor, MultiprocessExecutor, WorkerStartError, make_worker_specs
 from genserve.workers.parallel import remove_world
-from genserve.workers.startup import warm_up
+from genserve.workers import startup
+from genserve.workers.startup import max_sp_degree, warm_up
 from genserve.workers.worker import WorkerSpec
 
 
@@ -36,7 +38,7 @@ class ShapeRecorder:
         pass
 
     def decode(self, state):
-        pass
+        return np.zeros((state.num_frames, 16, 16, 3), np.uint8)
 
 
 def test_the_warm_up_keeps_to_the_servers_caps():
@@ -54,6 +56,43 @@ def test_without_caps_the_warm_up_uses_the_models_defaults():
     model = ShapeRecorder()
     warm_up({"v": model})
     assert model.shapes == [(256, 256, 33)] * 2
+
+
+def test_the_warm_up_encodes_each_output_in_its_tasks_default_format(monkeypatch):
+    """A request's measured decode includes encoding its media, and the first
+    mp4 pays the codec's set-up: the warm-up pays it and measures the same."""
+    encoded = []
+
+    def encode(frames, fmt, fps):
+        encoded.append((len(frames), fmt, fps))
+        return b"", ""
+
+    monkeypatch.setattr(startup, "encode_media", encode)
+    image = ShapeRecorder()
+    image.name, image.task = "i", IMAGE
+    image.limits = ModelLimits(64, 64, 64, 64, 4, 4)
+    warm_up({"v": ShapeRecorder(), "i": image})
+    assert encoded == [(33, "mp4", 8)] * 2 + [(1, "png", 8)] * 2
+
+
+class Heads:
+    """A model whose step splits its ``heads`` attention heads over an SP group."""
+
+    def __init__(self, heads: int):
+        self.heads = heads
+
+    def supports_sp(self, size: int) -> bool:
+        return self.heads % size == 0
+
+
+@pytest.mark.parametrize("heads, degree", [(12, 4), (40, 8), (8, 8), (6, 2), (3, 1)])
+def test_a_models_sp_limit_is_the_largest_power_of_two_its_heads_split_over(heads, degree):
+    assert max_sp_degree(Heads(heads)) == degree
+    assert max_sp_degree(Heads(heads), largest=2) == min(degree, 2)
+
+
+def test_a_model_with_no_sp_path_runs_on_one_device():
+    assert max_sp_degree(ShapeRecorder()) == 1
 
 
 def test_a_model_that_fails_its_warm_up_is_one_error_naming_it(tmp_path):

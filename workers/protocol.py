@@ -103,6 +103,10 @@ class ModelCard:
     name: str
     task: str  # "image" | "video"
     limits: ModelLimits
+    # the largest SP degree (a power of two) the model's step can run at: 1
+    # without a sequence-parallel path; a video model's attention heads must
+    # split evenly over the group (Wan 2.1 1.3B's 12 heads: at most 4)
+    max_sp_degree: int = 8
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,8 @@ import time
 from genserve import logs
 from genserve.config import Limits
 from genserve.models.base import GenParams, ModelLimits
+from genserve.models.media import encode_media
+from genserve.types import DEFAULT_FORMAT, DEFAULT_FPS
 from genserve.workers import protocol as P
 from genserve.workers.parallel import Groups
 from genserve.workers.worker import Worker, WorkerSpec
@@ -54,8 +56,10 @@ def load(spec: WorkerSpec) -> Worker:
 
 
 def warm_up(models: dict, caps: Limits = Limits()) -> tuple[P.Warmup, ...]:
-    """Run a short request per model twice: the first pays one-time costs
-    (lazy imports, allocator, kernels) before real traffic; the second is
+    """Run a short request per model twice, through decoding and encoding
+    its output in the default format (as a request's decode is measured):
+    the first pays one-time costs (lazy imports, allocator, kernels, the
+    codec's set-up) before real traffic; the second is
     measured for the latency model when no profile is given. Each runs at
     its served default shape (``Limits.effective``: the model's own, lowered
     by the caps), a shape requests can have. WarmUpError, naming the model,
@@ -80,10 +84,20 @@ def _warm_once(model, lim: ModelLimits) -> P.Warmup:
     t2 = time.perf_counter()
     model.denoise_step([state])
     t3 = time.perf_counter()
-    model.decode(state)
+    encode_media(model.decode(state), DEFAULT_FORMAT[model.task], DEFAULT_FPS)
     t4 = time.perf_counter()
     return P.Warmup(model.name, params.width, params.height, params.num_frames,
                     (t1 - t0) * 1e3, min(t2 - t1, t3 - t2) * 1e3, (t4 - t3) * 1e3)
+
+
+def max_sp_degree(model, largest: int = 8) -> int:
+    """The largest power of two up to ``largest`` that ``model`` can run a
+    step at (every smaller power too); 1 for a model with no SP path."""
+    supports = getattr(model, "supports_sp", None)
+    degree = 1
+    while supports is not None and degree * 2 <= largest and supports(degree * 2):
+        degree *= 2
+    return degree
 
 
 def boot(spec: WorkerSpec) -> tuple[Worker, P.Ready]:
@@ -99,7 +113,7 @@ def boot(spec: WorkerSpec) -> tuple[Worker, P.Ready]:
         warmups = warm_up(worker.models, spec.caps)
     except WarmUpError as exc:
         raise StartFailed(f"worker {spec.device_id} failed to warm up {exc}") from exc
-    cards = tuple(P.ModelCard(m.name, m.task, m.limits) for m in worker.models.values())
+    cards = tuple(P.ModelCard(m.name, m.task, m.limits, max_sp_degree(m)) for m in worker.models.values())
     return worker, P.Ready(spec.device_id, cards, load_s, warmups)
 
 
