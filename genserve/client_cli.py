@@ -232,9 +232,11 @@ def cmd_models(args) -> None:
             models = client.models()
     except grpc.RpcError as err:
         sys.exit(f"error: {err.code().name}: {err.details()}")
-    print(f"{'name':<24}{'task':<8}{'default':<9}{'size (max)':<22}{'frames (max)':<14}{'steps (max)'}")
+    print(f"{'name':<24}{'task':<8}{'default':<9}{'size (max)':<22}{'frames (max)':<14}{'steps (max)':<13}"
+          "max SP")
     for m in models:
         task = "image" if m.task == pb.TASK_TEXT_TO_IMAGE else "video"
         print(f"{m.name:<24}{task:<8}{'yes' if m.is_default else '':<9}"
               f"{f'{m.default_width}x{m.default_height} ({m.max_width}x{m.max_height})':<22}"
-              f"{f'{m.default_num_frames} ({m.max_num_frames})':<14}{m.default_steps} ({m.max_steps})")
+              f"{f'{m.default_num_frames} ({m.max_num_frames})':<14}{f'{m.default_steps} ({m.max_steps})':<13}"
+              f"{m.max_sp_degree or '-'}")

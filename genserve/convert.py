@@ -176,10 +176,11 @@ def event_to_pb(e: Event) -> pb.GenerateEvent:
     return msg
 
 
-def card_to_pb(card: ModelCard, is_default: bool) -> pb.ModelInfo:
+def card_to_pb(card: ModelCard, is_default: bool, max_sp_degree: int = 1) -> pb.ModelInfo:
     """ListModels' entry for ``card``, limits as they stand: give it a
     ``Validator``'s cards, whose limits carry the operator's caps, so clients
-    are told the limits the server enforces."""
+    are told the limits the server enforces; ``max_sp_degree``: the largest
+    SP group the server runs the model's steps on now."""
     lim = card.limits
     formats = IMAGE_FORMATS if card.task == IMAGE else VIDEO_FORMATS
     return pb.ModelInfo(
@@ -190,4 +191,4 @@ def card_to_pb(card: ModelCard, is_default: bool) -> pb.ModelInfo:
         default_steps=lim.default_steps, max_steps=lim.max_steps, size_multiple=lim.size_multiple,
         default_guidance_scale=lim.default_guidance_scale,
         default_fps=DEFAULT_FPS if card.task == VIDEO else 0,
-        output_formats=[FORMAT_TO_PB[f] for f in formats])
+        output_formats=[FORMAT_TO_PB[f] for f in formats], max_sp_degree=max_sp_degree)

@@ -25,7 +25,7 @@ from genserve.requests import Requests
 from genserve.scheduler import make_policy as _make_named_policy
 from genserve.scheduler.types import IDLE_REPLAN_S, ClusterSpec, DeviceView, StepPlan
 from genserve.tracked import Sink
-from genserve.types import EventType, Request, RequestError
+from genserve.types import VIDEO, EventType, Request, RequestError
 from genserve.workers import protocol as P
 from genserve.worker_loss import WorkerLoss
 from genserve.workers.executor import Executor
@@ -96,6 +96,11 @@ class Engine:
         (1 after a crash, until they rejoin), within what every served video
         model can run."""
         return min(self.loss.sp_degree, self._models_sp_degree)
+
+    def sp_degree_of(self, task: str) -> int:
+        """The largest SP group a step of a model of ``task`` runs on now
+        (ListModels' ``max_sp_degree``): images run on one device."""
+        return self.max_sp_degree if task == VIDEO else 1
 
     # ---- thread-safe API -------------------------------------------------
     def submit(self, req: Request, sink: Sink) -> None:

@@ -51,6 +51,9 @@ def test_generate_and_models(server, tmp_path):
     assert "64x64" in done.stdout and "SLO" in done.stdout
     models = genserve("models", "--target", server.target)
     assert models.returncode == 0 and "sd3-tiny" in models.stdout and "wan-tiny" in models.stdout
+    rows = {line.split()[0]: line.split() for line in models.stdout.splitlines()[1:]}
+    assert models.stdout.splitlines()[0].endswith("max SP")
+    assert (rows["wan-tiny"][-1], rows["sd3-tiny"][-1]) == ("2", "1")  # two workers; SD3 has no SP path
 
 
 def test_generate_bad_input_exits_nonzero(server):

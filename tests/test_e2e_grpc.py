@@ -129,6 +129,8 @@ def test_list_models(client):
     models = {m.name: m for m in client.models()}
     assert models["sd3-tiny"].task == pb.TASK_TEXT_TO_IMAGE and models["sd3-tiny"].is_default
     assert models["wan-tiny"].task == pb.TASK_TEXT_TO_VIDEO and models["wan-tiny"].max_num_frames >= 9
+    # two workers: videos on up to both, images on one (the SD3 adapter has no SP path)
+    assert (models["wan-tiny"].max_sp_degree, models["sd3-tiny"].max_sp_degree) == (2, 1)
 
 
 def test_concurrent_mixed_requests_all_finish(client):

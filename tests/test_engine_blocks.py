@@ -198,6 +198,7 @@ def test_a_broken_block_frees_each_member_as_it_reports():
     executor.replies = [(0, WorkerDied(0, -9)), (1, lost), (3, lost)]
     engine.step()
     assert engine.busy == {2: first} and engine.max_sp_degree == 1
+    assert engine.sp_degree_of("video") == 1  # what ListModels says until the workers regroup
     assert video[-1].type == EventType.PREEMPTED and video[-1].reason.endswith("restarting from step 0")
     engine.step()
     assert policy.plans[-1] == ((1, 3), (Dispatch(("i",), (1,)),))
@@ -216,6 +217,7 @@ def test_plans_keep_within_the_sp_degree_every_video_model_can_run():
     engine = Engine(EngineConfig(), executor, lambda spec: specs.append(spec) or VideoFirst(),
                     LatencyModel(load_profile("reference-h100")), Metrics(), cards)
     assert engine.max_sp_degree == 4 and specs[-1].max_sp_degree == 4
+    assert (engine.sp_degree_of("video"), engine.sp_degree_of("image")) == (4, 1)  # ListModels' figures
     # an image model's limit of 1 caps nothing: images run on one device anyway
     cards[VIDEO_MODEL] = P.ModelCard(VIDEO_MODEL, "video", None)
     assert Engine(EngineConfig(), executor, lambda spec: VideoFirst(),

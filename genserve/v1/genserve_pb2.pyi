@@ -176,7 +176,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "task", "is_default", "default_width", "default_height", "max_width", "max_height", "default_num_frames", "max_num_frames", "default_steps", "max_steps", "size_multiple", "default_guidance_scale", "default_fps", "output_formats")
+    __slots__ = ("name", "task", "is_default", "default_width", "default_height", "max_width", "max_height", "default_num_frames", "max_num_frames", "default_steps", "max_steps", "size_multiple", "default_guidance_scale", "default_fps", "output_formats", "max_sp_degree")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +192,7 @@ class ModelInfo(_message.Message):
     DEFAULT_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_FPS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMATS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SP_DEGREE_FIELD_NUMBER: _ClassVar[int]
     name: str
     task: Task
     is_default: bool
@@ -207,7 +208,8 @@ class ModelInfo(_message.Message):
     default_guidance_scale: float
     default_fps: int
     output_formats: _containers.RepeatedScalarFieldContainer[OutputFormat]
-    def __init__(self, name: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., is_default: _Optional[bool] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., max_width: _Optional[int] = ..., max_height: _Optional[int] = ..., default_num_frames: _Optional[int] = ..., max_num_frames: _Optional[int] = ..., default_steps: _Optional[int] = ..., max_steps: _Optional[int] = ..., size_multiple: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_fps: _Optional[int] = ..., output_formats: _Optional[_Iterable[_Union[OutputFormat, str]]] = ...) -> None: ...
+    max_sp_degree: int
+    def __init__(self, name: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., is_default: _Optional[bool] = ..., default_width: _Optional[int] = ..., default_height: _Optional[int] = ..., max_width: _Optional[int] = ..., max_height: _Optional[int] = ..., default_num_frames: _Optional[int] = ..., max_num_frames: _Optional[int] = ..., default_steps: _Optional[int] = ..., max_steps: _Optional[int] = ..., size_multiple: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., default_fps: _Optional[int] = ..., output_formats: _Optional[_Iterable[_Union[OutputFormat, str]]] = ..., max_sp_degree: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
