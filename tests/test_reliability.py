@@ -135,19 +135,21 @@ def _long_video_in_background(target: str, prompt: str):
     return thread, started, seen
 
 
-@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c", "group-sigterm"])
 def test_sigterm_drains_in_flight_then_exits_zero(stop):
     """SIGTERM to the server (an orchestrator), or SIGINT to its whole
     process group (Ctrl-C at a terminal: the workers used to die of it at
-    once, each with a KeyboardInterrupt traceback, failing the drain)."""
+    once, each with a KeyboardInterrupt traceback, failing the drain), or
+    SIGTERM to the whole group (`timeout`, systemd's default KillMode: the
+    workers used to die of it and be restarted in the middle of the drain)."""
     srv = ServerProcess("--num-workers", "1", "--grace-s", "60")
     try:
         thread, started, events = _long_video_in_background(srv.target, "finish me")
         assert started.wait(60)
         if stop == "sigterm":  # with ~49 steps and a decode still to go
             srv.proc.send_signal(signal.SIGTERM)
-        else:
-            os.killpg(srv.proc.pid, signal.SIGINT)  # its own session: the group is the server's
+        else:  # its own session: the group is the server's
+            os.killpg(srv.proc.pid, signal.SIGINT if stop == "ctrl-c" else signal.SIGTERM)
         assert wait_for(lambda: health(srv.target) == health_pb2.HealthCheckResponse.NOT_SERVING, 10)
         with Client(srv.target) as client:
             with pytest.raises(grpc.RpcError) as err:
@@ -159,6 +161,7 @@ def test_sigterm_drains_in_flight_then_exits_zero(stop):
         assert srv.proc.wait(60) == 0
         assert wait_for(lambda: "stopped" in srv.output, 10)
         assert "Traceback" not in srv.output, srv.output
+        assert "died" not in srv.output and "restarting" not in srv.output, srv.output
     finally:
         srv.stop()
 

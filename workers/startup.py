@@ -131,10 +131,15 @@ def _bars_lock_in_process() -> None:
 
 def worker_main(spec: WorkerSpec, conn) -> None:
     """Entry point of a spawned worker process."""
-    # Ctrl-C at a terminal reaches the whole process group: the server drains
-    # and then stops its workers (a Shutdown; a kill at start-up), so a worker
-    # ignores it rather than die mid-step, failing what the drain would finish
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C at a terminal, `timeout`, `kill -- -PGID` and systemd's default
+    # KillMode=control-group signal every process of the group: the server
+    # drains and then stops its workers (a Shutdown; a kill at start-up or when
+    # one does not stop), so a worker ignores SIGINT and SIGTERM rather than die
+    # mid-step, failing what the drain would finish. It still ends when the
+    # server does: its pipe closes (SIGKILL and SIGSTOP, which the watchdog
+    # uses, cannot be ignored).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     logs.configure(spec.log_level, spec.log_format, f"worker{spec.device_id}")
     _bars_lock_in_process()
     try:
