@@ -166,6 +166,32 @@ def test_sigterm_drains_in_flight_then_exits_zero(stop):
         srv.stop()
 
 
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for a reaper)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_server_leaves_no_worker_behind():
+    """The workers ignore SIGTERM (a group-wide stop must not kill them
+    mid-drain); with the server gone for good they end of their own accord,
+    when their pipe closes, one of them in the middle of a video."""
+    srv = ServerProcess("--num-workers", "2", "--max-sp-degree", "1")
+    try:
+        pids = worker_pids(srv.proc.pid)
+        assert len(pids) == 2
+        thread, started, _ = _long_video_in_background(srv.target, "orphaned")
+        assert started.wait(60)
+        srv.proc.kill()
+        assert wait_for(lambda: not any(_alive(p) for p in pids), 60), [p for p in pids if _alive(p)]
+        thread.join(30)
+    finally:
+        srv.stop()
+
+
 def test_a_second_sigterm_cuts_the_drain_short():
     """The first signal drains (up to --grace-s); a second one ends the
     requests left UNAVAILABLE at once, and the workers stop at their step
