@@ -83,10 +83,11 @@ def build_cost_model(profile: str, ready: dict, sp_steps: list[StepSample] = ())
     missing = [w for name, w in warmups.items() if name not in known]
     if not missing:
         return LatencyModel(base)
+    measured = {w.model for w in missing}
     warm = Profile.from_measurements(
         "warm-up",
         steps=[StepSample(w.model, cards[w.model].task, w.width, w.height, w.num_frames, 1, 1, w.step_ms)
-               for w in missing] + [s for s in sp_steps if s.model in {w.model for w in missing}],
+               for w in missing] + [s for s in sp_steps if s.model in measured],
         decodes=[DecodeSample(w.model, w.width, w.height, w.num_frames, 1, w.decode_ms) for w in missing],
         encode_ms={w.model: w.encode_ms for w in missing},
         default_steps={w.model: cards[w.model].limits.default_steps for w in missing},

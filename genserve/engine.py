@@ -25,7 +25,7 @@ from genserve.requests import Requests
 from genserve.scheduler import make_policy as _make_named_policy
 from genserve.scheduler.types import IDLE_REPLAN_S, ClusterSpec, DeviceView, StepPlan
 from genserve.tracked import Sink
-from genserve.types import VIDEO, EventType, Request, RequestError
+from genserve.types import EventType, Request, RequestError
 from genserve.workers import protocol as P
 from genserve.worker_loss import WorkerLoss
 from genserve.workers.executor import Executor
@@ -99,8 +99,9 @@ class Engine:
 
     def sp_degree_of(self, task: str) -> int:
         """The largest SP group a step of a model of ``task`` runs on now
-        (ListModels' ``max_sp_degree``): images run on one device."""
-        return self.max_sp_degree if task == VIDEO else 1
+        (ListModels' ``max_sp_degree``, the default SLO's allocation): images
+        run on one device."""
+        return self.max_sp_degree if task == "video" else 1
 
     # ---- thread-safe API -------------------------------------------------
     def submit(self, req: Request, sink: Sink) -> None:
@@ -263,7 +264,7 @@ class Engine:
         allowed allocation (as the simulator's workloads define it), within
         what the API's slo_ms (uint32) can carry."""
         p = req.params
-        devices = self.max_sp_degree if req.task == "video" else 1
+        devices = self.sp_degree_of(req.task)
         alone_ms = self.cost.isolated_latency_ms(req.model, p.width, p.height, p.num_frames, p.num_steps,
                                                  req.task, devices)
         slo_ms = self.config.default_slo_scale * alone_ms

@@ -126,9 +126,9 @@ def warm_up_sp(executor: Executor, cards: dict[str, P.ModelCard], progress=log.i
     """Run every video model's sequence-parallel step once on every aligned
     block of each degree it can use (2 .. the largest the workers and the
     model allow), at the model's served default shape, before any request:
-    the first collective of a group pays one-time costs (gloo's connections,
-    NCCL's communicator set-up) that would otherwise land on the first
-    video, and the steps after it are measured, one StepSample per degree
+    a process's first SP step pays one-time costs (the SP path's first run;
+    on GPUs NCCL's communicators, made at their first collective) that would
+    otherwise land on the first video, and the steps after it are measured, one StepSample per degree
     (the fastest step: the warm-up's rule at one device). The workers' own
     warm-up measured one device only. RuntimeError when a step fails."""
     prof, samples = Profiler(executor, cards), []

@@ -357,8 +357,8 @@ def test_cancel_of_a_batch_member_while_another_moves_in(engine):
 
 def test_the_start_up_measures_each_sp_degree_and_the_latency_model_uses_it():
     """A start-up profile measured on one device only predicted an SP-2 step
-    to take as long as a step on one device, whatever it takes; and the first
-    SP step paid gloo's connection set-up on a user's video. ``warm_up_sp`` runs and
+    to take as long as a step on one device, whatever it takes; and a
+    process's first SP step paid its one-time costs on a user's video. ``warm_up_sp`` runs and
     measures the SP step on every block before serving."""
     from genserve.profile import warm_up_sp
 
