@@ -189,8 +189,7 @@ class Server:
         for card in cards.values():
             if card.task == "video" and card.max_sp_degree < executor.max_sp_degree:
                 log.info("model %s: its attention heads split evenly over at most %d devices, so its "
-                         "videos (every video, as plans share one limit) run on at most %d", card.name,
-                         card.max_sp_degree, card.max_sp_degree)
+                         "videos run on at most %d", card.name, card.max_sp_degree, card.max_sp_degree)
         t0 = time.perf_counter()
         try:
             samples = warm_up_sp(executor, cards)

@@ -7,6 +7,8 @@ created fresh (the first step).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from genserve.scheduler.types import Dispatch
 from genserve.tracked import Tracked
 from genserve.workers import protocol as P
@@ -18,8 +20,10 @@ def is_aligned(block: tuple[int, ...]) -> bool:
             and block == tuple(range(block[0], block[0] + k)))
 
 
-def check_dispatch(d: Dispatch, ts: list[Tracked | None], idle: set[int], max_sp_degree: int) -> str:
-    """Why the executor cannot run ``d`` ('' when it can)."""
+def check_dispatch(d: Dispatch, ts: list[Tracked | None], idle: set[int], max_sp_degree: int,
+                   sp_limit: Callable[[str], int] | None = None) -> str:
+    """Why the executor cannot run ``d`` ('' when it can). ``sp_limit(model)``:
+    the largest block a step of that model runs on (None: max_sp_degree)."""
     block = tuple(d.device_ids)
     if not is_aligned(block) or len(block) > max_sp_degree:
         return f"{block} is not an aligned block of at most {max_sp_degree} devices"
@@ -31,6 +35,8 @@ def check_dispatch(d: Dispatch, ts: list[Tracked | None], idle: set[int], max_sp
         return "mixed models in one batch"
     if len(block) > 1 and (len(ts) != 1 or ts[0].req.task != "video"):
         return "only a single video runs on a multi-device block"
+    if sp_limit is not None and len(block) > sp_limit(ts[0].req.model):
+        return f"model {ts[0].req.model} runs on at most {sp_limit(ts[0].req.model)} devices"
     if d.num_steps < 1 or any(d.num_steps > t.req.params.num_steps - t.steps_done for t in ts):
         return "num_steps outside 1..steps left"
     return ""

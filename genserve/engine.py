@@ -49,9 +49,9 @@ class Engine:
         self.config, self.executor, self.cost = config, executor, cost
         self._make_policy = make_policy
         self.metrics, self.cards, self.max_queue = metrics, cards, max_queue
-        # the video models' own SP limit (their heads split over the group)
-        self._models_sp_degree = min((c.max_sp_degree for c in cards.values() if c.task == "video"),
-                                     default=1)
+        # each video model's own SP limit (its attention heads split over the group)
+        self._video_sp_limits = tuple(sorted((c.name, c.max_sp_degree) for c in cards.values()
+                                             if c.task == "video"))
         self.requests = Requests(executor, metrics, self._default_slo_ms)
         self.dispatcher = Dispatcher(executor, self.requests, cost, metrics)
         self.loss = WorkerLoss(config, executor, self.requests, self.dispatcher, metrics)
@@ -93,15 +93,18 @@ class Engine:
     @property
     def max_sp_degree(self) -> int:
         """The largest SP group plans may use now: what the workers can form
-        (1 after a crash, until they rejoin), within what every served video
-        model can run."""
-        return min(self.loss.sp_degree, self._models_sp_degree)
+        (1 after a crash, until they rejoin). Each video model runs within its
+        own limit too (``sp_degree_of``)."""
+        return self.loss.sp_degree
 
-    def sp_degree_of(self, task: str) -> int:
-        """The largest SP group a step of a model of ``task`` runs on now
-        (ListModels' ``max_sp_degree``, the default SLO's allocation): images
-        run on one device."""
-        return self.max_sp_degree if task == "video" else 1
+    def sp_degree_of(self, model: str) -> int:
+        """The largest SP group a step of ``model`` runs on now (ListModels'
+        ``max_sp_degree``, the default SLO's allocation): a video model's
+        limit within what the workers can form; images run on one device."""
+        for name, limit in self._video_sp_limits:
+            if name == model:
+                return min(limit, self.max_sp_degree)
+        return 1
 
     # ---- thread-safe API -------------------------------------------------
     def submit(self, req: Request, sink: Sink) -> None:
@@ -264,7 +267,7 @@ class Engine:
         allowed allocation (as the simulator's workloads define it), within
         what the API's slo_ms (uint32) can carry."""
         p = req.params
-        devices = self.sp_degree_of(req.task)
+        devices = self.sp_degree_of(req.model)
         alone_ms = self.cost.isolated_latency_ms(req.model, p.width, p.height, p.num_frames, p.num_steps,
                                                  req.task, devices)
         slo_ms = self.config.default_slo_scale * alone_ms
@@ -300,7 +303,7 @@ class Engine:
             plan: StepPlan = self.policy.plan(now, views, devices, self.cost)
             for d in plan.dispatches:
                 problem = check_dispatch(d, [self.tracked.get(r) for r in d.req_ids], set(idle),
-                                         self.max_sp_degree)
+                                         self.max_sp_degree, self.sp_degree_of)
                 if problem:
                     raise ValueError(f"the plan holds a dispatch this executor cannot run: {d}: {problem}")
         except Exception:  # a policy bug must not strand requests: decide this one plainly
@@ -330,7 +333,7 @@ class Engine:
                 t.emit(now, EventType.PREEMPTED, reason="preempted by the scheduler")
         for d in plan.dispatches:
             ts = [self.tracked.get(r) for r in d.req_ids]
-            problem = check_dispatch(d, ts, idle, self.max_sp_degree)
+            problem = check_dispatch(d, ts, idle, self.max_sp_degree, self.sp_degree_of)
             if problem:
                 log.error("policy %s produced an invalid dispatch %s: %s", self.policy.name, d, problem)
                 self.num_invalid_dispatches += 1
@@ -348,4 +351,5 @@ class Engine:
     def cluster_spec(self) -> ClusterSpec:
         # Only the Wan adapter has a sequence-parallel path: images run on one device.
         return ClusterSpec(self.executor.num_devices, max_sp_degree=self.max_sp_degree, migratable=True,
-                           max_image_batch=self.config.max_image_batch, max_image_sp_degree=1)
+                           max_image_batch=self.config.max_image_batch, max_image_sp_degree=1,
+                           video_sp_limits=self._video_sp_limits)

@@ -157,7 +157,7 @@ class GenServeService(pb_grpc.GenServeServicer):
 
     async def ListModels(self, request, context):
         defaults = set(self.validator.defaults.values())
-        return pb.ListModelsResponse(models=[card_to_pb(c, c.name in defaults, self.engine.sp_degree_of(c.task))
+        return pb.ListModelsResponse(models=[card_to_pb(c, c.name in defaults, self.engine.sp_degree_of(c.name))
                                              for c in self.validator.cards.values()])
 
 

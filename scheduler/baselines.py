@@ -17,6 +17,10 @@ itself:
 * fixed-sp (xDiT-style) tiles all devices into fixed groups of one degree;
   each group serves one request at a time (no batching, no preemption).
   static and fixed-sp queue in deadline order, hopeless requests last.
+
+A video model with a lower SP limit (``ClusterSpec.video_sp_limits``) runs
+at that limit instead of the video degree; in static and fixed-sp on the
+first devices of its group, which it holds whole, as an image does.
 """
 from __future__ import annotations
 
@@ -57,6 +61,11 @@ class RequestLevelPolicy:
         n = cluster.num_devices
         limit = min(options.video_degree, cluster.max_sp_degree, n)
         self.video_degree = 1 << (max(limit, 1).bit_length() - 1)
+        # a video model with a lower SP limit runs at that limit (in fixed-sp
+        # and static, on the first devices of its group: the group stays held)
+        self._video_degrees = {m: min(self.video_degree, cluster.video_sp_limit(m))
+                               for m, _ in cluster.video_sp_limits}
+        self._min_video_degree = min([self.video_degree, *self._video_degrees.values()])
         # images take a whole group in fixed-sp, as xDiT does
         self.image_degree = (min(self.video_degree, cluster.max_image_sp_degree)
                              if options.groups == "fixed-sp" else 1)
@@ -149,13 +158,15 @@ class RequestLevelPolicy:
             else:
                 pool = BlockPool(self.cluster.num_devices, free)
                 tasks = {task for task in TASKS if pool.can_take(
-                    self.video_degree if task == VIDEO else self.image_degree)}
+                    self._min_video_degree if task == VIDEO else self.image_degree)}
             self._startable[free] = tasks
         return tasks
 
     # -- ordering and admission ---------------------------------------------
     def _degree(self, r: RequestView) -> int:
-        return self.video_degree if is_video(r) else self.image_degree
+        if is_video(r):
+            return self._video_degrees.get(r.model, self.video_degree)
+        return self.image_degree
 
     def _ordered(self, snap: Snapshot, waiting: list) -> list:
         """``waiting`` (requests not started) in queue order: fcfs by (arrival,
@@ -254,7 +265,8 @@ class RequestLevelPolicy:
                 break
             if r.req_id in taken:
                 continue
-            size = self.video_degree if r.task == VIDEO else self.image_degree  # _degree(r)
+            size = (self._video_degrees.get(r.model, self.video_degree) if r.task == VIDEO
+                    else self.image_degree)  # _degree(r)
             slots = pool.free.bit_count()  # a batch is sized by the devices free before
             mask = pool.take(size, within=~reserved)
             # made once known to be needed (most heads do not fit); with no
@@ -311,6 +323,8 @@ class RequestLevelPolicy:
             block = self._group_ids[group]
             if is_image(r):  # the group stays held; the image runs on what it can use
                 block = block[:min(len(block), self.cluster.max_image_sp_degree)]
+            elif len(block) > self._degree(r):  # so does a video of a model with a lower SP limit
+                block = block[:self._degree(r)]
             out.append(Dispatch(ids, block, r.steps_left))
         return out
 

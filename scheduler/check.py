@@ -77,6 +77,9 @@ def _check_members(where, num_steps, device_ids, members, cluster) -> list[str]:
             errors.append(f"{where}: video {r.req_id} batched")
         if r.task == IMAGE and len(device_ids) > cluster.max_image_sp_degree:
             errors.append(f"{where}: image {r.req_id} on {len(device_ids)} devices > max_image_sp_degree")
+        if r.task == VIDEO and len(device_ids) > cluster.video_sp_limit(r.model):
+            errors.append(f"{where}: video {r.req_id} on {len(device_ids)} devices > its model's "
+                          f"SP limit {cluster.video_sp_limit(r.model)}")
     return errors
 
 

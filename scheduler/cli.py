@@ -34,6 +34,10 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--max-image-sp-degree", type=int, default=8,
                    help="largest block an image batch may use (1 models the live CPU server's SD3 adapter)")
     g.add_argument("--max-image-batch", type=int, default=16)
+    g.add_argument("--video-sp-limit", action="append", default=[], metavar="MODEL=K",
+                   help="videos of this profile model run on at most K devices (a power of two: "
+                        "e.g. 4 for a model whose attention heads split over no more, as the "
+                        "server's ListModels tells); repeat per model (default: --max-sp-degree)")
     g.add_argument("--profile", default="reference-h100", help="built-in profile name or JSON path")
     g.add_argument("--true-profile", help="profile the simulated hardware follows "
                                           "(default: --profile)")
@@ -147,6 +151,21 @@ def heartbeat(label: str, ended: int, total: int, wall_s: float) -> None:
           file=sys.stderr, flush=True)
 
 
+def _video_sp_limits(items: list[str], profile) -> tuple[tuple[str, int], ...]:
+    """``--video-sp-limit MODEL=K`` values, checked against the profile."""
+    out = {}
+    for item in items:
+        model, sep, k = item.rpartition("=")
+        if not sep or not model or not k.strip().isdigit():
+            raise ValueError(f"--video-sp-limit {item!r}: give MODEL=K, e.g. wan2.1-t2v-1.3b=4")
+        videos = [m.name for m in profile.models if m.task == "video"]
+        if model not in videos:
+            raise ValueError(f"--video-sp-limit {item!r}: the profile {profile.name!r} has no video "
+                             f"model {model!r} (its video models: {', '.join(videos) or 'none'})")
+        out[model] = int(k)
+    return tuple(sorted(out.items()))
+
+
 def _setup(args):
     policies = tuple(x.strip() for x in args.policy.split(",") if x.strip())
     bad = [p for p in policies if p not in POLICY_NAMES]
@@ -166,8 +185,9 @@ def _setup(args):
                             ("--jobs", args.jobs, args.jobs >= 1)):
         if not ok:  # also NaN
             raise ValueError(f"{flag} {value} is out of range")
+    profile = load_profile(args.profile)
     cluster = ClusterSpec(args.devices, args.max_sp_degree, True, args.max_image_batch,
-                          args.max_image_sp_degree)
+                          args.max_image_sp_degree, _video_sp_limits(args.video_sp_limit, profile))
     options = {"admission_control": args.admission_control,
                "fixed_sp_degree": args.fixed_sp_degree,
                "static_image_fraction": args.static_image_fraction,
@@ -175,7 +195,7 @@ def _setup(args):
     options = {k: v for k, v in options.items() if v is not None}
     for name in policies:  # bad cluster or option values: an error before any run
         make_policy(name, cluster, **options)
-    exp = Experiment(cluster, load_profile(args.profile),
+    exp = Experiment(cluster, profile,
                      load_profile(args.true_profile) if args.true_profile else None,
                      args.true_scale, args.noise_cv, args.seed, not args.no_check, options)
     spec = None

@@ -303,7 +303,7 @@ def fixed_video_degrees(snap: Snapshot, v, elastic: bool, fixed: int) -> tuple[i
         return snap.allowed_degrees(v)
     if v.steps_done > 0 and v.device_ids:
         return (len(v.device_ids),)
-    return (max(k for k in snap.degrees if k <= max(fixed, 1)),)
+    return (max(k for k in snap.allowed_degrees(v) if k <= max(fixed, 1)),)
 
 
 # -- leftover devices ---------------------------------------------------------
@@ -380,7 +380,7 @@ def _grow_all(dec, pool: BlockPool, claims: list, max_image_degree: int,
 
     for c in sorted(claims, key=slack):
         limit = (min(max_image_degree, snap.cluster.max_image_sp_degree) if is_image(c.members[0])
-                 else snap.degrees[-1])
+                 else dec.video_degrees(c.members[0])[-1])
         if is_video(c.members[0]) and (not videos_too or len(dec.video_degrees(c.members[0])) == 1):
             continue
         while (not c.pin and 2 * c.degree <= limit and worth_growing(snap, c)

@@ -62,6 +62,9 @@ def _validate(cluster: ClusterSpec) -> None:
         raise ValueError("max_image_batch must be at least 1")
     if cluster.max_image_sp_degree < 1:
         raise ValueError("max_image_sp_degree must be at least 1")
+    for model, limit in cluster.video_sp_limits:
+        if not _is_power_of_two(limit):
+            raise ValueError(f"the SP limit of {model!r} must be a power of two, not {limit!r}")
 
 
 def _is_power_of_two(n) -> bool:

@@ -57,8 +57,11 @@ def image_work_share(requests: Sequence[Request], cost: LatencyModel, video_degr
 def resolve_workload(exp: Experiment, trace: Sequence[TraceRequest],
                      slo_scale: float) -> tuple[Request, ...]:
     cost = LatencyModel(exp.profile)
-    limit = min(exp.cluster.num_devices, exp.cluster.max_sp_degree)
-    return resolve(trace, cost, slo_scale, limit)
+    cluster = exp.cluster
+    if not cluster.video_sp_limits:
+        return resolve(trace, cost, slo_scale, min(cluster.num_devices, cluster.max_sp_degree))
+    return resolve(trace, cost, slo_scale,
+                   lambda model: min(cluster.num_devices, cluster.video_sp_limit(model)))
 
 
 def run_one(exp: Experiment, policy: str, requests: Sequence[Request],

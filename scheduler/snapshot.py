@@ -94,6 +94,9 @@ class Snapshot:
             return (len(r.device_ids),)
         if is_image(r):
             limit = min(limit or self.cluster.max_image_sp_degree, self.cluster.max_image_sp_degree)
+        elif self.cluster.video_sp_limits:
+            cap = self.cluster.video_sp_limit(r.model)
+            limit = cap if limit is None else min(limit, cap)
         if limit is None:
             return self.degrees
         return tuple(k for k in self.degrees if k <= limit) or (1,)

@@ -89,7 +89,7 @@ class EdfStepPolicy(_StepBase):
                 taken.update(m.req_id for m in members)
         for c in claims:  # deadline order: most urgent grows first
             limit = (min(o.max_image_degree, snap.cluster.max_image_sp_degree) if is_image(c.members[0])
-                     else snap.degrees[-1])
+                     else self._degrees(snap, c.members[0])[-1])
             while (not c.pin and 2 * c.degree <= limit and worth_growing(snap, c)
                    and grow(pool, c, snap.num_devices)):
                 pass

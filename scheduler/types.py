@@ -79,6 +79,17 @@ class ClusterSpec:
     # Largest block an image (batch) may run on: 1 when the image model has
     # no sequence-parallel path (e.g. the live server's SD3 adapter).
     max_image_sp_degree: int = 8
+    # (model, limit) pairs: a video of that model runs on at most ``limit``
+    # devices (a power of two; e.g. its attention heads split over no more).
+    # A model not listed may use max_sp_degree. See ``video_sp_limit``.
+    video_sp_limits: tuple[tuple[str, int], ...] = ()
+
+    def video_sp_limit(self, model: str) -> int:
+        """The largest SP degree a video of ``model`` may run at."""
+        for name, limit in self.video_sp_limits:
+            if name == model:
+                return min(limit, self.max_sp_degree)
+        return self.max_sp_degree
 
 
 @dataclass(frozen=True, slots=True)

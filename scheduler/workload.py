@@ -21,7 +21,7 @@ import math
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from .types import IMAGE, TASKS, VIDEO
 
@@ -143,16 +143,18 @@ def _gap_s(rng: random.Random, spec: WorkloadSpec) -> float:
 
 
 def resolve(trace: Iterable[TraceRequest], cost, slo_scale: float,
-            max_devices: int) -> tuple[Request, ...]:
+            max_devices: int | Callable[[str], int]) -> tuple[Request, ...]:
     """Fill in models (``cost.default_model``), steps (``cost.default_steps``)
     and SLOs (slo_scale × ``cost.isolated_latency_ms`` at up to
-    ``max_devices``). ``cost`` is a LatencyModel (or anything with those)."""
+    ``max_devices``, or ``max_devices(model)``). ``cost`` is a LatencyModel
+    (or anything with those)."""
     out = []
     for i, t in enumerate(sorted(trace, key=lambda x: x.arrival_s)):
         model = t.model or cost.default_model(t.task)
         steps = t.num_inference_steps or cost.default_steps(model)
+        devices = max_devices(model) if callable(max_devices) else max_devices
         slo = t.slo_ms or slo_scale * cost.isolated_latency_ms(
-            model, t.width, t.height, t.num_frames, steps, t.task, max_devices)
+            model, t.width, t.height, t.num_frames, steps, t.task, devices)
         out.append(Request(f"r{i:06d}", t.arrival_s, t.task, model, t.width, t.height,
                            t.num_frames, steps, slo))
     return tuple(out)

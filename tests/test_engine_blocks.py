@@ -6,6 +6,7 @@ between two members' reports would do.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from genserve.config import EngineConfig
@@ -198,7 +199,7 @@ def test_a_broken_block_frees_each_member_as_it_reports():
     executor.replies = [(0, WorkerDied(0, -9)), (1, lost), (3, lost)]
     engine.step()
     assert engine.busy == {2: first} and engine.max_sp_degree == 1
-    assert engine.sp_degree_of("video") == 1  # what ListModels says until the workers regroup
+    assert engine.sp_degree_of(VIDEO_MODEL) == 1  # what ListModels says until the workers regroup
     assert video[-1].type == EventType.PREEMPTED and video[-1].reason.endswith("restarting from step 0")
     engine.step()
     assert policy.plans[-1] == ((1, 3), (Dispatch(("i",), (1,)),))
@@ -207,18 +208,37 @@ def test_a_broken_block_frees_each_member_as_it_reports():
     assert first not in engine.inflight and engine.busy == {1: engine.tracked["i"].dispatch_id}
 
 
-def test_plans_keep_within_the_sp_degree_every_video_model_can_run():
-    """Wan 2.1 1.3B's 12 heads split over 4 devices, not 8: a card saying
-    so caps the plans' blocks (and the default SLO's allocation) below what
-    the workers could form."""
+def test_each_video_model_keeps_within_its_own_sp_limit():
+    """Wan 2.1 1.3B's 12 heads split over 4 devices, not 8, while a model
+    with 40 heads splits over 8: each card's limit caps that model's blocks
+    (and its default SLO's allocation, and what ListModels says), not the
+    other's; a plan that breaks it is not run."""
+    big = "wan-big"
+    ref = load_profile("reference-h100")
+    profile = dataclasses.replace(ref, models=(*ref.models, dataclasses.replace(ref.model(VIDEO_MODEL), name=big)))
     executor, specs = ScriptedExecutor(8), []
     cards = {VIDEO_MODEL: P.ModelCard(VIDEO_MODEL, "video", None, max_sp_degree=4),
+             big: P.ModelCard(big, "video", None, max_sp_degree=8),
              IMAGE_MODEL: P.ModelCard(IMAGE_MODEL, "image", None, max_sp_degree=1)}
-    engine = Engine(EngineConfig(), executor, lambda spec: specs.append(spec) or VideoFirst(),
-                    LatencyModel(load_profile("reference-h100")), Metrics(), cards)
-    assert engine.max_sp_degree == 4 and specs[-1].max_sp_degree == 4
-    assert (engine.sp_degree_of("video"), engine.sp_degree_of("image")) == (4, 1)  # ListModels' figures
-    # an image model's limit of 1 caps nothing: images run on one device anyway
-    cards[VIDEO_MODEL] = P.ModelCard(VIDEO_MODEL, "video", None)
-    assert Engine(EngineConfig(), executor, lambda spec: VideoFirst(),
-                  LatencyModel(load_profile("reference-h100")), Metrics(), cards).max_sp_degree == 8
+    policy = VideoFirst()
+    engine = Engine(EngineConfig(), executor, lambda spec: specs.append(spec) or policy,
+                    LatencyModel(profile), Metrics(), cards)
+    assert engine.max_sp_degree == 8 and specs[-1].max_sp_degree == 8
+    assert specs[-1].video_sp_limit(VIDEO_MODEL) == 4 and specs[-1].video_sp_limit(big) == 8
+    # ListModels' figures; an image model's limit of 1 caps nothing (images run on one device)
+    assert [engine.sp_degree_of(m) for m in (VIDEO_MODEL, big, IMAGE_MODEL)] == [4, 8, 1]
+    # VideoFirst puts the 1.3B video on all 8 devices: refused, and fcfs decides instead
+    submit(engine, "v", "video", 3)
+    engine.step()
+    assert engine.num_invalid_dispatches == 1
+    runs = [m for _, m in executor.sent if isinstance(m, P.RunSteps)]
+    assert runs and all(m.req_ids == ("v",) and 1 <= len(m.device_ids or (0,)) <= 4 for m in runs)
+    # the 40-head model's video runs on all 8 (another engine: the same cards)
+    executor = ScriptedExecutor(8)
+    engine = Engine(EngineConfig(), executor, lambda spec: VideoFirst(),
+                    LatencyModel(profile), Metrics(), cards)
+    params = GenParams("a cat", "", 64, 64, 9, 3, 1.0, 0)
+    engine.submit(Request("w", big, "video", params, "raw", 8, 60_000, time.monotonic(), ""), [].append)
+    engine.step()
+    runs = [m for _, m in executor.sent if isinstance(m, P.RunSteps)]
+    assert engine.num_invalid_dispatches == 0 and {m.device_ids for m in runs} == {tuple(range(8))}

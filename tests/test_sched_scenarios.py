@@ -1,5 +1,7 @@
 """Scenario tests: the paper's motivating case, a lone request, starvation,
 admission control, calibration, odd clusters."""
+from dataclasses import replace
+
 import pytest
 
 from genserve.scheduler import (POLICY_NAMES, ClusterSpec, DeviceView, LatencyModel, RequestView,
@@ -400,3 +402,27 @@ def test_every_policy_completes_on_odd_clusters(cluster):
     for name in POLICY_NAMES:
         res = run(name, workload, cluster)
         assert all(o.status == "done" for o in res.outcomes), name
+
+
+def test_each_video_model_runs_within_its_own_sp_limit():
+    """Two video models on 8 devices, one whose heads split over at most 4
+    (Wan 1.3B's 12) and one over 8: each lone video runs as fast as its own
+    limit lets it, under every policy; the capped one never above 4."""
+    big = "wan-big"
+    profile = COST.profile
+    profile = type(profile)(profile.name, (*profile.models, replace(profile.model(WAN), name=big)),
+                            profile.default_models, dispatch_ms=profile.dispatch_ms)
+    cost = LatencyModel(profile)
+    cluster = ClusterSpec(8, video_sp_limits=((WAN, 4),))
+    workload = [Request(f"{m}-{i}", 100.0 * i + (50.0 if m == big else 0.0), "video", m, 832, 480, 81, 50,
+                        1.05 * cost.isolated_latency_ms(m, 832, 480, 81, 50, "video", 4 if m == WAN else 8))
+                for i in range(2) for m in (WAN, big)]
+    for name in POLICY_NAMES:
+        res = simulate(make_policy(name, cluster), workload, cluster, cost.fresh())
+        assert res.invalid_plans == 0 and all(o.status == "done" for o in res.outcomes), name
+        degrees = {o.req_id: o.max_sp_degree for o in res.outcomes}
+        assert all(degrees[f"{WAN}-{i}"] <= 4 for i in range(2)), (name, degrees)
+        if name.startswith(("genserve", "edf-step", "tetris")) and name != "genserve:no-elastic-sp":
+            # elastic SP: each at its own limit, and on time (the SLO needs it)
+            assert [degrees[f"{m}-{i}"] for i in range(2) for m in (WAN, big)] == [4, 8, 4, 8], (name, degrees)
+            assert all(o.met_slo for o in res.outcomes), name

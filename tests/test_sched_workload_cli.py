@@ -222,6 +222,9 @@ def test_simulate_refuses_a_workload_needing_a_task_the_profile_lacks(tmp_path, 
     (["--sweep-slo-scales", "0,1"], "--sweep-slo-scales takes positive numbers"),
     (["--sweep-rates", "0.2", "--sweep-slo-scales", "2"], "not both"),
     (["--duration-s", "0.01", "--rate", "0.1"], "the workload is empty"),
+    (["--video-sp-limit", "4"], "--video-sp-limit '4': give MODEL=K"),
+    (["--video-sp-limit", "flux.1-dev=2"], "has no video model 'flux.1-dev'"),
+    (["--video-sp-limit", "wan2.1-t2v-1.3b=3"], "SP limit of 'wan2.1-t2v-1.3b' must be a power of two"),
 ])
 def test_simulate_refuses_bad_input_with_one_line(flags, message, capsys):
     assert main(["simulate", "--num-requests", "5", "--policy", "fcfs,genserve", *flags]) == 2
@@ -282,3 +285,17 @@ def test_simulate_cuts_a_trace_by_its_limits(flags, submitted, tmp_path, capsys)
     assert main(["simulate", "--devices", "4", "--trace", str(long), "--policy", "fcfs", "--quiet",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["policies"]["fcfs"]["submitted"] == 301
+
+
+def test_simulate_keeps_each_video_model_within_its_sp_limit(capsys):
+    """--video-sp-limit caps that model's videos (every policy, no invalid
+    plan) and takes their default SLO at the limit."""
+    flags = ["simulate", "--num-requests", "40", "--rate", "0.3", "--mix", "0", "--policy",
+             "genserve,fcfs,fixed-sp,tetris", "--quiet", "--json"]
+    assert main(flags) == 0
+    free = json.loads(capsys.readouterr().out)["policies"]
+    assert main([*flags, "--video-sp-limit", "wan2.1-t2v-1.3b=2"]) == 0
+    capped = json.loads(capsys.readouterr().out)["policies"]
+    assert free["genserve"]["mean_video_max_sp_degree"] > 2
+    for name, res in capped.items():
+        assert res["completed"] == 40 and 1 <= res["mean_video_max_sp_degree"] <= 2, name
