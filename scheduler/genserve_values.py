@@ -357,12 +357,16 @@ def _fill(dec, pool: BlockPool, ready: list, placed: list, o, videos_too: bool) 
         claims += [Claim(list(u.members), u.degree, (), u.pin, u.prefer) for u in units]
     # on whole blocks where it can, never below ``fill_min_degree``: a given-up
     # video's step on one device is long, and the block it breaks is the one
-    # an image that cannot wait needs next
+    # an image that cannot wait needs next. No larger than the degree that
+    # finishes it first, though: where SP does not pay (a small video, CPU
+    # workers) one device is fastest, and frees soonest.
     if videos_too:
         for v in rest:
             if is_video(v):
                 allowed = dec.video_degrees(v)
                 degrees = [k for k in allowed if k <= 4] or [allowed[0]]
+                fastest = min(degrees, key=lambda k: (snap.remaining_s(v, k), k))
+                degrees = degrees[:degrees.index(fastest) + 1]
                 fallback = tuple(k for k in reversed(degrees[:-1]) if k >= dec.fill_min_degree)
                 claims.append(Claim([v], degrees[-1], fallback, snap.pinned_mask(v),
                                     _mask(v.device_ids)))

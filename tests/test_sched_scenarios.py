@@ -168,6 +168,29 @@ def test_given_up_video_fills_whole_blocks_only():
     assert [(d.req_ids, d.device_ids) for d in plan.dispatches] == [(("paused-late",), (0, 1))]
 
 
+def test_a_given_up_video_runs_at_its_fastest_degree_where_sp_does_not_pay():
+    """On workers where SP steps are slower than one device (a small video
+    on CPU processes sharing cores), a video past saving fills one device,
+    not a block of 4: the same policy on the reference profile takes 4."""
+    from genserve.scheduler.profile import Profile, StepSample
+
+    steps = [StepSample("vid", "video", 64, 64, 9, k, 1, ms) for k, ms in ((1, 8.0), (2, 12.0), (4, 16.0))]
+    steps.append(StepSample("img", "image", 64, 64, 1, 1, 1, 5.0))
+    cost = LatencyModel(Profile.from_measurements("sp-slower", steps))
+    late = RequestView("late", "video", "vid", 64, 64, 9, 20, 0, 0.0, 0.01)
+    cluster, now = ClusterSpec(4), 1.0
+    devices = [DeviceView(d, True, now) for d in range(4)]
+    plan = make_policy("genserve", cluster).plan(now, [late], devices, cost.fresh())
+    assert [len(d.device_ids) for d in plan.dispatches] == [1]
+    res = simulate(make_policy("genserve", cluster), [Request("late", 0.0, "video", "vid", 64, 64, 9, 20, 1.0)],
+                   cluster, cost.fresh())
+    assert res.outcomes[0].max_sp_degree == 1
+    assert res.outcomes[0].latency_s == pytest.approx(20 * 8.0 / 1e3, rel=1e-6)
+    ref = RequestView("late", "video", WAN, 832, 480, 81, 50, 0, 0.0, 0.01)
+    plan = make_policy("genserve", cluster).plan(now, [ref], devices, COST.fresh())
+    assert [len(d.device_ids) for d in plan.dispatches] == [4]
+
+
 @pytest.mark.parametrize("spare", [0.15, 0.0])
 def test_video_admission_margin_follows_the_image_load(spare):
     """Two videos arrive together with no images in sight, the first needing
