@@ -33,7 +33,7 @@ from genserve.scheduler.profile import save_profile
 from .calibrate import calibrate
 from .launch import LaunchedServer, ServerStartError
 from .plots import compare_bars
-from .run import check_server, check_workload, run_load, write_run
+from .run import TASKS, check_server, check_workload, run_load, write_run
 from .runner import RunOptions
 
 CLASSES = ("all", "image", "video")
@@ -58,6 +58,10 @@ class CompareOptions:
     sim_migratable: bool = True
     sim_max_image_batch: int = 8
     sim_max_image_sp_degree: int = 1
+    # (model, largest SP degree) of each video model, as the first live
+    # server's ListModels tells them (a model whose heads split over fewer
+    # devices runs on fewer); set by ``compare`` from the live runs
+    sim_video_sp_limits: tuple[tuple[str, int], ...] = ()
     metrics: bool = True  # scrape launched servers' queue depth
     plots: bool = True  # PNGs of each run and compare.png
 
@@ -65,6 +69,20 @@ class CompareOptions:
 def sim_max_sp(copts: CompareOptions) -> int:
     """The simulated cluster's SP limit: as the live engine's unless set."""
     return copts.sim_max_sp_degree or 1 << (max(copts.num_workers, 1).bit_length() - 1)
+
+
+def sim_devices(copts: CompareOptions):
+    """The SP degree each model's isolated latency (its default SLO) is taken
+    at in the simulator: the cluster's limit, within a video model's own."""
+    max_sp, limits = sim_max_sp(copts), dict(copts.sim_video_sp_limits)
+    return lambda model: min(max_sp, limits.get(model, max_sp))
+
+
+def video_sp_limits(models) -> tuple[tuple[str, int], ...]:
+    """(name, max_sp_degree) of each video model a ListModels answer lists (an
+    older server, which does not say, is left out: the cluster's limit applies)."""
+    return tuple(sorted((m.name, m.max_sp_degree) for m in models
+                        if TASKS.get(m.task) == "video" and m.max_sp_degree > 0))
 
 
 def _calibrated(items: Sequence[TraceRequest], target: str, copts: CompareOptions, out_dir: Path,
@@ -86,15 +104,16 @@ def _calibrated(items: Sequence[TraceRequest], target: str, copts: CompareOption
     from .plan import with_scaled_slos
 
     cost = LatencyModel.load(str(out_dir / "profile.json"))  # as simulate_policy loads it
-    return with_scaled_slos(items, cost, copts.slo_scale, sim_max_sp(copts))
+    return with_scaled_slos(items, cost, copts.slo_scale, sim_devices(copts))
 
 
 def run_live(items: Sequence[TraceRequest], run_opts: RunOptions, copts: CompareOptions,
              out_dir: Path, client_options: dict | None = None
-             ) -> tuple[dict[str, dict], tuple[TraceRequest, ...]]:
+             ) -> tuple[dict[str, dict], tuple[TraceRequest, ...], CompareOptions]:
     """Every live run: ({name: summary dict}, the items sent, with the SLOs
-    ``_calibrated`` set). ``client_options`` (TLS credentials, token) are for
-    the running ``targets``; servers this starts listen in plaintext on loopback."""
+    ``_calibrated`` set, and ``copts`` with the first server's video SP
+    limits). ``client_options`` (TLS credentials, token) are for the running
+    ``targets``; servers this starts listen in plaintext on loopback."""
     results = {}
     names = [(p, "") for p in copts.policies] + list(copts.targets)
     for n, (name, target) in enumerate(names):
@@ -102,6 +121,8 @@ def run_live(items: Sequence[TraceRequest], run_opts: RunOptions, copts: Compare
         # each run its own ids (two targets may be one server): a fresh prefix, or PREFIX-NAME
         prefix = f"{run_opts.id_prefix}-{name}" if run_opts.id_prefix else ""
         if target:
+            if n == 0:
+                copts = _with_limits(copts, check_server(target, client_options))
             items = _calibrated(items, target, copts, out_dir, client_options, first=n == 0)
             result = run_load(items, replace(run_opts, target=target, id_prefix=prefix),
                               client_options=client_options)
@@ -116,8 +137,10 @@ def run_live(items: Sequence[TraceRequest], run_opts: RunOptions, copts: Compare
                 raise
             with server:
                 try:
-                    check_workload(items, check_server(server.target), run_opts.output_format,
-                                   f"the {name} server")
+                    models = check_server(server.target)
+                    check_workload(items, models, run_opts.output_format, f"the {name} server")
+                    if n == 0:
+                        copts = _with_limits(copts, models)
                     items = _calibrated(items, server.target, copts, out_dir, first=n == 0)
                     result = run_load(items, replace(run_opts, target=server.target, id_prefix=prefix),
                                       metrics_url=server.metrics_url)
@@ -126,7 +149,14 @@ def run_live(items: Sequence[TraceRequest], run_opts: RunOptions, copts: Compare
                     server.save_log(run_dir / "server.log")
         print(f"\n== {name} (live)")
         results[name] = write_run(run_dir, result, items, plots=copts.plots).to_dict()
-    return results, tuple(items)
+    return results, tuple(items), copts
+
+
+def _with_limits(copts: CompareOptions, models) -> CompareOptions:
+    """``copts`` with the video SP limits ``models`` (ListModels) tell, unless set."""
+    if copts.sim_video_sp_limits:
+        return copts
+    return replace(copts, sim_video_sp_limits=video_sp_limits(models))
 
 
 def simulate_policy(items: Sequence[TraceRequest], policy: str, copts: CompareOptions,
@@ -142,8 +172,9 @@ def simulate_policy(items: Sequence[TraceRequest], policy: str, copts: CompareOp
     max_sp = sim_max_sp(copts)
     cluster = ClusterSpec(copts.num_workers, max_sp_degree=max_sp, migratable=copts.sim_migratable,
                           max_image_batch=copts.sim_max_image_batch,
-                          max_image_sp_degree=copts.sim_max_image_sp_degree)
-    requests = resolve(items, cost, copts.sim_slo_scale, max_sp)
+                          max_image_sp_degree=copts.sim_max_image_sp_degree,
+                          video_sp_limits=copts.sim_video_sp_limits)
+    requests = resolve(items, cost, copts.sim_slo_scale, sim_devices(copts))
     try:
         result = simulate(make_policy(policy, cluster), requests, cluster, cost.fresh(), cost.fresh())
     except Exception as err:  # noqa: BLE001 - one policy's failure must not lose the live runs
@@ -170,7 +201,7 @@ def compare(items: Sequence[TraceRequest], run_opts: RunOptions, copts: CompareO
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _notes(copts)
-    live, items = run_live(items, run_opts, copts, out, client_options)
+    live, items, copts = run_live(items, run_opts, copts, out, client_options)
     write_trace(out / "workload.jsonl", items)  # with the SLOs sent (profile "auto")
     if copts.profile == AUTO:
         copts = replace(copts, profile=str(out / "profile.json"))
@@ -219,7 +250,8 @@ def _jsonable(copts: CompareOptions) -> dict:
     return {"policies": list(copts.policies), "targets": [list(t) for t in copts.targets],
             "num_workers": copts.num_workers, "server_args": list(copts.server_args),
             "profile": copts.profile, "slo_scale": copts.slo_scale, "sim_slo_scale": copts.sim_slo_scale,
-            "sim_max_sp_degree": copts.sim_max_sp_degree}
+            "sim_max_sp_degree": copts.sim_max_sp_degree,
+            "sim_video_sp_limits": dict(copts.sim_video_sp_limits)}
 
 
 def _pct(value) -> str:

@@ -10,7 +10,7 @@ still come from its ``generate``, only the times are replaced.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 from genserve.scheduler.workload import (
     MIN_SLO_MS,
@@ -100,7 +100,7 @@ def with_defaults(trace: Sequence[TraceRequest], opts: WorkloadOptions) -> tuple
 
 
 def with_scaled_slos(trace: Sequence[TraceRequest], cost, slo_scale: float,
-                     max_devices: int) -> tuple[TraceRequest, ...]:
+                     max_devices: int | Callable[[str], int]) -> tuple[TraceRequest, ...]:
     """Give each request without an SLO ``slo_scale`` x its isolated latency under
     ``cost`` (the shared ``resolve``); models, steps and order stay as given."""
     order = sorted(range(len(trace)), key=lambda i: trace[i].arrival_s)  # resolve's order

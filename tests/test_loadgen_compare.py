@@ -91,3 +91,23 @@ def test_slo_scale_without_a_profile_warns_that_targets_keep_their_own(calibrata
     err = capsys.readouterr().err
     assert "loadgen: warning: --slo-scale 2.5 without --profile" in err and "'genserve'" in err
     assert set(servicer.slo_ms.values()) == {0}
+
+
+def test_the_simulated_twin_keeps_each_video_model_within_the_servers_limit():
+    """The live engine runs a video model within its own SP limit (ListModels'
+    max_sp_degree); the simulator's twin of an 8-worker server does too, and
+    takes that model's default SLO at the limit, as the engine does."""
+    from genserve.loadgen.compare import CompareOptions, simulate_policy, video_sp_limits
+    from genserve.scheduler.workload import TraceRequest
+
+    models = [pb.ModelInfo(name="wan2.1-t2v-1.3b", task=pb.TASK_TEXT_TO_VIDEO, max_sp_degree=2),
+              pb.ModelInfo(name="flux.1-dev", task=pb.TASK_TEXT_TO_IMAGE, max_sp_degree=1),
+              pb.ModelInfo(name="older", task=pb.TASK_TEXT_TO_VIDEO)]  # an older server: 0, left out
+    assert video_sp_limits(models) == (("wan2.1-t2v-1.3b", 2),)
+    items = [TraceRequest(60.0 * i, "video", 832, 480, 81) for i in range(3)]
+    free = CompareOptions(policies=("genserve",), num_workers=8, profile="reference-h100")
+    capped = replace(free, sim_video_sp_limits=video_sp_limits(models))
+    runs = {name: simulate_policy(items, "genserve", copts)["summary"]
+            for name, copts in (("free", free), ("capped", capped))}
+    assert runs["free"]["mean_video_max_sp_degree"] > 2
+    assert runs["capped"]["mean_video_max_sp_degree"] == 2 and runs["capped"]["attainment"] == 1.0

@@ -80,6 +80,7 @@ def test_compare_against_a_running_server_with_measured_profile(server, tmp_path
     doc = json.loads((tmp_path / "compare.json").read_text())
     row = doc["rows"]["genserve"]
     assert 0 <= row["live all"] <= 1 and 0 <= row["sim all"] <= 1
+    assert doc["options"]["sim_video_sp_limits"] == {"wan-tiny": 2}  # the server's, as ListModels tells
     assert (tmp_path / "compare.png").stat().st_size > 1000 and (tmp_path / "profile.json").exists()
     live = read_records(tmp_path / "live-genserve" / "requests.jsonl")
     assert len(live) == 10 and summarize(live).attainment == pytest.approx(row["live all"])
