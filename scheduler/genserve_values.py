@@ -45,12 +45,20 @@ def wait_until_free_s(snap: Snapshot) -> float:
 
 
 def need_degree(snap: Snapshot, r, degrees) -> int:
-    """Smallest degree that meets r's deadline from now (the largest if none)."""
+    """Smallest degree that meets r's deadline from now (if none, the one that
+    finishes it first: the largest, where SP pays)."""
     for k in degrees:
         dur = snap.remaining_s(r, k)
         if snap.now_s + dur <= r.deadline_s - MARGIN * dur:
             return k
-    return degrees[-1]
+    return fastest_degree(snap, r, degrees)
+
+
+def fastest_degree(snap: Snapshot, r, degrees) -> int:
+    """The degree among ``degrees`` that finishes r first (the smaller on a
+    tie): the largest where SP pays; one device where SP steps are slower,
+    e.g. a small video on CPU workers sharing cores."""
+    return min(degrees, key=lambda k: (snap.remaining_s(r, k), k))
 
 
 def laxity_s(snap: Snapshot, r, k: int) -> float:
@@ -268,7 +276,7 @@ def video_options(dec, v, free: int, contention: float) -> list[tuple]:
     options = []
     if not target:  # forced but past saving: the cheapest degree will do
         degrees = degrees[:1]
-    catch_up = max(d for d in degrees if d <= 2 * need)  # pace after a slow-down
+    catch_up = fastest_degree(snap, v, [d for d in degrees if d <= 2 * need])  # pace after a slow-down
     for k in degrees:
         if k > free or (target and 2 * k < need):  # slow down at most to half
             continue
@@ -358,15 +366,14 @@ def _fill(dec, pool: BlockPool, ready: list, placed: list, o, videos_too: bool) 
     # on whole blocks where it can, never below ``fill_min_degree``: a given-up
     # video's step on one device is long, and the block it breaks is the one
     # an image that cannot wait needs next. No larger than the degree that
-    # finishes it first, though: where SP does not pay (a small video, CPU
-    # workers) one device is fastest, and frees soonest.
+    # finishes it first, though (fastest_degree): where SP does not pay, one
+    # device is fastest, and frees soonest.
     if videos_too:
         for v in rest:
             if is_video(v):
                 allowed = dec.video_degrees(v)
                 degrees = [k for k in allowed if k <= 4] or [allowed[0]]
-                fastest = min(degrees, key=lambda k: (snap.remaining_s(v, k), k))
-                degrees = degrees[:degrees.index(fastest) + 1]
+                degrees = degrees[:degrees.index(fastest_degree(snap, v, degrees)) + 1]
                 fallback = tuple(k for k in reversed(degrees[:-1]) if k >= dec.fill_min_degree)
                 claims.append(Claim([v], degrees[-1], fallback, snap.pinned_mask(v),
                                     _mask(v.device_ids)))

@@ -189,6 +189,13 @@ def test_a_given_up_video_runs_at_its_fastest_degree_where_sp_does_not_pay():
     ref = RequestView("late", "video", WAN, 832, 480, 81, 50, 0, 0.0, 0.01)
     plan = make_policy("genserve", cluster).plan(now, [ref], devices, COST.fresh())
     assert [len(d.device_ids) for d in plan.dispatches] == [4]
+    # a video no degree keeps on time is given the degree that finishes it first
+    from genserve.scheduler.genserve_values import need_degree
+    from genserve.scheduler.snapshot import Snapshot
+
+    for c, video, fastest in ((cost, late, 1), (COST, ref, 4)):
+        snap = Snapshot(now, [video], devices, c.fresh(), cluster)
+        assert need_degree(snap, video, snap.allowed_degrees(video)) == fastest
 
 
 @pytest.mark.parametrize("spare", [0.15, 0.0])
