@@ -162,6 +162,8 @@ def _video_sp_limits(items: list[str], profile) -> tuple[tuple[str, int], ...]:
         if model not in videos:
             raise ValueError(f"--video-sp-limit {item!r}: the profile {profile.name!r} has no video "
                              f"model {model!r} (its video models: {', '.join(videos) or 'none'})")
+        if model in out and out[model] != int(k):
+            raise ValueError(f"--video-sp-limit gives {model!r} two limits ({out[model]} and {int(k)})")
         out[model] = int(k)
     return tuple(sorted(out.items()))
 

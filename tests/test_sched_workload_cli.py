@@ -225,6 +225,8 @@ def test_simulate_refuses_a_workload_needing_a_task_the_profile_lacks(tmp_path, 
     (["--video-sp-limit", "4"], "--video-sp-limit '4': give MODEL=K"),
     (["--video-sp-limit", "flux.1-dev=2"], "has no video model 'flux.1-dev'"),
     (["--video-sp-limit", "wan2.1-t2v-1.3b=3"], "SP limit of 'wan2.1-t2v-1.3b' must be a power of two"),
+    (["--video-sp-limit", "wan2.1-t2v-1.3b=2", "--video-sp-limit", "wan2.1-t2v-1.3b=4"],
+     "gives 'wan2.1-t2v-1.3b' two limits (2 and 4)"),
 ])
 def test_simulate_refuses_bad_input_with_one_line(flags, message, capsys):
     assert main(["simulate", "--num-requests", "5", "--policy", "fcfs,genserve", *flags]) == 2
