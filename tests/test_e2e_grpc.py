@@ -30,7 +30,10 @@ def test_video_formats(client, fmt):
                            output_format=fmt)
     frames = decode_media(resp.media.data, resp.media.mime_type) if fmt != "raw" else raw_frames(resp.media)
     assert frames.shape == (9, 64, 64, 3)
-    assert resp.media.num_frames == 9 and resp.sp_degrees == [1] and resp.media.fps == 8  # the default
+    assert resp.media.num_frames == 9 and resp.media.fps == 8  # the default
+    # the degrees it ran at: one or both of the 2 workers, as the measured step times make
+    # the faster (a lone video grows onto the idle device when SP 2 measured faster at start)
+    assert resp.sp_degrees and set(resp.sp_degrees) <= {1, 2}
 
 
 def test_event_stream_order(client):
