@@ -50,8 +50,7 @@ class Engine:
         self._make_policy = make_policy
         self.metrics, self.cards, self.max_queue = metrics, cards, max_queue
         # each video model's own SP limit (its attention heads split over the group)
-        self._video_sp_limits = tuple(sorted((c.name, c.max_sp_degree) for c in cards.values()
-                                             if c.task == "video"))
+        self._video_sp_limits = {c.name: c.max_sp_degree for c in cards.values() if c.task == "video"}
         self.requests = Requests(executor, metrics, self._default_slo_ms)
         self.dispatcher = Dispatcher(executor, self.requests, cost, metrics)
         self.loss = WorkerLoss(config, executor, self.requests, self.dispatcher, metrics)
@@ -101,10 +100,7 @@ class Engine:
         """The largest SP group a step of ``model`` runs on now (ListModels'
         ``max_sp_degree``, the default SLO's allocation): a video model's
         limit within what the workers can form; images run on one device."""
-        for name, limit in self._video_sp_limits:
-            if name == model:
-                return min(limit, self.max_sp_degree)
-        return 1
+        return min(self._video_sp_limits.get(model, 1), self.max_sp_degree)
 
     # ---- thread-safe API -------------------------------------------------
     def submit(self, req: Request, sink: Sink) -> None:
@@ -350,6 +346,8 @@ class Engine:
 
     def cluster_spec(self) -> ClusterSpec:
         # Only the Wan adapter has a sequence-parallel path: images run on one device.
+        # Video models are listed only where their limit caps something.
         return ClusterSpec(self.executor.num_devices, max_sp_degree=self.max_sp_degree, migratable=True,
                            max_image_batch=self.config.max_image_batch, max_image_sp_degree=1,
-                           video_sp_limits=self._video_sp_limits)
+                           video_sp_limits=tuple(sorted((m, k) for m, k in self._video_sp_limits.items()
+                                                        if k < self.max_sp_degree)))

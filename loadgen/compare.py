@@ -71,11 +71,14 @@ def sim_max_sp(copts: CompareOptions) -> int:
     return copts.sim_max_sp_degree or 1 << (max(copts.num_workers, 1).bit_length() - 1)
 
 
-def sim_devices(copts: CompareOptions):
-    """The SP degree each model's isolated latency (its default SLO) is taken
-    at in the simulator: the cluster's limit, within a video model's own."""
-    max_sp, limits = sim_max_sp(copts), dict(copts.sim_video_sp_limits)
-    return lambda model: min(max_sp, limits.get(model, max_sp))
+def sim_cluster(copts: CompareOptions):
+    """The simulated cluster, shaped like the live engine's."""
+    from genserve.scheduler import ClusterSpec
+
+    return ClusterSpec(copts.num_workers, max_sp_degree=sim_max_sp(copts), migratable=copts.sim_migratable,
+                       max_image_batch=copts.sim_max_image_batch,
+                       max_image_sp_degree=copts.sim_max_image_sp_degree,
+                       video_sp_limits=copts.sim_video_sp_limits)
 
 
 def video_sp_limits(models) -> tuple[tuple[str, int], ...]:
@@ -101,10 +104,12 @@ def _calibrated(items: Sequence[TraceRequest], target: str, copts: CompareOption
         return tuple(items)
     from genserve.scheduler.latency import LatencyModel
 
+    from genserve.scheduler.runner import slo_devices
+
     from .plan import with_scaled_slos
 
     cost = LatencyModel.load(str(out_dir / "profile.json"))  # as simulate_policy loads it
-    return with_scaled_slos(items, cost, copts.slo_scale, sim_devices(copts))
+    return with_scaled_slos(items, cost, copts.slo_scale, slo_devices(sim_cluster(copts)))
 
 
 def run_live(items: Sequence[TraceRequest], run_opts: RunOptions, copts: CompareOptions,
@@ -163,18 +168,15 @@ def simulate_policy(items: Sequence[TraceRequest], policy: str, copts: CompareOp
                     warmup_ids: frozenset[str] = frozenset()) -> dict:
     """The simulator's figures for one policy; attainment excludes ``warmup_ids``
     (ids ``r000000``... in arrival order, as ``resolve`` names them)."""
-    from genserve.scheduler import ClusterSpec, LatencyModel, make_policy
+    from genserve.scheduler import LatencyModel, make_policy
     from genserve.scheduler.metrics import json_safe, summarize
+    from genserve.scheduler.runner import slo_devices
     from genserve.scheduler.simulator import simulate
     from genserve.scheduler.workload import resolve
 
     cost = LatencyModel.load(copts.profile)
-    max_sp = sim_max_sp(copts)
-    cluster = ClusterSpec(copts.num_workers, max_sp_degree=max_sp, migratable=copts.sim_migratable,
-                          max_image_batch=copts.sim_max_image_batch,
-                          max_image_sp_degree=copts.sim_max_image_sp_degree,
-                          video_sp_limits=copts.sim_video_sp_limits)
-    requests = resolve(items, cost, copts.sim_slo_scale, sim_devices(copts))
+    cluster = sim_cluster(copts)
+    requests = resolve(items, cost, copts.sim_slo_scale, slo_devices(cluster))
     try:
         result = simulate(make_policy(policy, cluster), requests, cluster, cost.fresh(), cost.fresh())
     except Exception as err:  # noqa: BLE001 - one policy's failure must not lose the live runs

@@ -113,9 +113,10 @@ def build_sd3_tiny(device="cpu", dtype=torch.float32, name: str = "sd3-tiny"):
     return SD3Adapter(name, modules[0], modules[1], sched.config, text, SD3_TINY_LIMITS)
 
 
-def build_wan_tiny(device="cpu", dtype=torch.float32, name: str = "wan-tiny"):
+def build_wan_tiny(device="cpu", dtype=torch.float32, name: str = "wan-tiny", heads: int = 8):
     """Wan 2.1 with a 2-block 3D DiT (8 heads of 16, 128 wide: the heads
-    split over SP groups of up to 8), a small causal video VAE (x8 space,
+    split over SP groups of up to 8; ``heads`` changes their number, e.g.
+    for a model whose heads split over fewer), a small causal video VAE (x8 space,
     x4 time), a byte-level UMT5 encoder, and UniPC with flow sigmas, shift 3
     (Wan 2.1's own noise-scheduler config)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
@@ -126,7 +127,7 @@ def build_wan_tiny(device="cpu", dtype=torch.float32, name: str = "wan-tiny"):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=16, in_channels=16,
+            patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=16, in_channels=16,
             out_channels=16, text_dim=32, freq_dim=256, ffn_dim=256, num_layers=2, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
         vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,

@@ -54,14 +54,15 @@ def image_work_share(requests: Sequence[Request], cost: LatencyModel, video_degr
     return work[True] / total if total else 0.5
 
 
+def slo_devices(cluster: ClusterSpec) -> Callable[[str], int]:
+    """The devices a model's default SLO is taken at (its isolated latency):
+    the cluster's, within a video model's own SP limit (``resolve``)."""
+    return lambda model: min(cluster.num_devices, cluster.video_sp_limit(model))
+
+
 def resolve_workload(exp: Experiment, trace: Sequence[TraceRequest],
                      slo_scale: float) -> tuple[Request, ...]:
-    cost = LatencyModel(exp.profile)
-    cluster = exp.cluster
-    if not cluster.video_sp_limits:
-        return resolve(trace, cost, slo_scale, min(cluster.num_devices, cluster.max_sp_degree))
-    return resolve(trace, cost, slo_scale,
-                   lambda model: min(cluster.num_devices, cluster.video_sp_limit(model)))
+    return resolve(trace, LatencyModel(exp.profile), slo_scale, slo_devices(exp.cluster))
 
 
 def run_one(exp: Experiment, policy: str, requests: Sequence[Request],

@@ -4,7 +4,6 @@ wan-tiny (8 heads), leaves wan-tiny its SP 2 on 2 workers."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import ServerProcess
 
@@ -12,19 +11,10 @@ pytestmark = pytest.mark.slow
 
 
 def save_three_head_wan(path) -> None:
-    from diffusers import WanTransformer3DModel
-
     from genserve.models.presets import build_wan_tiny
     from genserve.models.wan import save_wan
 
-    adapter = build_wan_tiny()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        adapter.transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=16, in_channels=16,
-            out_channels=16, text_dim=32, freq_dim=256, ffn_dim=256, num_layers=2, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
-    save_wan(adapter, str(path))
+    save_wan(build_wan_tiny(name="wan3", heads=3), str(path))
 
 
 def test_a_model_with_fewer_heads_does_not_cap_the_others(tmp_path):
