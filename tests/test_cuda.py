@@ -55,3 +55,29 @@ def test_bfloat16_runs_and_gives_an_image():
     model = build_model("sd3-tiny", device="cuda", dtype=torch.bfloat16)
     frames = generate(model, GenParams("a red cube", "", 128, 128, 1, 4, 5.0, 1))
     assert frames.shape == (1, 128, 128, 3) and frames.std() > 0
+
+
+def test_a_cuda_world_carries_an_sp_dispatchs_control_and_data(tmp_path):
+    """The world a CUDA worker joins (one rank: one GPU cannot hold two NCCL
+    ranks) takes the CPU step flag and a pickled state as well as a CUDA
+    all-reduce, the three kinds of collective an SP dispatch runs."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from genserve.workers.parallel import CUDA_BACKEND
+
+    torch.cuda.set_device(0)
+    dist.init_process_group(CUDA_BACKEND, init_method=f"file://{tmp_path}/rendezvous", rank=0,
+                            world_size=1, timeout=datetime.timedelta(seconds=60))
+    try:
+        flag = torch.tensor([1], dtype=torch.int32)
+        dist.broadcast(flag, src=0)
+        box = [{"state": torch.ones(3)}]
+        dist.broadcast_object_list(box, src=0)
+        data = torch.full((4,), 2.0, device="cuda")
+        dist.all_reduce(data)
+        assert flag.item() == 1 and box[0]["state"].sum().item() == 3.0
+        assert data.device.type == "cuda" and data.sum().item() == 8.0
+    finally:
+        dist.destroy_process_group()

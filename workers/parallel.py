@@ -1,11 +1,18 @@
 """Process groups for sequence parallelism.
 
-Every worker joins one torch.distributed world at start (gloo on CPU, NCCL on
-CUDA; a free loopback port chosen at run time) and creates a group for every
+Every worker joins one torch.distributed world at start (gloo on CPU; on CUDA
+NCCL for CUDA tensors and gloo for CPU ones; rendezvous through a private
+file) and creates a group for every
 aligned power-of-two block of devices (buddy blocks: [0,1], [2,3], [0..3],
 ...), in the same order on every rank, as torch.distributed requires. A
 dispatch then names its block and every member finds the group here. Blocks
 are few (n-1 for n devices), so they are made once, never per step.
+
+The SP step's own data (attention's all-to-all, the token gather) is on the
+device, but a dispatch's control is not: the leader's "one more step" flag and
+a moved request's state are CPU objects. NCCL takes CUDA tensors only, so a
+CUDA world is ``cpu:gloo,cuda:nccl``: torch routes each collective by its
+tensor's device.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ class DistSpec:
 
     init_method: str  # file://PRIVATE_DIR/rendezvous (single host)
     world_size: int
-    backend: str  # gloo | nccl
+    backend: str  # gloo, or cpu:gloo,cuda:nccl (CUDA_BACKEND)
     max_block: int  # largest SP degree (power of two, <= world_size)
     # the world group's timeout (its set-up and barriers); SP groups keep
     # torch's default, and the engine kills the workers of a dispatch stuck
@@ -38,6 +45,7 @@ class DistSpec:
 
 
 RENDEZVOUS_PREFIX = "genserve-dist-"
+CUDA_BACKEND = "cpu:gloo,cuda:nccl"
 
 
 def dist_spec(num_devices: int, device: str, max_sp_degree: int) -> DistSpec | None:
@@ -49,7 +57,7 @@ def dist_spec(num_devices: int, device: str, max_sp_degree: int) -> DistSpec | N
         max_block *= 2
     if max_block < 2:
         return None
-    backend = "nccl" if device.startswith("cuda") else "gloo"
+    backend = CUDA_BACKEND if device.startswith("cuda") else "gloo"
     rendezvous = os.path.join(tempfile.mkdtemp(prefix=RENDEZVOUS_PREFIX), "rendezvous")
     return DistSpec(f"file://{rendezvous}", num_devices, backend, max_block)
 
@@ -80,7 +88,15 @@ class Groups:
         self.rank, self.groups = rank, groups
 
     @classmethod
-    def join(cls, spec: DistSpec, rank: int) -> "Groups":
+    def join(cls, spec: DistSpec, rank: int, device: str = "cpu") -> "Groups":
+        """Join ``spec``'s world as ``rank`` and make every block's group;
+        then one small all-reduce on ``device`` in each of this rank's groups
+        (smallest block first, the same order on every rank). NCCL makes a
+        group's communicator at its first collective on CUDA tensors, which
+        would otherwise land on the first SP step after a join: the first
+        user's video at start, and after a rejoin a video the engine has
+        just put back on SP."""
+        import torch
         import torch.distributed as dist
 
         # One host: keep the transport on loopback (state is pickled across it).
@@ -94,6 +110,8 @@ class Groups:
             group = dist.new_group(list(block), backend=spec.backend)
             if rank in block:
                 groups[block] = group
+        for block, group in groups.items():
+            dist.all_reduce(torch.zeros(1, device=device), group=group)
         log.info("rank %d joined %d-rank %s world; blocks %s", rank, spec.world_size, spec.backend,
                  sorted(groups))
         return cls(rank, groups)

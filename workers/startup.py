@@ -51,7 +51,7 @@ def load(spec: WorkerSpec) -> Worker:
         adapter = build_model(model_spec, device=spec.device, dtype=dtype)
         adapter.set_attention(spec.attention)
         models[adapter.name] = adapter
-    groups = Groups.join(spec.dist, spec.device_id) if spec.dist else None
+    groups = Groups.join(spec.dist, spec.device_id, spec.device) if spec.dist else None
     return Worker(spec, models, groups)
 
 

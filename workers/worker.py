@@ -113,7 +113,7 @@ class Worker:
             try:
                 if old is not None:
                     old.close()
-                self.groups = Groups.join(dist, self.spec.device_id)
+                self.groups = Groups.join(dist, self.spec.device_id, self.spec.device)
                 reply = P.Rejoined(self.spec.device_id, dist.init_method, True)
             except Exception as exc:
                 log.error("worker %d could not join the new world: %s", self.spec.device_id, exc)
