@@ -72,13 +72,14 @@ class RequestState:
         return self.params.guidance_scale > 1.0
 
     def to(self, device) -> "RequestState":
-        """Move every tensor (latents, cond, schedule, per-request noise
+        """Move every tensor (latents, cond, timesteps, per-request noise
         scheduler in ``extra``) to ``device``, in place; returns self. Used to
-        park a preempted request in host memory and bring it back."""
+        park a preempted request in host memory and bring it back, and to
+        send it to another worker. The sigmas stay on the host, where
+        diffusers' noise schedulers keep them (``HOST_RESIDENT``)."""
         self.cond = tensors_to(self.cond, device)
         self.latents = tensors_to(self.latents, device)
         self.timesteps = tensors_to(self.timesteps, device)
-        self.sigmas = tensors_to(self.sigmas, device)
         self.extra = tensors_to(self.extra, device)
         return self
 
@@ -98,12 +99,22 @@ class TextCond:
     neg_pooled: Any = None
 
 
+# Attributes of plain objects that stay where they are when a state moves:
+# diffusers' noise schedulers (FlowMatchEuler, UniPC) keep their sigmas on the
+# CPU on purpose, and compute their step coefficients there. Moved to a GPU,
+# those would be computed on the device on one worker and on the host on
+# another (a state sent to an SP group's members), and the members would no
+# longer be bit-identical.
+HOST_RESIDENT = frozenset({"sigmas"})
+
+
 def tensors_to(obj: Any, device) -> Any:
     """``obj`` with every torch tensor inside it moved to ``device``.
 
     Walks lists, tuples, dicts, dataclasses and plain objects (a diffusers
     noise scheduler keeps its history in attributes); objects are changed in
-    place, frozen dataclasses are copied.
+    place, frozen dataclasses are copied. A plain object's ``HOST_RESIDENT``
+    attributes are left as they are.
     """
     import torch
 
@@ -122,9 +133,44 @@ def tensors_to(obj: Any, device) -> Any:
         return replace(obj, **moved)
     if hasattr(obj, "__dict__") and not isinstance(obj, type):
         for key, value in vars(obj).items():
+            if key in HOST_RESIDENT:
+                continue
             if type(value) in (torch.Tensor, list, tuple, dict) or isinstance(value, torch.Tensor):
                 setattr(obj, key, tensors_to(value, device))
     return obj
+
+
+def tensors_in(obj: Any):
+    """Every torch tensor inside ``obj``, walked as ``tensors_to`` walks it,
+    the host-resident attributes included; a tensor reached twice comes twice."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from tensors_in(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from tensors_in(x)
+    elif is_dataclass(obj) and not isinstance(obj, type):
+        for f in fields(obj):
+            yield from tensors_in(getattr(obj, f.name))
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        for value in vars(obj).values():
+            if isinstance(value, (torch.Tensor, list, tuple, dict)):
+                yield from tensors_in(value)
+
+
+def synchronize(device) -> None:
+    """Wait for the work queued on ``device``: CUDA runs kernels
+    asynchronously, so a clock read after a step would time its launch, and
+    the rest would land on whatever waits next (the decode's copy to the
+    host). Nothing to wait for on the CPU."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class ModelAdapter(Protocol):

@@ -108,6 +108,22 @@ def test_parked_and_pickled_state_resumes_identically(model):
     assert torch.equal(st.latents, solo.latents)
 
 
+def test_a_moved_state_keeps_its_sigmas_on_the_host_as_diffusers_does(model):
+    """Moving a state to a device (here "meta", which any torch build has)
+    moves its latents, prompt and the scheduler's history, but not the sigmas
+    the noise scheduler keeps on the CPU to compute its coefficients there:
+    a sender's and a receiver's copies must step identically."""
+    st = start(model, params())
+    model.denoise_step([st])
+    model.denoise_step([st])
+    sched = st.extra["scheduler"]
+    assert sched.sigmas.device.type == "cpu"  # diffusers' own choice
+    st.to("meta")
+    assert st.latents.device.type == "meta" and st.cond.embeds.device.type == "meta"
+    assert all(t.device.type == "meta" for t in sched.model_outputs if t is not None)
+    assert st.sigmas.device.type == "cpu" and sched.sigmas.device.type == "cpu"
+
+
 def test_shape_validation(model):
     with pytest.raises(ValueError, match="4k\\+1"):
         start(model, params(frames=8))

@@ -14,7 +14,7 @@ import time
 
 from genserve import logs
 from genserve.config import Limits
-from genserve.models.base import GenParams, ModelLimits
+from genserve.models.base import GenParams, ModelLimits, synchronize
 from genserve.models.media import encode_media
 from genserve.types import DEFAULT_FORMAT, DEFAULT_FPS
 from genserve.workers import protocol as P
@@ -77,12 +77,16 @@ def warm_up(models: dict, caps: Limits = Limits()) -> tuple[P.Warmup, ...]:
 def _warm_once(model, lim: ModelLimits) -> P.Warmup:
     params = GenParams("warm-up", "", lim.default_width, lim.default_height,
                        lim.default_frames, 2, lim.default_guidance_scale, 0)
+    device = getattr(model, "device", "cpu")
     t0 = time.perf_counter()
     state = model.prepare(params, model.encode_prompt(params))
+    synchronize(device)
     t1 = time.perf_counter()
     model.denoise_step([state])
+    synchronize(device)
     t2 = time.perf_counter()
     model.denoise_step([state])
+    synchronize(device)
     t3 = time.perf_counter()
     encode_media(model.decode(state), DEFAULT_FORMAT[model.task], DEFAULT_FPS)
     t4 = time.perf_counter()

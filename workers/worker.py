@@ -23,7 +23,7 @@ import traceback
 from dataclasses import dataclass
 
 from genserve.config import Limits
-from genserve.models.base import CollectiveError, RequestState
+from genserve.models.base import CollectiveError, RequestState, synchronize, tensors_in
 from genserve.workers import protocol as P
 from genserve.workers.parallel import DistSpec, Groups, state_from_bytes, state_to_bytes
 
@@ -93,6 +93,8 @@ class Worker:
             for r in msg.req_ids:
                 live = self.live.get(r)
                 conn.send(P.Exported(r, state_to_bytes(live.state) if live else b""))
+                if live is not None:  # state_to_bytes moved it to the host
+                    live.on_host = True
         elif isinstance(msg, P.Rejoin):
             self.rejoin(msg.dist, conn)
         else:
@@ -143,6 +145,7 @@ class Worker:
         leader = block[0] == self.spec.device_id
         t0 = time.perf_counter()
         failed = self._admit_all(msg, block)
+        synchronize(self.spec.device)
         encode_ms = (time.perf_counter() - t0) * 1e3
         batch = [r for r in msg.req_ids if r in self.live]
         failed += [P.Failed(r, "INTERNAL", f"worker {self.spec.device_id} holds no state for {r}")
@@ -245,9 +248,12 @@ class Worker:
 
     def _receive_from_peer(self, msg: P.RunSteps, block: tuple[int, ...]) -> list[P.Failed]:
         peers = {n.req_id: n for n in msg.new if n.source == P.PEER}
+        sending = self.spec.device_id == msg.state_src
         for r in msg.req_ids:
-            mine = self.live.get(r)
-            state = self.groups.broadcast_object(mine.state.to("cpu") if mine else None, msg.state_src, block)
+            mine = self.live.get(r) if sending else None
+            if mine is not None:  # pickled on the host; _admit_all moves it back
+                mine.state, mine.on_host = mine.state.to("cpu"), True
+            state = self.groups.broadcast_object(mine.state if mine else None, msg.state_src, block)
             if r in peers:
                 self.live[r] = _Live(peers[r], state.to(self.spec.device), time.monotonic())
         return []
@@ -264,6 +270,7 @@ class Worker:
                 model.denoise_step(states, sp=sp)
             else:
                 model.denoise_step(states)
+            synchronize(self.spec.device)
         except CollectiveError:
             raise  # the SP group broke: the whole dispatch ends (run_steps)
         except Exception as exc:
@@ -347,20 +354,12 @@ class _LockedConn:
 
 
 def _state_bytes(state: RequestState) -> int:
-    return sum(t.numel() * t.element_size() for t in _tensors(state))
-
-
-def _tensors(obj):
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for x in obj:
-            yield from _tensors(x)
-    elif isinstance(obj, dict):
-        for x in obj.values():
-            yield from _tensors(x)
-    elif hasattr(obj, "__dataclass_fields__") or hasattr(obj, "__slots__"):
-        for name in getattr(obj, "__dataclass_fields__", ()) or getattr(obj, "__slots__", ()):
-            yield from _tensors(getattr(obj, name, None))
+    """Device memory ``state`` holds: its tensors off the host (its noise
+    scheduler's history included), each once (the state and its scheduler
+    share the timesteps)."""
+    seen, total = set(), 0
+    for t in tensors_in(state):
+        if t.device.type != "cpu" and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
