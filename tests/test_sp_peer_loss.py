@@ -37,7 +37,7 @@ class PeerGone:
     def __init__(self, good: int = 0):
         self.good, self.calls = good, []
         self.closed = False
-        self.leader_says = None  # what the step flag carries to a non-leader (None: its own value)
+        self.others = None  # the other members' votes in the step's agreement (None: as this one's)
 
     def close(self):  # this member leaves the world
         self.closed = True
@@ -45,9 +45,9 @@ class PeerGone:
     def group(self, block):
         return None
 
-    def broadcast_flag(self, value, src, block):
+    def agree(self, votes, block):
         self.collective("flag")
-        return value if self.leader_says is None else self.leader_says
+        return votes if self.others is None else [min(a, b) for a, b in zip(votes, self.others)]
 
     def broadcast_object(self, obj, src, block):
         self.collective("state")
@@ -181,14 +181,54 @@ def test_a_member_whose_own_step_fails_leaves_the_world_so_its_peers_do_not_wait
                for r in caplog.records)
 
 
-def test_a_non_leader_whose_preparation_failed_leaves_rather_than_let_the_leader_step_alone():
+def test_a_non_leader_whose_preparation_failed_stops_with_the_leader_and_the_world_stays():
+    """The leader holds the video, this member does not: they agree on an
+    empty batch, so neither steps (the leader alone would wait for it in the
+    step's collective) and nobody leaves the world: SP stays on."""
     world = PeerGone(good=100)
-    world.leader_says = True
+    world.others = [1, 1]  # the leader: go on, and it holds "v"
     report, _, worker = run(world, sp_steps(4), device_id=1, model=FailsHere(world, at="prepare"))
-    assert world.calls == ["flag"]  # the leader said "step": it would wait in the step's collective
-    assert world.closed and report.group_lost and worker.live == {}
+    assert world.calls == ["flag"]
+    assert not world.closed and not report.group_lost and worker.live == {}
     assert [(f.req_id, f.status) for f in report.failed] == [("v", "INTERNAL")]
     assert report.failed[0].message == "prepare failed: out of memory (prepare)"
+
+
+def test_the_leader_fails_a_request_another_member_could_not_prepare():
+    world = PeerGone(good=100)
+    world.others = [1, 0]  # a member: go on, but it holds no "v"
+    report, steps, worker = run(world, sp_steps(4))
+    assert world.calls == ["flag"] and steps == [] and not world.closed and not report.group_lost
+    assert worker.live == {} and report.paused == ()
+    assert [(f.req_id, f.status) for f in report.failed] == [("v", "INTERNAL")]
+    assert report.failed[0].message == ("its preparation failed on another member of its SP group [0, 1] "
+                                        "(that worker logged why)")
+
+
+def test_a_request_one_member_lacks_leaves_the_batch_and_the_rest_steps_on():
+    world = PeerGone(good=100)
+    world.others = [1, 0, 1]  # the other member holds "w" but not "v"
+    new = (P.NewRequest("v", "wan-tiny", PARAMS, "raw", 8), P.NewRequest("w", "wan-tiny", PARAMS, "raw", 8))
+    msg = P.RunSteps(7, "wan-tiny", ("v", "w"), 2, new, BLOCK)
+    report, steps, worker = run(world, msg)
+    assert [s.req_ids for s in steps] == [("w",), ("w",)] and report.paused == ("w",)
+    assert [(f.req_id, f.status) for f in report.failed] == [("v", "INTERNAL")]
+    assert set(worker.live) == {"w"} and worker.live["w"].state.step_index == 2
+
+
+def test_a_leader_told_to_stop_mid_dispatch_stops_its_members_too():
+    """A Shutdown reaching the leader during an SP dispatch: its vote stops
+    the group (before, it left the loop and its members waited in the next
+    step flag); what is held stays, paused."""
+    world = PeerGone(good=100)
+    engine_end, worker_end = mp.Pipe()
+    worker = Worker(WorkerSpec(0, "cpu", ()), {"wan-tiny": FakeVideo(world)}, world)
+    votes = []
+    world.agree = lambda v, block: (votes.append(list(v)), v)[1]  # the members vote as it does
+    engine_end.send(P.Shutdown())
+    report = worker.run_steps(sp_steps(4), _LockedConn(worker_end))
+    assert votes == [[1, 1], [0, 1]]  # one step, then the leader's stop
+    assert report.paused == ("v",) and report.failed == () and worker.live["v"].state.step_index == 1
 
 
 def test_a_peer_whose_collective_fails_reports_the_group_lost():

@@ -9,8 +9,8 @@ dispatch then names its block and every member finds the group here. Blocks
 are few (n-1 for n devices), so they are made once, never per step.
 
 The SP step's own data (attention's all-to-all, the token gather) is on the
-device, but a dispatch's control is not: the leader's "one more step" flag and
-a moved request's state are CPU objects. NCCL takes CUDA tensors only, so a
+device, but a dispatch's control is not: the members' agreement on each step
+and a moved request's state are CPU objects. NCCL takes CUDA tensors only, so a
 CUDA world is ``cpu:gloo,cuda:nccl``: torch routes each collective by its
 tensor's device.
 """
@@ -133,16 +133,17 @@ class Groups:
             dist.broadcast_object_list(box, src=src, group=self.group(block))
         return box[0]
 
-    def broadcast_flag(self, value: bool, src: int, block: tuple[int, ...]) -> bool:
-        """Agree on one boolean decided by ``src`` (e.g. 'run another step');
-        CollectiveError when that fails (a member died)."""
+    def agree(self, votes: list[int], block: tuple[int, ...]) -> list[int]:
+        """The element-wise minimum of every member's ``votes`` (integers)
+        over ``block``: what all of them say yes to. CollectiveError when that
+        fails (a member died)."""
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([1 if value else 0], dtype=torch.int32)
-        with collective("broadcast of the step flag"):
-            dist.broadcast(flag, src=src, group=self.group(block))
-        return bool(flag.item())
+        agreed = torch.tensor(votes, dtype=torch.int64)
+        with collective("the SP group's agreement on the next step"):
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.group(block))
+        return agreed.tolist()
 
     def close(self) -> None:
         """Leave the world. A group's connections close only with the last

@@ -153,14 +153,12 @@ class Worker:
         finished: list[P.Finished] = []
         sp = len(block) > 1
         for _ in range(msg.num_steps):
-            if self._stopping:  # the server is going: no more steps
-                break
             batch = [r for r in batch if r in self.live and not self.live[r].state.done]
-            if sp and not self.groups.broadcast_flag(bool(batch), block[0], block):
-                break  # the leader decided: no more steps (done or cancelled)
+            if sp:
+                batch = self._agree(msg, batch, block, leader, failed)
+            elif self._stopping:  # the server is going: no more steps
+                break
             if not batch:
-                if sp:  # (its preparation failed here alone)
-                    return self._leave_group(msg, failed, "it holds none of the dispatch's requests")
                 break
             step_failed = self._one_step(msg, batch, block, leader, conn)
             if step_failed and sp:
@@ -176,6 +174,30 @@ class Worker:
                 self._poll_drops(conn, batch, failed, block)
         paused = tuple(r for r in msg.req_ids if r in self.live)
         return P.DispatchDone(msg.dispatch_id, paused, tuple(finished), tuple(failed), encode_ms)
+
+    def _agree(self, msg: P.RunSteps, batch: list[str], block: tuple[int, ...], leader: bool,
+               failed: list[P.Failed]) -> list[str]:
+        """Before each step of an SP dispatch, its members agree on the batch,
+        since each must enter the step's collectives with the same one: the
+        leader says whether to go on (not when the server is going), and the
+        batch is the requests every member holds. A request one member lacks
+        (its preparation failed there; the leader dropped it on a cancel)
+        leaves them all, while the others go on; the leader fails it. So no
+        member steps alone, and the group holds together (before, a member
+        lacking the whole batch left the world, which turned SP off until a
+        rejoin, and an NCCL peer would have waited in the step for it)."""
+        votes = [0 if leader and self._stopping else 1] + [int(r in batch) for r in msg.req_ids]
+        go, *held = self.groups.agree(votes, block)
+        if not go:
+            return []
+        agreed = [r for r, ok in zip(msg.req_ids, held) if ok]
+        for r in batch:
+            if r not in agreed:
+                self.live.pop(r, None)
+                if all(f.req_id != r for f in failed):
+                    failed.append(P.Failed(r, "INTERNAL", f"its preparation failed on another member of "
+                                                          f"its SP group {list(block)} (that worker logged why)"))
+        return agreed
 
     def _group_lost(self, msg: P.RunSteps, exc: CollectiveError) -> P.DispatchDone:
         """A collective of this SP dispatch failed: a member of its block died
@@ -202,10 +224,11 @@ class Worker:
 
     def _leave_group(self, msg: P.RunSteps, failed: list[P.Failed], why: str) -> P.DispatchDone:
         """This member cannot go on with its SP group (``why``: its step
-        failed, e.g. out of device memory, or its preparation did) while the
-        others would wait for it in their next collective for as long as a
+        failed, e.g. out of device memory) while the others, inside the same
+        step, would wait for it in their next collective for as long as a
         collective waits (gloo: 30 min). It leaves the world, which fails their
-        collectives at once (gloo; measured within milliseconds), so they end
+        collectives at once (gloo; measured within milliseconds; on NCCL the
+        hung-worker watchdog remains the backstop), so they end
         the dispatch as after a member's death; its requests go, and the report
         tells the engine the group is lost: SP is off until every worker has
         joined a new world, as after a crash."""
