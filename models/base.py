@@ -75,8 +75,10 @@ class RequestState:
         """Move every tensor (latents, cond, timesteps, per-request noise
         scheduler in ``extra``) to ``device``, in place; returns self. Used to
         park a preempted request in host memory and bring it back, and to
-        send it to another worker. The sigmas stay on the host, where
-        diffusers' noise schedulers keep them (``HOST_RESIDENT``)."""
+        send it to another worker. The sigmas go to the host, never from it:
+        diffusers' noise schedulers keep them there (``HOST_RESIDENT``)."""
+        if _is_host(device):
+            self.sigmas = tensors_to(self.sigmas, device)
         self.cond = tensors_to(self.cond, device)
         self.latents = tensors_to(self.latents, device)
         self.timesteps = tensors_to(self.timesteps, device)
@@ -99,7 +101,8 @@ class TextCond:
     neg_pooled: Any = None
 
 
-# Attributes of plain objects that stay where they are when a state moves:
+# Attributes of plain objects that a move to a device leaves on the host (a
+# move to the host takes them, so pickled bytes hold no device tensor):
 # diffusers' noise schedulers (FlowMatchEuler, UniPC) keep their sigmas on the
 # CPU on purpose, and compute their step coefficients there. Moved to a GPU,
 # those would be computed on the device on one worker and on the host on
@@ -108,13 +111,19 @@ class TextCond:
 HOST_RESIDENT = frozenset({"sigmas"})
 
 
+def _is_host(device) -> bool:
+    import torch
+
+    return torch.device(device).type == "cpu"
+
+
 def tensors_to(obj: Any, device) -> Any:
     """``obj`` with every torch tensor inside it moved to ``device``.
 
     Walks lists, tuples, dicts, dataclasses and plain objects (a diffusers
     noise scheduler keeps its history in attributes); objects are changed in
     place, frozen dataclasses are copied. A plain object's ``HOST_RESIDENT``
-    attributes are left as they are.
+    attributes go to the host only.
     """
     import torch
 
@@ -132,8 +141,9 @@ def tensors_to(obj: Any, device) -> Any:
         moved = {f.name: tensors_to(getattr(obj, f.name), device) for f in fields(obj)}
         return replace(obj, **moved)
     if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        host = _is_host(device)
         for key, value in vars(obj).items():
-            if key in HOST_RESIDENT:
+            if key in HOST_RESIDENT and not host:
                 continue
             if type(value) in (torch.Tensor, list, tuple, dict) or isinstance(value, torch.Tensor):
                 setattr(obj, key, tensors_to(value, device))
