@@ -8,6 +8,7 @@ import pathlib
 import re
 import sys
 import threading
+import time
 
 MIME_SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "video/mp4": ".mp4",
                "image/gif": ".gif", "application/octet-stream": ".raw"}
@@ -146,7 +147,21 @@ def _generate(client, args, fmt: str, folder: pathlib.Path, path: pathlib.Path |
     except KeyboardInterrupt:
         stream.cancel()  # ends the server's stream, which abandons the request there
         bar.close()
+        _let_grpc_settle()
         raise
+
+
+def _let_grpc_settle(timeout_s: float = 1.0) -> None:
+    """After a cancel, give gRPC's threads (named for its ``_run`` wrapper)
+    up to ``timeout_s`` to finish the call before the channel closes and the
+    interpreter exits: one still running then can fail, and it printed half
+    a traceback after "cancelled" (seen once in CI). Whatever fails after
+    that stays quiet: the process is ending on the user's word."""
+    threading.excepthook = lambda args: None
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and thread.name.endswith("(_run)"):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _held_interrupt(make):
