@@ -195,7 +195,7 @@ class Worker:
             if r not in agreed:
                 self.live.pop(r, None)
                 if all(f.req_id != r for f in failed):
-                    # (on a member, this is the leader's cancel; its report is the one that counts)
+                    # (only the leader's report reaches the engine; a member's line here may stand for a cancel)
                     failed.append(P.Failed(r, "INTERNAL", f"its preparation failed on another member of "
                                                           f"its SP group {list(block)} (that worker logged why)"))
         return agreed
