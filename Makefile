@@ -45,6 +45,7 @@ proto: install
 GPU_WHEELS := diffusers==0.42.1 grpcio==1.85.3 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
 	protobuf==7.36.2 av==18.1.0
 gpu-wheels: install
+	rm -rf .whl  # one version of each: two would fail the install on the device
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		-d .whl $(GPU_WHEELS)
