@@ -209,7 +209,7 @@ class Dispatcher:
         continue together, so its members free as they report (one may still
         be stuck in a collective with the lost one), those that have reported
         at once, and the leader's report, if held, takes effect now."""
-        fl.broken = True
+        fl.broken, fl.broken_s = True, time.monotonic()
         for member in fl.dispatch.device_ids:
             if member not in fl.pending:
                 self._free(member, dispatch_id)

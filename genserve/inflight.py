@@ -33,6 +33,7 @@ class InFlight:
     finishing: int = 0
     report: P.DispatchDone | None = None  # the leader's, held until the block frees
     broken: bool = False  # a member died or lost its SP group: the block no longer frees as one
+    broken_s: float = 0.0  # when it broke (time.monotonic)
     moving: dict[str, bytes | None] = field(default_factory=dict)  # state moves awaited (req -> bytes)
     compute_ms: float = 0.0  # the leader's reported step times so far
     turnaround_ms: float = 0.0  # from the replies that freed its devices to the decision to send it

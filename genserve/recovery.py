@@ -79,6 +79,7 @@ class SPRecovery:
         self.world = ""  # init_method of the world the current round joins ("" : no round)
         self.waiting: set[int] = set()  # workers whose answer the round awaits
         self.problems: list[str] = []
+        self.held = False  # a worker is stuck in a broken SP dispatch: no round until it answers or dies
 
     @property
     def in_progress(self) -> bool:
@@ -110,21 +111,25 @@ class SPRecovery:
         when a worker is back or answers."""
         if self.in_progress:
             due = self.started_s + self.ROUND_TIMEOUT_S
-        elif self.wanted:
+        elif self.wanted and not self.held:  # (held: its reply or death wakes the engine)
             due = self.not_before
         else:
             return None
         return max(0.0, due - self.clock())
 
-    def tick(self, down: set[int]) -> None:
+    def tick(self, down: set[int], stuck: bool = False) -> None:
         """Called on every engine loop: give up a round whose answers are
         overdue (a join hung), and start one if SP is wanted back, every
-        worker is up and none is running."""
+        worker is up and none is running, and no worker is ``stuck`` in a
+        broken SP dispatch: it would put the Rejoin off until that dispatch
+        ends, which may be never (NCCL), while the others wait for it in the
+        new world's rendezvous (120 s) past its kill and restart."""
         if self.in_progress and self.clock() - self.started_s > self.ROUND_TIMEOUT_S:
             self.problems.append(f"no answer from worker(s) {sorted(self.waiting)} in "
                                  f"{self.ROUND_TIMEOUT_S:.0f} s")
             self._end()
-        if not self.wanted or self.in_progress or down or self.clock() < self.not_before:
+        self.held = stuck
+        if not self.wanted or self.in_progress or down or stuck or self.clock() < self.not_before:
             return
         dist = self.executor.new_world()
         if dist is None:

@@ -16,7 +16,10 @@ A hung worker (a stuck device call, a stopped process) shows no sign but a
 dispatch that runs on and on, and in an SP group its peers wait with it in a
 collective. Far past its prediction the dispatch is logged; past
 ``EngineConfig.hung_worker_s`` the workers it waits for are killed, and their
-deaths take the path above.
+deaths take the path above. Members of an SP dispatch that broke (a member
+died or left) and that still have not answered ``BROKEN_GRACE_S`` after the
+break and after the dispatch's predicted end are killed sooner: they wait for
+the lost member (NCCL collectives do not fail when a peer goes; gloo's do).
 """
 from __future__ import annotations
 
@@ -37,6 +40,11 @@ log = logging.getLogger("genserve.engine")
 # A dispatch this far past its predicted end (and at least OVERDUE_MIN_S) is
 # logged: a hung worker (or a peer of its SP group) shows no other sign.
 OVERDUE_FACTOR, OVERDUE_MIN_S = 10.0, 60.0
+# The members of a broken SP dispatch (a member died or left the group) that
+# have not answered this long after it broke, and after its predicted end,
+# are killed as hung: they wait in a collective for the lost member. On gloo
+# that collective fails within milliseconds; on NCCL it waits.
+BROKEN_GRACE_S = 30.0
 
 
 class WorkerLoss:
@@ -49,7 +57,8 @@ class WorkerLoss:
         self.config, self.executor, self.metrics = config, executor, metrics
         self.requests, self.dispatcher = requests, dispatcher
         self.down: set[int] = set()  # devices whose worker is restarting
-        self.hung: set[int] = set()  # devices whose worker the watchdog killed, until its death arrives
+        # devices whose worker the watchdog killed, until its death arrives -> how it was lost
+        self.hung: dict[int, str] = {}
         self.recovery = SPRecovery(executor)
         self.restarts = RestartBackoff()
         for device_id in range(executor.num_devices):
@@ -69,7 +78,8 @@ class WorkerLoss:
             except Exception:  # (out of memory or processes): no restart due would leave it down for good
                 delay = self.restarts.died(device_id)  # counts as a quick death: the next tries back off
                 log.exception("worker %d could not be restarted; trying again in %.0f s", device_id, delay)
-        self.recovery.tick(self.down)
+        self.recovery.tick(self.down, stuck=any(fl.broken and fl.pending
+                                                for fl in self.dispatcher.inflight.values()))
 
     def watch_overdue(self, now: float) -> None:
         """Warn of a dispatch far past its predicted end; past ``hung_worker_s``
@@ -80,6 +90,19 @@ class WorkerLoss:
         for dispatch_id, fl in self.dispatcher.inflight.items():
             predicted_s = max(fl.busy_until(d, 0.0) for d in fl.dispatch.device_ids) - fl.sent_s
             late_s = now - fl.sent_s - predicted_s
+            if fl.broken and fl.pending and not fl.killed and 0 < kill_s:
+                since_s = now - max(fl.broken_s, fl.sent_s + predicted_s)
+                if since_s > min(BROKEN_GRACE_S, kill_s):
+                    fl.killed = True
+                    stuck = sorted(fl.pending)
+                    log.error("dispatch %d of %s on device(s) %s broke %.0f s ago (a member died or left "
+                              "its SP group) and worker(s) %s have not answered: stuck in a collective "
+                              "with it; killing them to restart them", dispatch_id, ", ".join(fl.dispatch.req_ids),
+                              list(fl.dispatch.device_ids), now - fl.broken_s, stuck)
+                    self.hung.update((d, "was stuck in a collective with a lost SP member and was killed")
+                                     for d in stuck)
+                    self.executor.kill(stuck)
+                    continue
             if late_s <= OVERDUE_FACTOR * predicted_s:
                 continue
             what = (f"dispatch {dispatch_id} of {', '.join(fl.dispatch.req_ids)} on device(s) "
@@ -92,7 +115,7 @@ class WorkerLoss:
                 hung = self._awaited(fl)
                 log.error("%s, over --hung-worker-s %g: a worker there hangs; killing worker(s) %s to "
                           "restart them (their requests go on as after a crash)", what, kill_s, hung)
-                self.hung.update(hung)
+                self.hung.update((d, f"hung and was killed (--hung-worker-s {kill_s:g})") for d in hung)
                 self.executor.kill(hung)
 
     def _awaited(self, fl: InFlight) -> list[int]:
@@ -125,9 +148,7 @@ class WorkerLoss:
 
     def _loss(self, msg: WorkerDied) -> str:
         """How worker ``msg.device_id`` was lost, for logs and the requests' reasons."""
-        if msg.device_id in self.hung:
-            return f"hung and was killed (--hung-worker-s {self.config.hung_worker_s:g})"
-        return f"crashed (exit code {msg.exitcode})"
+        return self.hung.get(msg.device_id, f"crashed (exit code {msg.exitcode})")
 
     def _on_worker_died(self, msg: WorkerDied) -> None:
         log.error("worker %d %s; restarting it", msg.device_id, self._loss(msg) if msg.device_id in self.hung
@@ -148,7 +169,7 @@ class WorkerLoss:
             # a restarted process cannot join the running process groups
             log.warning("sequence parallelism is off until every worker has joined a new process group")
             self._set_sp_degree(1)
-        self.hung.discard(msg.device_id)
+        self.hung.pop(msg.device_id, None)
         delay = self.restarts.died(msg.device_id)
         if delay > 0:
             log.warning("worker %d keeps dying soon after it starts (%d times in a row); restarting it in %.0f s",

@@ -83,3 +83,39 @@ def test_a_bound_of_zero_never_kills_but_still_warns(caplog):
     assert eng.executor.killed == []
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and warnings[0].endswith("past its predicted 1 s: a worker there may be hung")
+
+
+def test_members_of_a_broken_sp_dispatch_that_never_answer_are_killed_after_the_grace(caplog):
+    """A member left its SP group (or died) at 2 s; on NCCL its peers wait for
+    it in the step's collective instead of failing. They are killed once
+    BROKEN_GRACE_S has passed since both the break and the predicted end,
+    long before --hung-worker-s; members that answered are not."""
+    from genserve.worker_loss import BROKEN_GRACE_S
+
+    broke = flight("sp4", (0, 1, 2, 3), 5.0, pending={1, 2})
+    broke.broken, broke.broken_s = True, 2.0
+    early = flight("early", (4, 5), 60.0, pending={5})  # broke before its predicted end at 60 s
+    early.broken, early.broken_s = True, 1.0
+    whole = flight("whole", (6, 7), 5.0)  # not broken: the plain bound applies
+    eng = engine(300.0, broke, early, whole)
+    with caplog.at_level(logging.ERROR, logger="genserve.engine"):
+        eng.loss.watch_overdue(5.0 + BROKEN_GRACE_S - 0.5)
+        assert eng.executor.killed == []
+        eng.loss.watch_overdue(5.0 + BROKEN_GRACE_S + 0.5)
+        assert eng.executor.killed == [[1, 2]]
+        eng.loss.watch_overdue(60.0 + BROKEN_GRACE_S + 0.5)
+        eng.loss.watch_overdue(200.0)
+    assert eng.executor.killed == [[1, 2], [5]]
+    assert eng.loss.hung == {d: "was stuck in a collective with a lost SP member and was killed"
+                             for d in (1, 2, 5)}
+    assert caplog.records[0].getMessage() == (
+        "dispatch 1 of sp4 on device(s) [0, 1, 2, 3] broke 34 s ago (a member died or left its SP group) and "
+        "worker(s) [1, 2] have not answered: stuck in a collective with it; killing them to restart them")
+
+
+def test_a_broken_dispatch_is_never_killed_with_the_watchdog_off():
+    broke = flight("sp", (0, 1), 1.0, pending={1})
+    broke.broken, broke.broken_s = True, 1.0
+    eng = engine(0.0, broke)
+    eng.loss.watch_overdue(1e6)
+    assert eng.executor.killed == []

@@ -204,3 +204,18 @@ def test_the_engine_is_woken_when_a_round_may_start_or_is_overdue():
     assert rec.next_in_s() == 0.0
     rec.tick(set())
     assert rec.in_progress and rec.next_in_s() == SPRecovery.ROUND_TIMEOUT_S
+
+
+def test_no_round_starts_while_a_worker_is_stuck_in_a_broken_sp_dispatch():
+    """It would put the Rejoin off until that dispatch ends (on NCCL: until
+    the watchdog kills it), while the others waited for it in the new world's
+    rendezvous for 120 s; nor does a held round wake the engine."""
+    ex = FakeExecutor(num_devices=2, sp=2)
+    now = [100.0]
+    rec = SPRecovery(ex, clock=lambda: now[0])
+    rec.broken()
+    now[0] += 5.0
+    rec.tick(set(), stuck=True)
+    assert not ex.sent and rec.next_in_s() is None
+    rec.tick(set())  # it answered (or died and came back)
+    assert sorted(d for d, _ in ex.sent) == [0, 1] and rec.in_progress

@@ -351,6 +351,64 @@ def test_a_step_failing_on_one_sp_member_ends_the_dispatch_at_once(victim, capfd
     assert sum("lost its SP group in dispatch" in r.getMessage() for r in caplog.records) == 1
 
 
+class FailsAndStaysInTheWorld(StepFailsOnce):
+    """As StepFailsOnce, but the failing member's leaving does not free its
+    peer: it keeps its old groups (their connections close with the last
+    reference to them), so the peer waits in the step's all_to_all, as an
+    NCCL peer does (a gloo one fails at once)."""
+
+    def _start_one(self, device_id: int) -> None:
+        parent, child = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(target=_worker_that_fails_and_stays,
+                                 args=(self.specs[device_id], child, self.victim), daemon=True)
+        proc.start()
+        child.close()
+        self.conns[device_id], self.procs[device_id] = parent, proc
+
+
+def _worker_that_fails_and_stays(spec, conn, victim: int) -> None:
+    if spec.device_id == victim:
+        from genserve.workers import parallel
+
+        real_close, kept = parallel.Groups.close, []
+
+        def close(self):
+            kept.append(dict(self.groups))  # held for good: the peer is never told
+            real_close(self)
+
+        parallel.Groups.close = close
+    _worker_whose_sp_step_fails_once(spec, conn, victim)
+
+
+@pytest.mark.slow
+def test_a_peer_left_waiting_in_a_collective_is_killed_soon_after_the_break(monkeypatch, caplog):
+    """The member whose step failed leaves, but its peer (the leader) stays
+    blocked in the step's collective, as on NCCL. Before, it sat there until
+    --hung-worker-s (300 s); now the engine kills it once BROKEN_GRACE_S
+    (here 1 s) has passed since the break, and the video starts over."""
+    from genserve import worker_loss
+
+    monkeypatch.setattr(worker_loss, "BROKEN_GRACE_S", 1.0)
+    specs = make_worker_specs("cpu", 2, ("wan-tiny",), num_threads=1)
+    eng = start_engine(executor=FailsAndStaysInTheWorld(specs, victim=1))
+    try:
+        v = video(steps=STEPS, seed=41)
+        t0 = time.monotonic()
+        events = submit(eng, v, [(BLOCK, STEPS)])
+        preempted = events_until(events, EventType.PREEMPTED, timeout_s=60)[-1]
+        assert time.monotonic() - t0 < 20  # the watchdog looks every 5 s
+        assert preempted.reason == ("worker 0 was stuck in a collective with a lost SP member and was "
+                                    "killed; restarting from step 0")
+        eng.policy.scripts[v.req_id] = [((1,), STEPS)]  # SP is off until the new world
+        assert drain(events, timeout_s=60)[-1].type == EventType.COMPLETED
+        assert restarts(eng) == {"0": 1.0}
+        assert wait_until(lambda: eng.max_sp_degree == 2, 120), "sequence parallelism did not come back"
+    finally:
+        stop_engine(eng)
+    assert any("have not answered: stuck in a collective with it; killing them" in r.getMessage()
+               for r in caplog.records)
+
+
 @pytest.mark.slow
 def test_when_the_leader_of_an_sp4_group_dies_every_peer_is_free_at_once():
     """helper-31's probe: with SP 4, a peer could stay in the step's all_to_all

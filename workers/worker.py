@@ -229,7 +229,7 @@ class Worker:
         step, would wait for it in their next collective for as long as a
         collective waits (gloo: 30 min). It leaves the world, which fails their
         collectives at once (gloo; measured within milliseconds; on NCCL the
-        hung-worker watchdog remains the backstop), so they end
+        engine kills them 30 s after the break: worker_loss), so they end
         the dispatch as after a member's death; its requests go, and the report
         tells the engine the group is lost: SP is off until every worker has
         joined a new world, as after a crash."""
