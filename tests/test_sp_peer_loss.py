@@ -291,10 +291,14 @@ class StepFailsOnce(MultiprocessExecutor):
         super().__init__(specs)
         self.victim = victim
 
+    def entry(self):
+        """The worker process's main (spec, conn, victim)."""
+        return _worker_whose_sp_step_fails_once
+
     def _start_one(self, device_id: int) -> None:
         parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=_worker_whose_sp_step_fails_once,
-                                 args=(self.specs[device_id], child, self.victim), daemon=True)
+        proc = self._ctx.Process(target=self.entry(), args=(self.specs[device_id], child, self.victim),
+                                 daemon=True)
         proc.start()
         child.close()
         self.conns[device_id], self.procs[device_id] = parent, proc
@@ -357,13 +361,8 @@ class FailsAndStaysInTheWorld(StepFailsOnce):
     reference to them), so the peer waits in the step's all_to_all, as an
     NCCL peer does (a gloo one fails at once)."""
 
-    def _start_one(self, device_id: int) -> None:
-        parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=_worker_that_fails_and_stays,
-                                 args=(self.specs[device_id], child, self.victim), daemon=True)
-        proc.start()
-        child.close()
-        self.conns[device_id], self.procs[device_id] = parent, proc
+    def entry(self):
+        return _worker_that_fails_and_stays
 
 
 def _worker_that_fails_and_stays(spec, conn, victim: int) -> None:
